@@ -1,0 +1,225 @@
+"""Forward kernel: flash attention with the segment mask computed on the fly.
+
+One program per (query block, batch x query head). It walks the key blocks the causal limit
+allows, classifies each tile from the blocks' summaries (``blocks.classify_tile``), skips empty
+tiles, runs full tiles without mask arithmetic and partial tiles with it. Online softmax in fp32
+with exp2; the log-sum-exp (base 2, +inf for rows with no allowed key) is stored for the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocks import SegmentLayout, classify_tile
+from .config import KernelConfig, head_dim_block
+from .segments import AttentionRule
+
+LOG2E = 1.4426950408889634
+PAD_KIND = 4
+
+# Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
+_alloc = torch.empty
+
+
+@triton.jit
+def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_BITS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """[BM, BN] boolean: query may attend key (causal, rule table with PAD rows/cols off, same doc)."""
+    b_allow = ((RULE_BITS >> (b_seg_q[:, None] * 5 + b_seg_k[None, :])) & 1) != 0
+    b_allow = b_allow & (b_pos_k[None, :] <= b_pos_q[:, None])
+    if HAS_DOCS:
+        b_allow = b_allow & (b_doc_q[:, None] == b_doc_k[None, :])
+    return b_allow
+
+
+@triton.jit
+def _fwd_tile(
+    b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q,
+    p_k, p_v, p_seg, p_doc, i_n, n_k,
+    stride_kn, stride_vn, o_d, m_d, scale_log2,
+    BLOCK_N: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    IEEE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        m_n = o_n < n_k
+        # [BD, BN]
+        b_k = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
+        # [BN, BD]
+        b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+    else:
+        b_k = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_d[None, :], other=0.0)
+    if IEEE:
+        b_s = tl.dot(b_q, b_k, input_precision="ieee") * scale_log2
+    else:
+        b_s = tl.dot(b_q, b_k) * scale_log2
+    # [BM, BN]
+    if MASKED:
+        b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
+        b_doc_k = b_seg_k
+        if HAS_DOCS:
+            b_doc_k = tl.load(p_doc + o_n, mask=m_n, other=-1)
+        b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
+        b_s = tl.where(b_allow, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    if MASKED:
+        # A row with nothing allowed so far keeps max -inf; shift by 0 instead to avoid inf - inf.
+        b_m_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    else:
+        b_m_shift = b_m_new
+    b_p = tl.math.exp2(b_s - b_m_shift[:, None])
+    b_alpha = tl.math.exp2(b_m - b_m_shift)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if IEEE:
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+    else:
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_acc, b_m_new, b_l
+
+
+@triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
+@triton.jit
+def segment_attention_fwd_kernel(
+    q, k, v, o, lse, seg, doc, tiles,
+    q_kinds, q_doc_min, q_doc_max, k_kinds, k_doc_min, k_doc_max,
+    scale_log2,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    n_q, n_k, num_q_blocks, num_k_blocks,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_kvh = i_h // GROUP
+    i_b64 = i_b.to(tl.int64)
+    offset = n_k - n_q
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < n_q
+    m_d = o_d < D
+    b_pos_q = offset + o_m
+
+    p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
+    p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
+    p_seg = seg + i_b64 * n_k
+    p_doc = doc + i_b64 * n_k
+
+    # [BM, BD]
+    b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_seg_q = tl.load(p_seg + b_pos_q, mask=m_m, other=PAD_KIND)
+    b_doc_q = b_seg_q
+    if HAS_DOCS:
+        b_doc_q = tl.load(p_doc + b_pos_q, mask=m_m, other=-1)
+
+    i_qs = i_b * num_q_blocks + i_m
+    q_kind = tl.load(q_kinds + i_qs)
+    q_dmin = tl.load(q_doc_min + i_qs)
+    q_dmax = tl.load(q_doc_max + i_qs)
+    q_lo = offset + i_m * BLOCK_M
+    q_hi = offset + tl.minimum((i_m + 1) * BLOCK_M, n_q) - 1
+    q_edge = ((i_m + 1) * BLOCK_M > n_q).to(tl.int32)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = 0
+    n_partial = 0
+    # Causal limit: no key block past the last query position.
+    for i_n in range(0, tl.cdiv(q_hi + 1, BLOCK_N)):
+        i_ks = i_b * num_k_blocks + i_n
+        k_lo = i_n * BLOCK_N
+        k_hi = tl.minimum(k_lo + BLOCK_N, n_k) - 1
+        k_edge = (k_lo + BLOCK_N > n_k).to(tl.int32)
+        tile = classify_tile(
+            q_kind, q_dmin, q_dmax, q_lo, q_hi, q_edge,
+            tl.load(k_kinds + i_ks), tl.load(k_doc_min + i_ks), tl.load(k_doc_max + i_ks), k_lo, k_hi, k_edge,
+            RULE_BITS, HAS_DOCS,
+        )
+        if tile == 2:
+            b_acc, b_m, b_l = _fwd_tile(
+                b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
+                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
+            )
+            n_full += 1
+        elif tile == 1:
+            b_acc, b_m, b_l = _fwd_tile(
+                b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
+                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
+            )
+            n_partial += 1
+
+    # Rows that saw no allowed key: output 0, log-sum-exp +inf so the backward gives them p = 0.
+    m_empty = b_l == 0.0
+    b_o = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
+    b_lse = tl.where(m_empty, float("inf"), b_m + tl.math.log2(tl.where(m_empty, 1.0, b_l)))
+    p_o = o + i_b64 * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(p_o + o_m[:, None] * stride_on + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(lse + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=m_m)
+    if COUNT_TILES:
+        p_t = tiles + (i_bh * num_q_blocks + i_m) * 2
+        tl.store(p_t, n_full)
+        tl.store(p_t + 1, n_partial)
+
+
+def segment_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: SegmentLayout,
+    rule: AttentionRule,
+    scale: float,
+    config: KernelConfig,
+    count_tiles: bool = False,
+):
+    """Launch the forward. Returns (o, lse[, tiles]) with lse (B, Hq, Nq) fp32 in base 2.
+
+    ``tiles`` (only with ``count_tiles``) is (B, Hq, num_q_blocks, 2) int32: how many full and
+    partial tiles each program computed, for tests and sparsity figures.
+    """
+    batch, hq, n_q, head_dim = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    # The kernels address the head dim with unit stride; only copy views that break that.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    bm, bn = config.fwd_block_m, config.fwd_block_n
+    q_sum = layout.summary(bm, n_q)
+    k_sum = layout.summary(bn)
+    o = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    lse = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
+    tiles = torch.zeros((batch, hq, q_sum.num_blocks, 2), dtype=torch.int32, device=q.device) if count_tiles else lse
+    doc = layout.doc_ids if layout.has_docs else layout.segment_ids
+    grid = (q_sum.num_blocks, batch * hq)
+    segment_attention_fwd_kernel[grid](
+        q, k, v, o, lse, layout.segment_ids, doc, tiles,
+        q_sum.kinds, q_sum.doc_min, q_sum.doc_max, k_sum.kinds, k_sum.doc_min, k_sum.doc_max,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        n_q, n_k, q_sum.num_blocks, k_sum.num_blocks,
+        HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=head_dim_block(head_dim),
+        BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs, COUNT_TILES=count_tiles,
+        num_warps=config.fwd_warps, num_stages=config.num_stages,
+    )
+    if count_tiles:
+        return o, lse, tiles
+    return o, lse
