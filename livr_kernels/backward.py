@@ -1,0 +1,388 @@
+"""Backward kernels: preprocess (delta = rowsum(dO * O)), dK/dV, and dQ.
+
+Both main kernels walk the same tiles as the forward and skip the empty ones. The dK/dV program
+owns one key block of one K/V head and loops over every query head of its GQA group, so the group
+reduction happens in registers: no atomics, deterministic results.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocks import SegmentLayout, classify_tile
+from .config import KernelConfig, head_dim_block
+from .forward import LOG2E, PAD_KIND, segment_allowed
+from .segments import AttentionRule
+
+# Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
+_alloc = torch.empty
+
+PREPROCESS_BLOCK_M = 64
+
+
+@triton.jit
+def segment_attention_bwd_kernel_preprocess(
+    o, do, delta,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    n_q,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_md = (o_m[:, None] < n_q) & (o_d[None, :] < D)
+    p_o = o + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    # [BM, BD]
+    b_o = tl.load(p_o + o_m[:, None] * stride_on + o_d[None, :], mask=m_md, other=0.0).to(tl.float32)
+    b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_md, other=0.0).to(tl.float32)
+    tl.store(delta + i_bh.to(tl.int64) * n_q + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
+
+
+@triton.jit
+def _dkv_tile(
+    b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n,
+    p_q, p_do, p_lse, p_delta, p_seg, p_doc, i_m, n_q, offset,
+    stride_qn, stride_don, o_d, m_d, scale_log2,
+    BLOCK_M: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    IEEE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if MASKED:
+        m_m = o_m < n_q
+        # [BM, BD]
+        b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+        # Out-of-range rows get lse = +inf, hence p = 0.
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+    else:
+        b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_d[None, :], other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_d[None, :], other=0.0)
+        b_lse = tl.load(p_lse + o_m)
+        b_delta = tl.load(p_delta + o_m)
+    # [BN, BM]: the tile transposed, keys along rows.
+    if IEEE:
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision="ieee") * scale_log2
+    else:
+        b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
+    b_pt = tl.math.exp2(b_st - b_lse[None, :])
+    if MASKED:
+        b_pos_q = offset + o_m
+        b_seg_q = tl.load(p_seg + b_pos_q, mask=m_m, other=PAD_KIND)
+        b_doc_q = b_seg_q
+        if HAS_DOCS:
+            b_doc_q = tl.load(p_doc + b_pos_q, mask=m_m, other=-1)
+        # [BM, BN] -> [BN, BM]
+        b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
+        b_pt = tl.where(tl.trans(b_allow), b_pt, 0.0)
+    if IEEE:
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision="ieee")
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")
+    else:
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+        b_dpt = tl.dot(b_v, tl.trans(b_do))
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    if IEEE:
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision="ieee")
+    else:
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    return b_dk, b_dv
+
+
+@triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
+@triton.jit
+def segment_attention_bwd_kernel_dkv(
+    q, k, v, do, lse, delta, dk, dv, seg, doc,
+    q_kinds, q_doc_min, q_doc_max, k_kinds, k_doc_min, k_doc_max,
+    scale, scale_log2,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    n_q, n_k, num_q_blocks, num_k_blocks,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_kvh = i_bh // HKV, i_bh % HKV
+    i_b64 = i_b.to(tl.int64)
+    offset = n_k - n_q
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < n_k
+    m_d = o_d < D
+    m_nd = m_n[:, None] & m_d[None, :]
+
+    p_seg = seg + i_b64 * n_k
+    p_doc = doc + i_b64 * n_k
+    p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
+    p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
+    # [BN, BD]
+    b_k = tl.load(p_k + o_n[:, None] * stride_kn + o_d[None, :], mask=m_nd, other=0.0)
+    b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_nd, other=0.0)
+    b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
+    b_doc_k = b_seg_k
+    if HAS_DOCS:
+        b_doc_k = tl.load(p_doc + o_n, mask=m_n, other=-1)
+
+    i_ks = i_b * num_k_blocks + i_n
+    k_kind = tl.load(k_kinds + i_ks)
+    k_dmin = tl.load(k_doc_min + i_ks)
+    k_dmax = tl.load(k_doc_max + i_ks)
+    k_lo = i_n * BLOCK_N
+    k_hi = tl.minimum(k_lo + BLOCK_N, n_k) - 1
+    k_edge = (k_lo + BLOCK_N > n_k).to(tl.int32)
+
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Causal limit: only query blocks that end at or after this key block's first position.
+    m_start = tl.maximum(k_lo - offset, 0) // BLOCK_M
+    for i_g in range(GROUP):
+        i_h = i_kvh * GROUP + i_g
+        i_bhq = (i_b * HQ + i_h).to(tl.int64)
+        p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
+        p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
+        p_lse = lse + i_bhq * n_q
+        p_delta = delta + i_bhq * n_q
+        for i_m in range(m_start, num_q_blocks):
+            i_qs = i_b * num_q_blocks + i_m
+            tile = classify_tile(
+                tl.load(q_kinds + i_qs), tl.load(q_doc_min + i_qs), tl.load(q_doc_max + i_qs),
+                offset + i_m * BLOCK_M, offset + tl.minimum((i_m + 1) * BLOCK_M, n_q) - 1,
+                ((i_m + 1) * BLOCK_M > n_q).to(tl.int32),
+                k_kind, k_dmin, k_dmax, k_lo, k_hi, k_edge,
+                RULE_BITS, HAS_DOCS,
+            )
+            if tile == 2:
+                b_dk, b_dv = _dkv_tile(
+                    b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
+                    i_m, n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
+                    BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, False,
+                )
+            elif tile == 1:
+                b_dk, b_dv = _dkv_tile(
+                    b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
+                    i_m, n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
+                    BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, True,
+                )
+
+    p_dk = dk + i_b64 * stride_dkb + i_kvh.to(tl.int64) * stride_dkh
+    p_dv = dv + i_b64 * stride_dvb + i_kvh.to(tl.int64) * stride_dvh
+    tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_nd)
+    tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_nd)
+
+
+@triton.jit
+def _dq_tile(
+    b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q,
+    p_k, p_v, p_seg, p_doc, i_n, n_k,
+    stride_kn, stride_vn, o_d, m_d, scale_log2,
+    BLOCK_N: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    IEEE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        m_n = o_n < n_k
+        # [BD, BN]
+        b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
+        b_vt = tl.load(p_v + o_n[None, :] * stride_vn + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
+    else:
+        b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
+        b_vt = tl.load(p_v + o_n[None, :] * stride_vn + o_d[:, None], mask=m_d[:, None], other=0.0)
+    # [BM, BN]
+    if IEEE:
+        b_s = tl.dot(b_q, b_kt, input_precision="ieee") * scale_log2
+        b_dp = tl.dot(b_do, b_vt, input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, b_kt) * scale_log2
+        b_dp = tl.dot(b_do, b_vt)
+    b_p = tl.math.exp2(b_s - b_lse[:, None])
+    if MASKED:
+        b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
+        b_doc_k = b_seg_k
+        if HAS_DOCS:
+            b_doc_k = tl.load(p_doc + o_n, mask=m_n, other=-1)
+        b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
+        b_p = tl.where(b_allow, b_p, 0.0)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    if IEEE:
+        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision="ieee")
+    else:
+        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt))
+    return b_dq
+
+
+@triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
+@triton.jit
+def segment_attention_bwd_kernel_dq(
+    q, k, v, do, lse, delta, dq, seg, doc,
+    q_kinds, q_doc_min, q_doc_max, k_kinds, k_doc_min, k_doc_max,
+    scale, scale_log2,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    n_q, n_k, num_q_blocks, num_k_blocks,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_kvh = i_h // GROUP
+    i_b64 = i_b.to(tl.int64)
+    offset = n_k - n_q
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < n_q
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+    b_pos_q = offset + o_m
+
+    p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
+    p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
+    p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
+    p_seg = seg + i_b64 * n_k
+    p_doc = doc + i_b64 * n_k
+    # [BM, BD]
+    b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_md, other=0.0)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * n_q + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * n_q + o_m, mask=m_m, other=0.0)
+    b_seg_q = tl.load(p_seg + b_pos_q, mask=m_m, other=PAD_KIND)
+    b_doc_q = b_seg_q
+    if HAS_DOCS:
+        b_doc_q = tl.load(p_doc + b_pos_q, mask=m_m, other=-1)
+
+    i_qs = i_b * num_q_blocks + i_m
+    q_kind = tl.load(q_kinds + i_qs)
+    q_dmin = tl.load(q_doc_min + i_qs)
+    q_dmax = tl.load(q_doc_max + i_qs)
+    q_lo = offset + i_m * BLOCK_M
+    q_hi = offset + tl.minimum((i_m + 1) * BLOCK_M, n_q) - 1
+    q_edge = ((i_m + 1) * BLOCK_M > n_q).to(tl.int32)
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i_n in range(0, tl.cdiv(q_hi + 1, BLOCK_N)):
+        i_ks = i_b * num_k_blocks + i_n
+        k_lo = i_n * BLOCK_N
+        tile = classify_tile(
+            q_kind, q_dmin, q_dmax, q_lo, q_hi, q_edge,
+            tl.load(k_kinds + i_ks), tl.load(k_doc_min + i_ks), tl.load(k_doc_max + i_ks),
+            k_lo, tl.minimum(k_lo + BLOCK_N, n_k) - 1, (k_lo + BLOCK_N > n_k).to(tl.int32),
+            RULE_BITS, HAS_DOCS,
+        )
+        if tile == 2:
+            b_dq = _dq_tile(
+                b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
+                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
+            )
+        elif tile == 1:
+            b_dq = _dq_tile(
+                b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
+                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
+            )
+    p_dq = dq + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    tl.store(p_dq + o_m[:, None] * stride_dqn + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
+
+
+def segment_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    layout: SegmentLayout,
+    rule: AttentionRule,
+    scale: float,
+    config: KernelConfig,
+):
+    """Gradients (dq, dk, dv) shaped like (q, k, v)."""
+    batch, hq, n_q, head_dim = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    do, q, k, v, o = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, q, k, v, o))
+    block_d = head_dim_block(head_dim)
+    doc = layout.doc_ids if layout.has_docs else layout.segment_ids
+
+    delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
+    segment_attention_bwd_kernel_preprocess[(triton.cdiv(n_q, PREPROCESS_BLOCK_M), batch * hq)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
+    )
+
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
+    common = dict(
+        HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
+        RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
+        num_warps=config.bwd_warps, num_stages=config.num_stages,
+    )
+
+    bm, bn = config.dkv_block_m, config.dkv_block_n
+    q_sum, k_sum = layout.summary(bm, n_q), layout.summary(bn)
+    segment_attention_bwd_kernel_dkv[(k_sum.num_blocks, batch * hkv)](
+        q, k, v, do, lse, delta, dk, dv, layout.segment_ids, doc,
+        q_sum.kinds, q_sum.doc_min, q_sum.doc_max, k_sum.kinds, k_sum.doc_min, k_sum.doc_max,
+        scale, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        n_q, n_k, q_sum.num_blocks, k_sum.num_blocks,
+        HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, **common,
+    )
+
+    bm, bn = config.dq_block_m, config.dq_block_n
+    q_sum, k_sum = layout.summary(bm, n_q), layout.summary(bn)
+    segment_attention_bwd_kernel_dq[(q_sum.num_blocks, batch * hq)](
+        q, k, v, do, lse, delta, dq, layout.segment_ids, doc,
+        q_sum.kinds, q_sum.doc_min, q_sum.doc_max, k_sum.kinds, k_sum.doc_min, k_sum.doc_max,
+        scale, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        n_q, n_k, q_sum.num_blocks, k_sum.num_blocks,
+        BLOCK_M=bm, BLOCK_N=bn, **common,
+    )
+    return dq, dk, dv
