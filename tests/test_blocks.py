@@ -1,0 +1,73 @@
+"""Tile classification from block summaries against the dense mask."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from kernel_cases import livr_layout, packed_docs
+from livr_kernels import RULES, SegmentLayout, segment_mask
+from livr_kernels.blocks import TILE_EMPTY, TILE_FULL, summarize_blocks
+
+
+def check_tiles(seg, doc, rule, bm, bn, n_q):
+    layout = SegmentLayout(seg, doc)
+    classes = layout.tile_mask(rule, bm, bn, num_queries=n_q).to_dense()
+    mask = segment_mask(seg, rule, doc, num_queries=n_q)
+    n_k = seg.shape[1]
+    for b in range(seg.shape[0]):
+        for i in range(classes.shape[1]):
+            for j in range(classes.shape[2]):
+                tile = mask[b, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+                c = int(classes[b, i, j])
+                if c == TILE_EMPTY:
+                    assert not tile.any(), (b, i, j)
+                if c == TILE_FULL:
+                    assert tile.all() and tile.shape == (bm, bn), (b, i, j)
+    return classes
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_livr_layout_tiles(rule):
+    seg = livr_layout(2, 150, pad=11)
+    classes = check_tiles(seg, packed_docs(2, 150, 2), rule, 16, 32, 150)
+    assert (classes == TILE_FULL).any() and (classes == TILE_EMPTY).any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 90),
+    kinds=st.lists(st.integers(0, 4), min_size=90, max_size=90),
+    run=st.integers(1, 20),
+    docs=st.lists(st.integers(0, 3), min_size=90, max_size=90),
+    use_docs=st.booleans(),
+    rule=st.sampled_from(sorted(RULES)),
+    bm=st.sampled_from([8, 16]),
+    bn=st.sampled_from([8, 16, 32]),
+    n_q_fraction=st.floats(0.05, 1.0),
+)
+def test_random_layout_tiles_are_sound(n, kinds, run, docs, use_docs, rule, bm, bn, n_q_fraction):
+    # Runs of equal kinds, like real prompts, so full and empty tiles actually occur.
+    seg = torch.tensor([kinds[i // run] for i in range(n)]).unsqueeze(0)
+    doc = torch.tensor(sorted(docs[:n])).unsqueeze(0) if use_docs else None
+    check_tiles(seg, doc, rule, bm, bn, max(1, int(n * n_q_fraction)))
+
+
+def test_summaries():
+    seg = torch.tensor([[0, 1, 1, 4, 2, 3, 4]])
+    doc = torch.tensor([[0, 0, 1, 9, 1, 1, 9]])
+    s = summarize_blocks(seg, doc, 4)
+    assert s.kinds.tolist() == [[0b10011, 0b11100]]
+    assert s.doc_min.tolist() == [[0, 1]] and s.doc_max.tolist() == [[1, 1]]
+
+
+def test_tile_mask_repr_counts_and_sparsity():
+    seg = livr_layout(1, 256)
+    tm = SegmentLayout(seg).tile_mask("bottleneck", 32, 32)
+    counts = tm.counts()
+    assert sum(counts.values()) == 64
+    assert 0 < tm.sparsity() < 1
+    assert tm.sparsity() == counts["empty"] / 64
+    assert tm.causal_tiles() == 36
+    text = repr(tm)
+    assert "bottleneck" in text and "empty=" in text and "#" in text and "." in text
+    standard = SegmentLayout(seg).tile_mask("standard", 32, 32)
+    assert standard.counts()["empty"] == 64 - 36

@@ -1,0 +1,196 @@
+"""The Triton kernels (under the interpreter) against the float64 dense reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import livr_kernels.backward as backward_mod
+import livr_kernels.forward as forward_mod
+from kernel_cases import livr_layout, packed_docs, random_qkv
+from livr_kernels import AttentionRule, KernelConfig, RULES, Segment, SegmentLayout, reference_attention, segment_attention
+from livr_kernels.forward import segment_attention_fwd
+
+# Small, unequal tiles so a short sequence spans many tiles of every class, and the forward,
+# dK/dV and dQ kernels each see different block boundaries.
+SMALL_TILES = KernelConfig(
+    fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16
+)
+FP32_RELATIVE_TOLERANCE = 1e-5
+# Error allowed for the kernel in low precision: this multiple of the same reference run in that dtype, plus a floor.
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def run_with_grads(fn, q, k, v, do):
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out,) + grads
+
+
+def reference64(q, k, v, do, segment_ids, rule, doc_ids):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    return run_with_grads(
+        lambda a, b, c: reference_attention(a, b, c, segment_ids, rule, doc_ids), q64, k64, v64, do.double()
+    )
+
+
+def kernel(q, k, v, do, segment_ids, rule, doc_ids, config=SMALL_TILES):
+    return run_with_grads(
+        lambda a, b, c: segment_attention(a, b, c, segment_ids, rule, doc_ids, backend="triton", config=config),
+        q, k, v, do,
+    )
+
+
+def assert_close_fp32(got, want, names=("out", "dq", "dk", "dv")):
+    for name, g, w in zip(names, got, want):
+        assert not torch.isnan(g).any(), f"{name} has NaN"
+        err = (g.double() - w).abs().max().item()
+        scale = max(w.abs().max().item(), 1.0)
+        assert err <= FP32_RELATIVE_TOLERANCE * scale, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+# (batch, hq, hkv, n_q, n_k, head_dim, pad, left_pad, num_docs)
+FP32_CASES = [
+    pytest.param(1, 2, 2, 1, 1, 16, 0, False, 0, id="n1"),
+    pytest.param(2, 2, 1, 17, 17, 16, 3, False, 0, id="n17-gqa2-pad"),
+    pytest.param(1, 4, 1, 77, 77, 80, 0, False, 0, id="n77-gqa4-d80"),
+    pytest.param(1, 8, 1, 33, 33, 64, 0, False, 2, id="n33-gqa8-docs"),
+    pytest.param(2, 2, 2, 130, 130, 64, 9, True, 0, id="n130-leftpad"),
+    pytest.param(1, 2, 1, 9, 77, 128, 0, False, 0, id="nq9-nk77-d128"),
+    pytest.param(1, 2, 2, 257, 257, 16, 5, False, 3, id="n257-docs-pad"),
+]
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("batch,hq,hkv,n_q,n_k,head_dim,pad,left_pad,num_docs", FP32_CASES)
+def test_fp32_forward_and_gradients(rule, batch, hq, hkv, n_q, n_k, head_dim, pad, left_pad, num_docs):
+    seg = livr_layout(batch, n_k, pad=pad, left_pad=left_pad)
+    doc = packed_docs(batch, n_k, num_docs) if num_docs else None
+    q, k, v, do = random_qkv(batch, hq, hkv, n_q, n_k, head_dim)
+    assert_close_fp32(kernel(q, k, v, do, seg, rule, doc), reference64(q, k, v, do, seg, rule, doc))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,n,head_dim,num_docs",
+    [(4, 2, 77, 64, 0), (2, 1, 130, 96, 2)],
+    ids=["n77-d64", "n130-d96-docs"],
+)
+def test_low_precision_error_within_twice_reference(dtype, hq, hkv, n, head_dim, num_docs):
+    seg = livr_layout(1, n, pad=4)
+    doc = packed_docs(1, n, num_docs) if num_docs else None
+    q, k, v, do = random_qkv(1, hq, hkv, n, n, head_dim, dtype=dtype)
+    want = reference64(q, k, v, do, seg, "bottleneck", doc)
+    got = kernel(q, k, v, do, seg, "bottleneck", doc)
+    low = run_with_grads(lambda a, b, c: reference_attention(a, b, c, seg, "bottleneck", doc), q, k, v, do)
+    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
+        assert g.dtype == dtype
+        err = (g.double() - w).abs().max().item()
+        ref_err = (lo.double() - w).abs().max().item()
+        bound = LOW_PRECISION_FACTOR * ref_err + LOW_PRECISION_FLOOR[dtype]
+        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+
+
+def test_default_tile_sizes():
+    seg = livr_layout(1, 200, pad=7)
+    q, k, v, do = random_qkv(1, 2, 1, 200, 200, 64)
+    assert_close_fp32(kernel(q, k, v, do, seg, "bottleneck", None, config=None), reference64(q, k, v, do, seg, "bottleneck", None))
+
+
+def test_strided_views_need_no_copy():
+    """transformers hands (B, N, H, D) projections transposed to (B, H, N, D): non-contiguous views."""
+    batch, n, hq, hkv, d = 2, 40, 4, 2, 32
+    q = torch.randn(batch, n, hq, d).transpose(1, 2).requires_grad_()
+    k = torch.randn(batch, n, hkv, d).transpose(1, 2).requires_grad_()
+    v = torch.randn(batch, n, hkv, d).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    do = torch.randn(batch, n, hq, d).transpose(1, 2)
+    seg = livr_layout(batch, n, pad=3)
+    assert_close_fp32(kernel(q, k, v, do, seg, "bottleneck", None), reference64(q, k, v, do, seg, "bottleneck", None))
+
+
+def test_rows_without_keys_are_zero_with_zero_gradient():
+    # A rule where TEXT sees nothing: TEXT rows (and PAD rows) must output exactly 0, never NaN.
+    blind_text = AttentionRule.from_blocked("blind_text", [(Segment.TEXT, kind) for kind in Segment])
+    seg = livr_layout(2, 45, pad=6)
+    q, k, v, do = random_qkv(2, 2, 1, 45, 45, 32)
+    out, dq, dk, dv = kernel(q, k, v, do, seg, blind_text, None)
+    dead = (seg == int(Segment.TEXT)) | (seg == int(Segment.PAD))
+    assert dead.any()
+    assert torch.equal(out.permute(0, 2, 1, 3)[dead], torch.zeros_like(out.permute(0, 2, 1, 3)[dead]))
+    assert torch.equal(dq.permute(0, 2, 1, 3)[dead], torch.zeros_like(dq.permute(0, 2, 1, 3)[dead]))
+    # PAD keys are never attended, so their K and V get no gradient.
+    pad_keys = seg == int(Segment.PAD)
+    assert torch.equal(dk.permute(0, 2, 1, 3)[pad_keys], torch.zeros_like(dk.permute(0, 2, 1, 3)[pad_keys]))
+    assert torch.equal(dv.permute(0, 2, 1, 3)[pad_keys], torch.zeros_like(dv.permute(0, 2, 1, 3)[pad_keys]))
+    assert_close_fp32((out, dq, dk, dv), reference64(q, k, v, do, seg, blind_text, None))
+
+
+def test_every_output_element_written(monkeypatch):
+    """Outputs start as NaN: any element the kernels forget to write shows up."""
+    def nan_alloc(*args, **kwargs):
+        return torch.full(*args, float("nan"), **kwargs)
+
+    monkeypatch.setattr(forward_mod, "_alloc", nan_alloc)
+    monkeypatch.setattr(backward_mod, "_alloc", nan_alloc)
+    seg = livr_layout(2, 50, pad=20)
+    q, k, v, do = random_qkv(2, 4, 2, 50, 50, 48)
+    got = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2))
+    for name, t in zip(("out", "dq", "dk", "dv"), got):
+        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+
+
+def test_backward_is_deterministic():
+    seg = livr_layout(1, 64, pad=2)
+    q, k, v, do = random_qkv(1, 8, 2, 64, 64, 32)
+    first = kernel(q, k, v, do, seg, "bottleneck", None)
+    second = kernel(q, k, v, do, seg, "bottleneck", None)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rule", ["standard", "bottleneck"])
+def test_kernel_computes_only_nonempty_tiles(rule):
+    """The forward's own tile counters equal TileMask's full/partial counts: empty tiles are skipped."""
+    batch, hq, n = 2, 2, 120
+    seg = livr_layout(batch, n, pad=10)
+    layout = SegmentLayout(seg, packed_docs(batch, n, 2))
+    q, k, v, _ = random_qkv(batch, hq, 1, n, n, 16, requires_grad=False)
+    rule_obj = RULES[rule]
+    _, _, tiles = segment_attention_fwd(q, k, v, layout, rule_obj, 0.25, SMALL_TILES, count_tiles=True)
+    counts = layout.tile_mask(rule, SMALL_TILES.fwd_block_m, SMALL_TILES.fwd_block_n).counts()
+    assert int(tiles[..., 0].sum()) == hq * counts["full"]
+    assert int(tiles[..., 1].sum()) == hq * counts["partial"]
+    assert counts["empty"] > 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    kinds=st.lists(st.integers(0, 4), min_size=70, max_size=70),
+    docs=st.lists(st.integers(0, 2), min_size=70, max_size=70),
+    use_docs=st.booleans(),
+    rule=st.sampled_from(sorted(RULES)),
+    n_q_fraction=st.floats(0.1, 1.0),
+)
+def test_random_layouts(n, kinds, docs, use_docs, rule, n_q_fraction):
+    seg = torch.tensor(kinds[:n]).unsqueeze(0)
+    doc = torch.tensor(sorted(docs[:n])).unsqueeze(0) if use_docs else None
+    n_q = max(1, int(n * n_q_fraction))
+    q, k, v, do = random_qkv(1, 2, 1, n_q, n, 16)
+    assert_close_fp32(kernel(q, k, v, do, seg, rule, doc), reference64(q, k, v, do, seg, rule, doc))
+
+
+def test_auto_backend_on_cpu_is_reference():
+    seg = livr_layout(1, 20)
+    q, k, v, _ = random_qkv(1, 2, 1, 20, 20, 16, requires_grad=False)
+    assert torch.equal(segment_attention(q, k, v, seg), reference_attention(q, k, v, seg, "bottleneck"))
+
+
+def test_triton_backend_on_cpu_requires_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    seg = livr_layout(1, 20)
+    q, k, v, _ = random_qkv(1, 2, 1, 20, 20, 16, requires_grad=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        segment_attention(q, k, v, seg, backend="triton")
