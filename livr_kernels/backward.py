@@ -1,6 +1,7 @@
 """Backward kernels: preprocess (delta = rowsum(dO * O)), dK/dV, and dQ.
 
-Both main kernels walk the same tiles as the forward and skip the empty ones. The dK/dV program
+Both main kernels walk tile lists from a ``TileSchedule`` like the forward: full tiles without mask
+arithmetic, then partial ones; empty tiles are never visited. The dK/dV program
 owns one key block of one K/V head and loops over every query head of its GQA group, so the group
 reduction happens in registers: no atomics, deterministic results.
 """
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import SegmentLayout, classify_tile
+from .blocks import SegmentLayout
 from .config import KernelConfig, head_dim_block
 from .forward import LOG2E, PAD_KIND, segment_allowed
 from .segments import AttentionRule
@@ -103,7 +104,7 @@ def _dkv_tile(
 @triton.jit
 def segment_attention_bwd_kernel_dkv(
     q, k, v, do, lse, delta, dk, dv, seg, doc,
-    q_kinds, q_doc_min, q_doc_max, k_kinds, k_doc_min, k_doc_max,
+    full_count, full_index, partial_count, partial_index,
     scale, scale_log2,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -146,18 +147,13 @@ def segment_attention_bwd_kernel_dkv(
     if HAS_DOCS:
         b_doc_k = tl.load(p_doc + o_n, mask=m_n, other=-1)
 
-    i_ks = i_b * num_k_blocks + i_n
-    k_kind = tl.load(k_kinds + i_ks)
-    k_dmin = tl.load(k_doc_min + i_ks)
-    k_dmax = tl.load(k_doc_max + i_ks)
-    k_lo = i_n * BLOCK_N
-    k_hi = tl.minimum(k_lo + BLOCK_N, n_k) - 1
-    k_edge = (k_lo + BLOCK_N > n_k).to(tl.int32)
-
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Causal limit: only query blocks that end at or after this key block's first position.
-    m_start = tl.maximum(k_lo - offset, 0) // BLOCK_M
+    i_row = i_b * num_k_blocks + i_n
+    n_full = tl.load(full_count + i_row)
+    n_partial = tl.load(partial_count + i_row)
+    p_full = full_index + i_row.to(tl.int64) * num_q_blocks
+    p_partial = partial_index + i_row.to(tl.int64) * num_q_blocks
     for i_g in range(GROUP):
         i_h = i_kvh * GROUP + i_g
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
@@ -165,27 +161,18 @@ def segment_attention_bwd_kernel_dkv(
         p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse = lse + i_bhq * n_q
         p_delta = delta + i_bhq * n_q
-        for i_m in range(m_start, num_q_blocks):
-            i_qs = i_b * num_q_blocks + i_m
-            tile = classify_tile(
-                tl.load(q_kinds + i_qs), tl.load(q_doc_min + i_qs), tl.load(q_doc_max + i_qs),
-                offset + i_m * BLOCK_M, offset + tl.minimum((i_m + 1) * BLOCK_M, n_q) - 1,
-                ((i_m + 1) * BLOCK_M > n_q).to(tl.int32),
-                k_kind, k_dmin, k_dmax, k_lo, k_hi, k_edge,
-                RULE_BITS, HAS_DOCS,
+        for i_t in range(0, n_full):
+            b_dk, b_dv = _dkv_tile(
+                b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
+                tl.load(p_full + i_t), n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
+                BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, False,
             )
-            if tile == 2:
-                b_dk, b_dv = _dkv_tile(
-                    b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                    i_m, n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
-                    BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, False,
-                )
-            elif tile == 1:
-                b_dk, b_dv = _dkv_tile(
-                    b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                    i_m, n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
-                    BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, True,
-                )
+        for i_t in range(0, n_partial):
+            b_dk, b_dv = _dkv_tile(
+                b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
+                tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
+                BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, True,
+            )
 
     p_dk = dk + i_b64 * stride_dkb + i_kvh.to(tl.int64) * stride_dkh
     p_dv = dv + i_b64 * stride_dvb + i_kvh.to(tl.int64) * stride_dvh
@@ -240,7 +227,7 @@ def _dq_tile(
 @triton.jit
 def segment_attention_bwd_kernel_dq(
     q, k, v, do, lse, delta, dq, seg, doc,
-    q_kinds, q_doc_min, q_doc_max, k_kinds, k_doc_min, k_doc_max,
+    full_count, full_index, partial_count, partial_index,
     scale, scale_log2,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -287,34 +274,22 @@ def segment_attention_bwd_kernel_dq(
     if HAS_DOCS:
         b_doc_q = tl.load(p_doc + b_pos_q, mask=m_m, other=-1)
 
-    i_qs = i_b * num_q_blocks + i_m
-    q_kind = tl.load(q_kinds + i_qs)
-    q_dmin = tl.load(q_doc_min + i_qs)
-    q_dmax = tl.load(q_doc_max + i_qs)
-    q_lo = offset + i_m * BLOCK_M
-    q_hi = offset + tl.minimum((i_m + 1) * BLOCK_M, n_q) - 1
-    q_edge = ((i_m + 1) * BLOCK_M > n_q).to(tl.int32)
-
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_n in range(0, tl.cdiv(q_hi + 1, BLOCK_N)):
-        i_ks = i_b * num_k_blocks + i_n
-        k_lo = i_n * BLOCK_N
-        tile = classify_tile(
-            q_kind, q_dmin, q_dmax, q_lo, q_hi, q_edge,
-            tl.load(k_kinds + i_ks), tl.load(k_doc_min + i_ks), tl.load(k_doc_max + i_ks),
-            k_lo, tl.minimum(k_lo + BLOCK_N, n_k) - 1, (k_lo + BLOCK_N > n_k).to(tl.int32),
-            RULE_BITS, HAS_DOCS,
+    i_row = i_b * num_q_blocks + i_m
+    p_full = full_index + i_row.to(tl.int64) * num_k_blocks
+    for i_t in range(0, tl.load(full_count + i_row)):
+        b_dq = _dq_tile(
+            b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
+            tl.load(p_full + i_t), n_k, stride_kn, stride_vn, o_d, m_d, scale_log2,
+            BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
         )
-        if tile == 2:
-            b_dq = _dq_tile(
-                b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
-                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
-            )
-        elif tile == 1:
-            b_dq = _dq_tile(
-                b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
-                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
-            )
+    p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
+    for i_t in range(0, tl.load(partial_count + i_row)):
+        b_dq = _dq_tile(
+            b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
+            tl.load(p_partial + i_t), n_k, stride_kn, stride_vn, o_d, m_d, scale_log2,
+            BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
+        )
     p_dq = dq + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqn + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
 
@@ -356,10 +331,11 @@ def segment_attention_bwd(
     )
 
     bm, bn = config.dkv_block_m, config.dkv_block_n
-    q_sum, k_sum = layout.summary(bm, n_q), layout.summary(bn)
-    segment_attention_bwd_kernel_dkv[(k_sum.num_blocks, batch * hkv)](
+    schedule = layout.schedule(rule, bm, bn, n_q, by_key=True)
+    num_k_blocks, num_q_blocks = schedule.full_index.shape[1:]
+    segment_attention_bwd_kernel_dkv[(num_k_blocks, batch * hkv)](
         q, k, v, do, lse, delta, dk, dv, layout.segment_ids, doc,
-        q_sum.kinds, q_sum.doc_min, q_sum.doc_max, k_sum.kinds, k_sum.doc_min, k_sum.doc_max,
+        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -367,22 +343,23 @@ def segment_attention_bwd(
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        n_q, n_k, q_sum.num_blocks, k_sum.num_blocks,
+        n_q, n_k, num_q_blocks, num_k_blocks,
         HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, **common,
     )
 
     bm, bn = config.dq_block_m, config.dq_block_n
-    q_sum, k_sum = layout.summary(bm, n_q), layout.summary(bn)
-    segment_attention_bwd_kernel_dq[(q_sum.num_blocks, batch * hq)](
+    schedule = layout.schedule(rule, bm, bn, n_q)
+    num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
+    segment_attention_bwd_kernel_dq[(num_q_blocks, batch * hq)](
         q, k, v, do, lse, delta, dq, layout.segment_ids, doc,
-        q_sum.kinds, q_sum.doc_min, q_sum.doc_max, k_sum.kinds, k_sum.doc_min, k_sum.doc_max,
+        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        n_q, n_k, q_sum.num_blocks, k_sum.num_blocks,
+        n_q, n_k, num_q_blocks, num_k_blocks,
         BLOCK_M=bm, BLOCK_N=bn, **common,
     )
     return dq, dk, dv

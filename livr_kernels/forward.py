@@ -1,9 +1,10 @@
 """Forward kernel: flash attention with the segment mask computed on the fly.
 
-One program per (query block, batch x query head). It walks the key blocks the causal limit
-allows, classifies each tile from the blocks' summaries (``blocks.classify_tile``), skips empty
-tiles, runs full tiles without mask arithmetic and partial tiles with it. Online softmax in fp32
-with exp2; the log-sum-exp (base 2, +inf for rows with no allowed key) is stored for the backward.
+One program per (query block, batch x query head). It walks its query block's two tile lists
+from the ``TileSchedule`` (``blocks.py``): the full tiles without any mask arithmetic, then the
+partial tiles with the mask computed from the per-token ids. Empty tiles are never visited.
+Online softmax in fp32 with exp2; the log-sum-exp (base 2, +inf for rows with no allowed key) is
+stored for the backward.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import SegmentLayout, classify_tile
+from .blocks import SegmentLayout
 from .config import KernelConfig, head_dim_block
 from .segments import AttentionRule
 
 LOG2E = 1.4426950408889634
-PAD_KIND = 4
+PAD_KIND = tl.constexpr(4)
 
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
 _alloc = torch.empty
@@ -86,8 +87,8 @@ def _fwd_tile(
 @triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
 @triton.jit
 def segment_attention_fwd_kernel(
-    q, k, v, o, lse, seg, doc, tiles,
-    q_kinds, q_doc_min, q_doc_max, k_kinds, k_doc_min, k_doc_max,
+    q, k, v, o, lse, seg, doc,
+    full_count, full_index, partial_count, partial_index,
     scale_log2,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -102,7 +103,6 @@ def segment_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    COUNT_TILES: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -130,42 +130,22 @@ def segment_attention_fwd_kernel(
     if HAS_DOCS:
         b_doc_q = tl.load(p_doc + b_pos_q, mask=m_m, other=-1)
 
-    i_qs = i_b * num_q_blocks + i_m
-    q_kind = tl.load(q_kinds + i_qs)
-    q_dmin = tl.load(q_doc_min + i_qs)
-    q_dmax = tl.load(q_doc_max + i_qs)
-    q_lo = offset + i_m * BLOCK_M
-    q_hi = offset + tl.minimum((i_m + 1) * BLOCK_M, n_q) - 1
-    q_edge = ((i_m + 1) * BLOCK_M > n_q).to(tl.int32)
-
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = 0
-    n_partial = 0
-    # Causal limit: no key block past the last query position.
-    for i_n in range(0, tl.cdiv(q_hi + 1, BLOCK_N)):
-        i_ks = i_b * num_k_blocks + i_n
-        k_lo = i_n * BLOCK_N
-        k_hi = tl.minimum(k_lo + BLOCK_N, n_k) - 1
-        k_edge = (k_lo + BLOCK_N > n_k).to(tl.int32)
-        tile = classify_tile(
-            q_kind, q_dmin, q_dmax, q_lo, q_hi, q_edge,
-            tl.load(k_kinds + i_ks), tl.load(k_doc_min + i_ks), tl.load(k_doc_max + i_ks), k_lo, k_hi, k_edge,
-            RULE_BITS, HAS_DOCS,
+    i_row = i_b * num_q_blocks + i_m
+    p_full = full_index + i_row.to(tl.int64) * num_k_blocks
+    for i_t in range(0, tl.load(full_count + i_row)):
+        b_acc, b_m, b_l = _fwd_tile(
+            b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, tl.load(p_full + i_t), n_k,
+            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
         )
-        if tile == 2:
-            b_acc, b_m, b_l = _fwd_tile(
-                b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
-                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
-            )
-            n_full += 1
-        elif tile == 1:
-            b_acc, b_m, b_l = _fwd_tile(
-                b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, i_n, n_k,
-                stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
-            )
-            n_partial += 1
+    p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
+    for i_t in range(0, tl.load(partial_count + i_row)):
+        b_acc, b_m, b_l = _fwd_tile(
+            b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, tl.load(p_partial + i_t), n_k,
+            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
+        )
 
     # Rows that saw no allowed key: output 0, log-sum-exp +inf so the backward gives them p = 0.
     m_empty = b_l == 0.0
@@ -174,10 +154,6 @@ def segment_attention_fwd_kernel(
     p_o = o + i_b64 * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None] * stride_on + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     tl.store(lse + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=m_m)
-    if COUNT_TILES:
-        p_t = tiles + (i_bh * num_q_blocks + i_m) * 2
-        tl.store(p_t, n_full)
-        tl.store(p_t + 1, n_partial)
 
 
 def segment_attention_fwd(
@@ -188,38 +164,29 @@ def segment_attention_fwd(
     rule: AttentionRule,
     scale: float,
     config: KernelConfig,
-    count_tiles: bool = False,
 ):
-    """Launch the forward. Returns (o, lse[, tiles]) with lse (B, Hq, Nq) fp32 in base 2.
-
-    ``tiles`` (only with ``count_tiles``) is (B, Hq, num_q_blocks, 2) int32: how many full and
-    partial tiles each program computed, for tests and sparsity figures.
-    """
+    """Launch the forward. Returns (o, lse) with lse (B, Hq, Nq) fp32 in base 2."""
     batch, hq, n_q, head_dim = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     # The kernels address the head dim with unit stride; only copy views that break that.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bm, bn = config.fwd_block_m, config.fwd_block_n
-    q_sum = layout.summary(bm, n_q)
-    k_sum = layout.summary(bn)
+    schedule = layout.schedule(rule, bm, bn, n_q)
+    num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
     o = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
-    tiles = torch.zeros((batch, hq, q_sum.num_blocks, 2), dtype=torch.int32, device=q.device) if count_tiles else lse
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
-    grid = (q_sum.num_blocks, batch * hq)
-    segment_attention_fwd_kernel[grid](
-        q, k, v, o, lse, layout.segment_ids, doc, tiles,
-        q_sum.kinds, q_sum.doc_min, q_sum.doc_max, k_sum.kinds, k_sum.doc_min, k_sum.doc_max,
+    segment_attention_fwd_kernel[(num_q_blocks, batch * hq)](
+        q, k, v, o, lse, layout.segment_ids, doc,
+        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        n_q, n_k, q_sum.num_blocks, k_sum.num_blocks,
+        n_q, n_k, num_q_blocks, num_k_blocks,
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=head_dim_block(head_dim),
-        BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs, COUNT_TILES=count_tiles,
+        BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
         num_warps=config.fwd_warps, num_stages=config.num_stages,
     )
-    if count_tiles:
-        return o, lse, tiles
     return o, lse

@@ -9,7 +9,7 @@ import livr_kernels.backward as backward_mod
 import livr_kernels.forward as forward_mod
 from kernel_cases import livr_layout, packed_docs, random_qkv
 from livr_kernels import AttentionRule, KernelConfig, RULES, Segment, SegmentLayout, reference_attention, segment_attention
-from livr_kernels.forward import segment_attention_fwd
+from livr_kernels.blocks import TILE_EMPTY
 
 # Small, unequal tiles so a short sequence spans many tiles of every class, and the forward,
 # dK/dV and dQ kernels each see different block boundaries.
@@ -151,18 +151,30 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("rule", ["standard", "bottleneck"])
-def test_kernel_computes_only_nonempty_tiles(rule):
-    """The forward's own tile counters equal TileMask's full/partial counts: empty tiles are skipped."""
-    batch, hq, n = 2, 2, 120
-    seg = livr_layout(batch, n, pad=10)
-    layout = SegmentLayout(seg, packed_docs(batch, n, 2))
-    q, k, v, _ = random_qkv(batch, hq, 1, n, n, 16, requires_grad=False)
-    rule_obj = RULES[rule]
-    _, _, tiles = segment_attention_fwd(q, k, v, layout, rule_obj, 0.25, SMALL_TILES, count_tiles=True)
-    counts = layout.tile_mask(rule, SMALL_TILES.fwd_block_m, SMALL_TILES.fwd_block_n).counts()
-    assert int(tiles[..., 0].sum()) == hq * counts["full"]
-    assert int(tiles[..., 1].sum()) == hq * counts["partial"]
-    assert counts["empty"] > 0
+def test_empty_tiles_are_never_loaded(rule):
+    """K and V set to NaN in every key block that is empty for one query block: that block's rows
+    stay exact, so the forward never loads an empty tile (a masked-out load would still poison
+    the softmax-weighted sum, since 0 * NaN = NaN)."""
+    n, bm, bn = 120, SMALL_TILES.fwd_block_m, SMALL_TILES.fwd_block_n
+    seg = livr_layout(1, n, pad=10)
+    layout = SegmentLayout(seg)
+    classes = layout.tile_mask(rule, bm, bn).to_dense()[0]
+    q, k, v, _ = random_qkv(1, 2, 1, n, n, 16, requires_grad=False)
+    want = reference_attention(q.double(), k.double(), v.double(), seg, rule)
+    checked = 0
+    for i_m in range(classes.shape[0]):
+        empty = (classes[i_m] == TILE_EMPTY).nonzero().flatten().tolist()
+        if not empty:
+            continue
+        k_poisoned, v_poisoned = k.clone(), v.clone()
+        for i_n in empty:
+            k_poisoned[:, :, i_n * bn:(i_n + 1) * bn] = float("nan")
+            v_poisoned[:, :, i_n * bn:(i_n + 1) * bn] = float("nan")
+        out = segment_attention(q, k_poisoned, v_poisoned, layout, rule, backend="triton", config=SMALL_TILES)
+        rows = slice(i_m * bm, (i_m + 1) * bm)
+        assert_close_fp32([out[:, :, rows]], [want[:, :, rows]], names=[f"rows of query block {i_m}"])
+        checked += 1
+    assert checked >= 2
 
 
 @settings(max_examples=8, deadline=None)
