@@ -85,7 +85,9 @@ def segment_attention(
         from ._interpreter import patch_interpreter_dot
 
         patch_interpreter_dot()
-    config = config or default_config(q.shape[-1])
+    if config is None:
+        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+        config = default_config(q.shape[-1], capability)
     return SegmentAttentionFunction.apply(q, k, v, layout, rule, float(scale), config)
 
 

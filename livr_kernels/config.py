@@ -1,17 +1,19 @@
-"""Tile sizes and launch settings for the kernels, chosen by padded head dim."""
+"""Tile sizes and launch settings for the kernels, chosen by padded head dim and GPU generation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import triton
 
 MIN_HEAD_DIM_BLOCK = 16
 MAX_HEAD_DIM = 256
+HOPPER = (9, 0)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Block sizes of the three kernels. ``fwd_*`` and ``dq_*`` tile (queries, keys); ``dkv_*`` too."""
+    """Block sizes of the three kernels: each tiles (queries, keys)."""
 
     fwd_block_m: int = 128
     fwd_block_n: int = 64
@@ -20,24 +22,30 @@ class KernelConfig:
     dq_block_m: int = 128
     dq_block_n: int = 32
     fwd_warps: int = 4
-    bwd_warps: int = 4
+    bwd_warps: int = 8
     num_stages: int = 3
 
     def with_blocks(self, **sizes) -> "KernelConfig":
         return replace(self, **sizes)
 
 
-# Per padded head dim. Register use grows with BLOCK_D: the backward holds K, V, dK and dV of
-# a key block on chip, so large head dims get smaller tiles (checked for spills by compile_check).
-_CONFIGS = {
-    16: KernelConfig(fwd_warps=4, bwd_warps=4),
-    32: KernelConfig(fwd_warps=4, bwd_warps=4),
-    64: KernelConfig(fwd_warps=4, bwd_warps=4),
-    128: KernelConfig(fwd_warps=8, bwd_warps=8),
+# Register use grows with BLOCK_D: the dK/dV kernel keeps K, V, dK and dV of a key block on chip,
+# so large head dims get smaller key blocks. Every entry compiles without spills
+# (`python -m livr_kernels.compile_check` checks this in CI).
+_HOPPER_CONFIGS = {
+    16: KernelConfig(),
+    32: KernelConfig(),
+    64: KernelConfig(),
+    128: KernelConfig(fwd_warps=8),
     256: KernelConfig(
-        fwd_block_m=64, fwd_block_n=32, dkv_block_m=16, dkv_block_n=64, dq_block_m=64, dq_block_n=16,
-        fwd_warps=8, bwd_warps=8, num_stages=2,
+        fwd_block_m=64, fwd_block_n=32, dkv_block_m=16, dkv_block_n=32, dq_block_m=64, dq_block_n=16,
+        fwd_warps=8, num_stages=2,
     ),
+}
+# Ampere's mma.sync keeps accumulators in registers, not shared memory: smaller backward tiles.
+_AMPERE_CONFIGS = {
+    **_HOPPER_CONFIGS,
+    128: KernelConfig(fwd_warps=8, dkv_block_n=64, dq_block_m=64),
 }
 
 
@@ -45,5 +53,7 @@ def head_dim_block(head_dim: int) -> int:
     return max(MIN_HEAD_DIM_BLOCK, triton.next_power_of_2(head_dim))
 
 
-def default_config(head_dim: int) -> KernelConfig:
-    return _CONFIGS[head_dim_block(head_dim)]
+def default_config(head_dim: int, capability: Optional[Tuple[int, int]] = None) -> KernelConfig:
+    """The launch settings for a head dim on a GPU of compute ``capability`` (Hopper by default)."""
+    table = _HOPPER_CONFIGS if (capability or HOPPER) >= HOPPER else _AMPERE_CONFIGS
+    return table[head_dim_block(head_dim)]
