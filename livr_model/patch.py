@@ -1,0 +1,454 @@
+"""``patch_attention``: the LIVR segment mask inside a transformers vision-language model.
+
+How it plugs in, using only transformers' extension points:
+
+* a ``"livr"`` attention backend is registered with ``AttentionInterface`` (it calls
+  ``livr_kernels.segment_attention``) and ``AttentionMaskInterface`` (it returns no mask: padding
+  travels as PAD segment ids, so no N x N tensor is ever built);
+* the language model alone is switched to it (``set_attn_implementation({"text_config": "livr"})``);
+  the vision tower keeps its own attention;
+* a forward pre-hook on the model turns each call's ``input_ids`` / ``labels`` / ``attention_mask``
+  (or a user-given ``segment_ids=``) into a ``SegmentLayout`` built once per forward, and passes it
+  down as a keyword argument: transformers forwards extra keyword arguments to every attention call,
+  and gradient checkpointing replays a layer with the same arguments;
+* with a KV cache the kinds of the cached keys ride on the cache object, so decode steps know
+  them; tokens added to a non-empty cache (generated tokens) are ANSWER.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from livr_kernels import AttentionRule, Segment, SegmentLayout, resolve_rule, segment_attention, segment_mask
+
+from .archs import ArchSpec, get_arch
+from .segments import TokenIds, _as_id_tensor, build_segment_ids
+
+BACKEND_NAME = "livr"
+# Keyword argument carrying the per-forward state from the pre-hook down to every attention call.
+STATE_KWARG = "livr_state"
+# Attribute set on a KV cache object: the segment (and document) ids of the keys it holds.
+CACHE_ATTR = "_livr_keys"
+# Attribute set on a patched model, pointing at its handle.
+HANDLE_ATTR = "_livr_handle"
+KERNEL_BACKENDS = ("auto", "triton", "reference")
+
+DocIdsFn = Callable[[dict], Optional[torch.Tensor]]
+
+
+@dataclass
+class AttentionCapture:
+    """Dense attention probabilities of the most recent forward, for probes (eval only).
+
+    ``weights``: one (B, Hq, Nq, Nk) float32 tensor per text layer, in layer order, computed with the
+    rule in force. ``segment_ids``: the (B, Nk) kinds of the keys.
+    """
+
+    weights: List[torch.Tensor] = field(default_factory=list)
+    segment_ids: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What every attention layer of one forward needs: built once by the pre-hook."""
+
+    layout: SegmentLayout
+    rule: AttentionRule
+    kernel_backend: str
+    capture: Optional[AttentionCapture] = None
+
+
+@dataclass(frozen=True)
+class CachedKeys:
+    segment_ids: torch.Tensor
+    doc_ids: Optional[torch.Tensor]
+
+
+def attention_probs(
+    query: torch.Tensor, key: torch.Tensor, layout: SegmentLayout, rule: AttentionRule, scale: float
+) -> torch.Tensor:
+    """Reference (dense) attention probabilities under ``rule``, (B, Hq, Nq, Nk) float32; rows with
+    no allowed key are 0."""
+    group = query.shape[1] // key.shape[1]
+    mask = segment_mask(layout.segment_ids, rule, layout.doc_ids, num_queries=query.shape[2])[:, None]
+    keys = key.repeat_interleave(group, dim=1).float()
+    scores = torch.matmul(query.float(), keys.transpose(-1, -2)) * scale
+    has_key = mask.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
+
+
+def livr_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    sliding_window: Optional[int] = None,
+    **kwargs,
+):
+    """The ``"livr"`` entry of transformers' attention registry."""
+    state = kwargs.get(STATE_KWARG)
+    if not isinstance(state, ForwardState):
+        raise ValueError(
+            "the 'livr' attention backend got no segment ids: enable it with livr_model.patch_attention(model), "
+            "not with attn_implementation='livr' alone"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "a patched model derives its mask from segment ids; pass a 2-D padding attention_mask "
+            f"(batch, seq_len), not a prepared mask of shape {tuple(attention_mask.shape)}"
+        )
+    if dropout:
+        raise ValueError(f"livr attention has no attention dropout; set the text config's attention_dropout to 0 (got {dropout})")
+    if sliding_window is not None:
+        raise ValueError("livr attention does not implement sliding-window layers; disable use_sliding_window")
+    layout = state.layout
+    if tuple(layout.shape) != (key.shape[0], key.shape[2]):
+        raise ValueError(
+            f"segment ids cover {tuple(layout.shape)} (batch, keys) but this layer attends over "
+            f"({key.shape[0]}, {key.shape[2]}) keys; static or sliding caches are not supported, use the default DynamicCache"
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = segment_attention(query, key, value, layout, rule=state.rule, scale=scale, backend=state.kernel_backend)
+    weights = None
+    if state.capture is not None or kwargs.get("output_attentions"):
+        with torch.no_grad():
+            weights = attention_probs(query, key, layout, state.rule, scale)
+        if state.capture is not None:
+            state.capture.weights.append(weights)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def livr_attention_mask(*args, **kwargs) -> None:
+    """The ``"livr"`` entry of the mask registry: no dense mask; PAD segment ids carry the padding."""
+    return None
+
+
+def register_backend() -> None:
+    """Register the ``"livr"`` attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(BACKEND_NAME, livr_attention_forward)
+    AttentionMaskInterface.register(BACKEND_NAME, livr_attention_mask)
+
+
+def _unwrap(model) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    inner = model
+    while hasattr(inner, "get_base_model"):
+        base = inner.get_base_model()
+        if base is inner:
+            break
+        inner = base
+    if not isinstance(inner, torch.nn.Module) or not hasattr(inner, "set_attn_implementation"):
+        raise ValueError(f"model must be a transformers PreTrainedModel or a peft PeftModel; got {type(model).__name__}")
+    return inner
+
+
+def _check_2d(name: str, tensor, batch: int) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[0] != batch:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a (batch={batch}, seq_len) tensor; got {shape}")
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype; got {tensor.dtype}")
+    return tensor
+
+
+class LivrAttentionHandle:
+    """Returned by ``patch_attention``: switch rules, capture attention, undo the patch."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ArchSpec,
+        rule: AttentionRule,
+        image_token_ids: torch.Tensor,
+        latent_token_ids: torch.Tensor,
+        doc_ids: Optional[DocIdsFn],
+        kernel_backend: str,
+    ):
+        self.model = model
+        self.arch = spec
+        self._rule = rule
+        self.image_token_ids = tuple(image_token_ids.tolist())
+        self.latent_token_ids = tuple(latent_token_ids.tolist())
+        self._image_ids = image_token_ids
+        self._latent_ids = latent_token_ids
+        self._doc_ids_fn = doc_ids
+        self.kernel_backend = kernel_backend
+        self._capture: Optional[AttentionCapture] = None
+        self._segment_override: Optional[torch.Tensor] = None
+        text_config = spec.text_config(model.config)
+        self._original_implementation = text_config._attn_implementation
+        self._positional_names = [
+            name
+            for name, p in inspect.signature(model.forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        model.set_attn_implementation({spec.text_config_key: BACKEND_NAME})
+        if text_config._attn_implementation != BACKEND_NAME:
+            raise ValueError(
+                f"could not switch the language model of {type(model).__name__} to the 'livr' attention backend "
+                f"(it reports {text_config._attn_implementation!r}); its layers must use transformers' AttentionInterface"
+            )
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward, with_kwargs=True),
+        ]
+        setattr(model, HANDLE_ATTR, self)
+
+    @property
+    def rule(self) -> AttentionRule:
+        return self._rule
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def set_rule(self, rule: Union[str, AttentionRule]) -> AttentionRule:
+        """Switch the rule for the following forwards (e.g. ``"standard"`` for stage 2)."""
+        self._rule = resolve_rule(rule)
+        return self._rule
+
+    def remove(self) -> None:
+        """Back to the model's own attention; hooks gone. Calling it twice is harmless."""
+        if not self._hooks:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.model.set_attn_implementation({self.arch.text_config_key: self._original_implementation})
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+
+    @contextmanager
+    def capture_attention(self) -> Iterator[AttentionCapture]:
+        """Record the dense attention probabilities of each forward run inside the block (the latest
+        forward's, one tensor per text layer). Reference math, O(N^2) memory: probes and eval only."""
+        capture = AttentionCapture()
+        previous, self._capture = self._capture, capture
+        try:
+            yield capture
+        finally:
+            self._capture = previous
+
+    @contextmanager
+    def use_segment_ids(self, segment_ids: torch.Tensor) -> Iterator[None]:
+        """Inside the block, forwards that get no ``segment_ids=`` use these (B, N) kinds.
+
+        This is how custom kinds reach ``model.generate`` (which refuses unknown keyword
+        arguments): give the prompt's kinds; every decode step then reuses the cached ones and
+        marks generated tokens ANSWER."""
+        _check_2d("segment_ids", segment_ids, segment_ids.shape[0] if isinstance(segment_ids, torch.Tensor) and segment_ids.dim() == 2 else -1)
+        previous, self._segment_override = self._segment_override, segment_ids
+        try:
+            yield
+        finally:
+            self._segment_override = previous
+
+    def build_segment_ids(self, input_ids, labels=None, attention_mask=None) -> torch.Tensor:
+        """``build_segment_ids`` with this model's image and latent ids."""
+        return build_segment_ids(
+            input_ids,
+            image_token_ids=self._image_ids,
+            latent_token_ids=self._latent_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+        )
+
+    def _pre_forward(self, module, args, kwargs):
+        if args:
+            if len(args) > len(self._positional_names):
+                raise ValueError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
+            kwargs = dict(kwargs)
+            kwargs.update(zip(self._positional_names, args))
+            args = ()
+        user_segment_ids = kwargs.pop("segment_ids", None)
+        if user_segment_ids is None:
+            user_segment_ids = self._segment_override
+        user_doc_ids = kwargs.pop("doc_ids", None)
+        if user_doc_ids is None and self._doc_ids_fn is not None:
+            user_doc_ids = self._doc_ids_fn(kwargs)
+        layout = self._layout_for(kwargs, user_segment_ids, user_doc_ids)
+        capture = self._capture
+        if capture is not None:
+            capture.weights = []
+            capture.segment_ids = layout.segment_ids.long()
+        kwargs[STATE_KWARG] = ForwardState(layout, self._rule, self.kernel_backend, capture)
+        return args, kwargs
+
+    def _post_forward(self, module, args, kwargs, output):
+        state = kwargs.get(STATE_KWARG)
+        cache = getattr(output, "cache", None) if not isinstance(output, tuple) else None
+        if cache is None:
+            cache = getattr(output, "past_key_values", None) if not isinstance(output, tuple) else None
+        if cache is None or state is None:
+            return output
+        layout = state.layout
+        setattr(cache, CACHE_ATTR, CachedKeys(layout.segment_ids.long(), None if layout.doc_ids is None else layout.doc_ids.long()))
+        return output
+
+    def _layout_for(self, kwargs: dict, user_segment_ids, user_doc_ids) -> SegmentLayout:
+        input_ids = kwargs.get("input_ids")
+        inputs_embeds = kwargs.get("inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if input_ids is not None:
+            batch, new_len = input_ids.shape[:2]
+        elif inputs_embeds is not None:
+            batch, new_len = inputs_embeds.shape[:2]
+        else:
+            raise ValueError("a patched model needs input_ids or inputs_embeds")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        total = past + new_len
+        cached = getattr(cache, CACHE_ATTR, None) if past else None
+
+        segment_ids = None
+        if user_segment_ids is not None:
+            _check_2d("segment_ids", user_segment_ids, batch)
+            if user_segment_ids.shape[1] == total:
+                segment_ids = user_segment_ids.long()
+            elif user_segment_ids.shape[1] == new_len:
+                new_ids = user_segment_ids.long()
+            elif past and user_segment_ids.shape[1] <= past:
+                # generate() passes the prompt's segment_ids at every step: they are already in the cache.
+                new_ids = None
+            else:
+                raise ValueError(
+                    f"segment_ids must cover the new tokens ({new_len}) or all keys ({total}); got {user_segment_ids.shape[1]}"
+                )
+        else:
+            new_ids = None
+        if segment_ids is None:
+            if new_ids is None:
+                if past:
+                    new_ids = torch.full((batch, new_len), int(Segment.ANSWER), dtype=torch.long, device=self._device(kwargs))
+                elif input_ids is None:
+                    raise ValueError(
+                        "cannot derive segment ids from inputs_embeds alone: pass input_ids, or segment_ids=(batch, seq_len) "
+                        "with a livr_kernels.Segment kind per token"
+                    )
+                else:
+                    labels = kwargs.get("labels")
+                    if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+                        raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+                    new_ids = self.build_segment_ids(input_ids, labels=labels)
+            if past:
+                if cached is None or tuple(cached.segment_ids.shape) != (batch, past):
+                    raise ValueError(
+                        f"the KV cache holds {past} tokens whose segment kinds are unknown (it was not filled by this patched "
+                        f"model); pass segment_ids=(batch, {total}) covering every key"
+                    )
+                segment_ids = torch.cat([cached.segment_ids.to(new_ids.device), new_ids], dim=1)
+            else:
+                segment_ids = new_ids
+
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(
+                    f"a patched model takes a 2-D padding attention_mask (batch, seq_len); got {shape}. The LIVR mask "
+                    "comes from segment ids; pass segment_ids= for custom kinds"
+                )
+            padding = attention_mask.to(segment_ids.device) == 0
+            if padding.shape[1] == new_len and past:
+                padding = torch.cat([torch.zeros(batch, past, dtype=torch.bool, device=padding.device), padding], dim=1)
+            if tuple(padding.shape) != (batch, total):
+                raise ValueError(f"attention_mask must be (batch={batch}, {total}) here; got {tuple(attention_mask.shape)}")
+            segment_ids = segment_ids.masked_fill(padding, int(Segment.PAD))
+
+        doc_ids = self._doc_ids_for(user_doc_ids, cached, batch, new_len, past)
+        return SegmentLayout(segment_ids, doc_ids)
+
+    def _doc_ids_for(self, user_doc_ids, cached: Optional[CachedKeys], batch: int, new_len: int, past: int):
+        total = past + new_len
+        cached_docs = None if cached is None else cached.doc_ids
+        if user_doc_ids is not None:
+            _check_2d("doc_ids", user_doc_ids, batch)
+            if user_doc_ids.shape[1] == total:
+                return user_doc_ids.long()
+            if user_doc_ids.shape[1] == new_len and not past:
+                return user_doc_ids.long()
+            if not (past and cached_docs is not None):
+                raise ValueError(f"doc_ids must cover all keys ({total}); got {user_doc_ids.shape[1]}")
+        if past and cached_docs is not None:
+            # Tokens added to a cache continue the document of the last cached token.
+            return torch.cat([cached_docs, cached_docs[:, -1:].expand(batch, new_len)], dim=1)
+        return None
+
+    @staticmethod
+    def _device(kwargs) -> torch.device:
+        for name in ("input_ids", "inputs_embeds", "attention_mask"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                return kwargs[name].device
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"LivrAttentionHandle({type(self.model).__name__}, rule={self._rule.name!r}, {state})"
+
+
+def patch_attention(
+    model,
+    rule: Union[str, AttentionRule] = "bottleneck",
+    latent_token_ids: TokenIds = (),
+    doc_ids: Optional[DocIdsFn] = None,
+    *,
+    kernel_backend: str = "auto",
+) -> LivrAttentionHandle:
+    """Route the language model's attention through the LIVR segment kernel.
+
+    ``model``: a transformers vision-language model listed in ``livr_model.archs`` (or a peft
+    ``PeftModel`` around one). ``rule``: a name from ``livr_kernels.RULES`` or an ``AttentionRule``.
+    ``latent_token_ids``: the ids of the K latent tokens (within the embedding table). ``doc_ids``:
+    optional callable ``fn(forward_kwargs) -> (B, N) document ids`` for packed sequences (a forward
+    may also pass ``doc_ids=`` itself). ``kernel_backend``: passed to ``segment_attention``.
+
+    Every forward then derives segment kinds from ``input_ids``, ``labels`` and ``attention_mask``
+    (or takes ``segment_ids=(B, N)`` from the caller) and applies the rule; the returned handle
+    switches rules, captures attention for probes, and removes the patch.
+    """
+    rule = resolve_rule(rule)
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}; got {kernel_backend!r}")
+    if doc_ids is not None and not callable(doc_ids):
+        raise ValueError(
+            "doc_ids must be None or a callable taking the forward's keyword arguments and returning (batch, seq_len) "
+            f"document ids; got {type(doc_ids).__name__} (pass per-batch doc_ids= to the forward instead)"
+        )
+    inner = _unwrap(model)
+    existing = getattr(inner, HANDLE_ATTR, None)
+    if existing is not None and existing.active:
+        raise ValueError("model is already patched: use handle.set_rule(...) to change the rule, or handle.remove() first")
+    spec = get_arch(inner)
+    image_ids = _as_id_tensor("image_token_ids", spec.placeholder_token_ids(inner.config), "cpu")
+    latent_ids = _as_id_tensor("latent_token_ids", latent_token_ids, "cpu")
+    vocab_size = inner.get_input_embeddings().num_embeddings
+    outside = [i for i in latent_ids.tolist() if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(
+            f"latent_token_ids {outside} are outside the vocabulary [0, {vocab_size}); add the latent tokens to the "
+            "tokenizer and resize the embeddings first"
+        )
+    clash = sorted(set(latent_ids.tolist()) & set(image_ids.tolist()))
+    if clash:
+        raise ValueError(f"latent_token_ids {clash} are image/video placeholder ids of this model")
+    register_backend()
+    return LivrAttentionHandle(inner, spec, rule, image_ids, latent_ids, doc_ids, kernel_backend)
+
+
+def get_handle(model) -> Optional[LivrAttentionHandle]:
+    """The active handle of a patched model (or peft wrapper), else None."""
+    try:
+        inner = _unwrap(model)
+    except ValueError:
+        return None
+    handle = getattr(inner, HANDLE_ATTR, None)
+    return handle if handle is not None and handle.active else None
