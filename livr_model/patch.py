@@ -186,6 +186,7 @@ class LivrAttentionHandle:
         self._capture: Optional[AttentionCapture] = None
         self._segment_override: Optional[torch.Tensor] = None
         text_config = spec.text_config(model.config)
+        self._text_config = text_config
         self._original_implementation = text_config._attn_implementation
         self._positional_names = [
             name
@@ -243,10 +244,11 @@ class LivrAttentionHandle:
     def use_segment_ids(self, segment_ids: torch.Tensor) -> Iterator[None]:
         """Inside the block, forwards that get no ``segment_ids=`` use these (B, N) kinds.
 
-        This is how custom kinds reach ``model.generate`` (which refuses unknown keyword
-        arguments): give the prompt's kinds; every decode step then reuses the cached ones and
-        marks generated tokens ANSWER."""
-        _check_2d("segment_ids", segment_ids, segment_ids.shape[0] if isinstance(segment_ids, torch.Tensor) and segment_ids.dim() == 2 else -1)
+        This is how custom kinds reach ``model.generate``, which refuses unknown keyword arguments:
+        give the prompt's kinds (repeated per beam when beam searching); decode steps then reuse
+        the cached keys' kinds and mark generated tokens ANSWER."""
+        batch = segment_ids.shape[0] if isinstance(segment_ids, torch.Tensor) else -1
+        _check_2d("segment_ids", segment_ids, batch)
         previous, self._segment_override = self._segment_override, segment_ids
         try:
             yield
@@ -264,6 +266,11 @@ class LivrAttentionHandle:
         )
 
     def _pre_forward(self, module, args, kwargs):
+        if self._text_config._attn_implementation != BACKEND_NAME:
+            raise ValueError(
+                f"the language model's attention was switched to {self._text_config._attn_implementation!r} after "
+                "patch_attention; call handle.remove() before changing it, then patch again"
+            )
         if args:
             if len(args) > len(self._positional_names):
                 raise ValueError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
@@ -282,17 +289,21 @@ class LivrAttentionHandle:
             capture.weights = []
             capture.segment_ids = layout.segment_ids.long()
         kwargs[STATE_KWARG] = ForwardState(layout, self._rule, self.kernel_backend, capture)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            _remember_keys(cache, layout)
         return args, kwargs
 
     def _post_forward(self, module, args, kwargs, output):
+        # A cache the model created itself (use_cache=True without one) only shows up in the output.
         state = kwargs.get(STATE_KWARG)
-        cache = getattr(output, "cache", None) if not isinstance(output, tuple) else None
-        if cache is None:
-            cache = getattr(output, "past_key_values", None) if not isinstance(output, tuple) else None
-        if cache is None or state is None:
+        if state is None or isinstance(output, tuple):
             return output
-        layout = state.layout
-        setattr(cache, CACHE_ATTR, CachedKeys(layout.segment_ids.long(), None if layout.doc_ids is None else layout.doc_ids.long()))
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            _remember_keys(cache, state.layout)
         return output
 
     def _layout_for(self, kwargs: dict, user_segment_ids, user_doc_ids) -> SegmentLayout:
@@ -318,7 +329,8 @@ class LivrAttentionHandle:
             elif user_segment_ids.shape[1] == new_len:
                 new_ids = user_segment_ids.long()
             elif past and user_segment_ids.shape[1] <= past:
-                # generate() passes the prompt's segment_ids at every step: they are already in the cache.
+                # The prompt's kinds, offered again at a decode step (use_segment_ids around generate):
+                # they are already in the cache, and the new tokens are ANSWER.
                 new_ids = None
             else:
                 raise ValueError(
@@ -372,12 +384,16 @@ class LivrAttentionHandle:
         cached_docs = None if cached is None else cached.doc_ids
         if user_doc_ids is not None:
             _check_2d("doc_ids", user_doc_ids, batch)
-            if user_doc_ids.shape[1] == total:
+            length = user_doc_ids.shape[1]
+            if length == total:
                 return user_doc_ids.long()
-            if user_doc_ids.shape[1] == new_len and not past:
-                return user_doc_ids.long()
-            if not (past and cached_docs is not None):
-                raise ValueError(f"doc_ids must cover all keys ({total}); got {user_doc_ids.shape[1]}")
+            if length == new_len and past and cached_docs is not None:
+                return torch.cat([cached_docs, user_doc_ids.long().to(cached_docs.device)], dim=1)
+            if not (past and length <= past and cached_docs is not None):
+                raise ValueError(
+                    f"doc_ids must cover all keys ({total}), or the new tokens ({new_len}) of a cache whose document "
+                    f"ids are known; got {length}"
+                )
         if past and cached_docs is not None:
             # Tokens added to a cache continue the document of the last cached token.
             return torch.cat([cached_docs, cached_docs[:, -1:].expand(batch, new_len)], dim=1)
@@ -393,6 +409,11 @@ class LivrAttentionHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"LivrAttentionHandle({type(self.model).__name__}, rule={self._rule.name!r}, {state})"
+
+
+def _remember_keys(cache, layout: SegmentLayout) -> None:
+    docs = None if layout.doc_ids is None else layout.doc_ids.long()
+    setattr(cache, CACHE_ATTR, CachedKeys(layout.segment_ids.long(), docs))
 
 
 def patch_attention(

@@ -288,6 +288,8 @@ def test_errors_are_value_errors_naming_the_problem():
         patch_attention(model, latent_token_ids=(TINY_TOKENS.image,))
     with pytest.raises(ValueError, match="doc_ids must be None or a callable"):
         patch_attention(model, latent_token_ids=TINY_TOKENS.latents, doc_ids=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        patch_attention(model, latent_token_ids=TINY_TOKENS.latents, kernel_backend="cuda")
     with pytest.raises(ValueError, match="PreTrainedModel"):
         patch_attention(torch.nn.Linear(2, 2))
     missing = build_tiny_model(arch)
@@ -312,6 +314,9 @@ def test_errors_are_value_errors_naming_the_problem():
         _logits(model, dict(batch, segment_ids=segments.float()))
     with pytest.raises(ValueError, match="segment_ids"):
         _logits(model, dict(batch, segment_ids=segments + 10))
+    model.set_attn_implementation({"text_config": "sdpa"})
+    with pytest.raises(ValueError, match="switched to 'sdpa' after patch_attention"):
+        _logits(model, batch)
     handle.remove()
 
     cache = DynamicCache(config=model.config.text_config)
@@ -338,3 +343,19 @@ def test_custom_rule_object_is_accepted():
     handle = _patch(model, latents_blind)
     assert handle.rule is latents_blind
     assert _max_live_diff(_logits(model, batch), expected, batch) < EXACT
+
+
+def test_triton_kernels_inside_the_model_match_the_reference_path():
+    # The real kernels (Triton interpreter on CPU) behind the model: one layout shared by the layers,
+    # forward and backward through the autograd Function, GQA heads un-repeated.
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch).train()
+    batch = _batch(arch, "left")
+    handle = _patch(model, "bottleneck", kernel_backend="reference")
+    loss_ref, grads_ref = _loss_and_grads(model, batch)
+    handle.remove()
+    _patch(model, "bottleneck", kernel_backend="triton")
+    loss, grads = _loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], atol=1e-4, rtol=1e-3, msg=name)

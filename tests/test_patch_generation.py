@@ -119,3 +119,34 @@ def test_generation_with_user_segment_ids(arch):
     with handle.use_segment_ids(custom):
         assert torch.equal(_generate(model, prompt), expected)
     assert not torch.equal(_generate(model, prompt), expected), "outside the block the kinds are derived again"
+
+
+def test_manual_decode_with_the_returned_cache_and_documents():
+    # A cache the model creates itself (no cache passed in) and document ids that continue into decode.
+    arch = "llava_onevision"
+    model = build_tiny_model(arch)
+    prompt = _prompt(arch)
+    segments = _prompt_segments(prompt)
+    docs = torch.zeros_like(segments)
+    docs[:, segments.shape[1] // 2 :] = 1
+    patch_attention(model, rule="bottleneck", latent_token_ids=TINY_TOKENS.latents)
+    with torch.no_grad():
+        prefill = model(**prompt, doc_ids=docs, use_cache=True)
+        token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, cache=prefill.cache, use_cache=True)
+        full_ids = torch.cat([prompt["input_ids"], token], dim=1)
+        full_segments = torch.cat([segments, torch.full_like(token, int(Segment.ANSWER))], dim=1)
+        full_docs = torch.cat([docs, docs[:, -1:]], dim=1)
+        recompute = model(
+            input_ids=full_ids, attention_mask=mask, pixel_values=prompt["pixel_values"],
+            image_sizes=prompt["image_sizes"], batch_num_images=prompt["batch_num_images"],
+            segment_ids=full_segments, doc_ids=full_docs, use_cache=False,
+        )
+        without_docs = model(
+            input_ids=full_ids, attention_mask=mask, pixel_values=prompt["pixel_values"],
+            image_sizes=prompt["image_sizes"], batch_num_images=prompt["batch_num_images"],
+            segment_ids=full_segments, use_cache=False,
+        )
+    assert (step.logits[:, -1] - recompute.logits[:, -1]).abs().max().item() < 1e-5
+    assert (step.logits[:, -1] - without_docs.logits[:, -1]).abs().max().item() > 1e-3
