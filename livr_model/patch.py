@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from livr_kernels import AttentionRule, Segment, SegmentLayout, resolve_rule, segment_attention, segment_mask
+from livr_kernels.attention import BACKENDS as KERNEL_BACKENDS
 
 from .archs import ArchSpec, get_arch
 from .segments import TokenIds, _as_id_tensor, build_segment_ids
@@ -37,7 +38,6 @@ STATE_KWARG = "livr_state"
 CACHE_ATTR = "_livr_keys"
 # Attribute set on a patched model, pointing at its handle.
 HANDLE_ATTR = "_livr_handle"
-KERNEL_BACKENDS = ("auto", "triton", "reference")
 
 DocIdsFn = Callable[[dict], Optional[torch.Tensor]]
 

@@ -234,12 +234,13 @@ def test_capture_attention_matches_eager_weights_and_respects_the_rule():
         eager = model(**batch, output_attentions=True).attentions
     model.set_attn_implementation("sdpa")
     handle = _patch(model, "standard")
-    with handle.capture_attention() as capture:
-        _logits(model, batch)
+    with handle.capture_attention() as capture, torch.no_grad():
+        returned = model(**batch, output_attentions=True).attentions
     num_layers = model.config.text_config.num_hidden_layers
     assert len(capture.weights) == num_layers == len(eager)
     assert torch.equal(capture.segment_ids, segments)
-    for got, want in zip(capture.weights, eager):
+    for got, also, want in zip(capture.weights, returned, eager):
+        assert torch.equal(got, also)
         assert got.shape == want.shape == (2, 4, segments.shape[1], segments.shape[1])
         assert (got - want).permute(0, 2, 1, 3)[live].abs().max().item() < EXACT
 
