@@ -15,12 +15,22 @@ at test time; and a heatmap of latent-to-image attention drawn over the input im
 """
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import math
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_json
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+IGNORE_INDEX = -100
 NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
     "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
@@ -195,3 +205,429 @@ def chance_accuracy(examples) -> dict:
     for ex in examples:
         per_task.setdefault(ex.task, []).append(1.0 / len(ex.choices) if ex.choices else None)
     return {t: (None if any(v is None for v in vals) else sum(vals) / len(vals)) for t, vals in per_task.items()}
+
+
+@dataclass
+class PromptEncoder:
+    """How a training mode turns an ``Example`` into model inputs and segment ids.
+
+    ``latent_text`` (the K latent token strings) goes right after the question for ``livr`` and
+    ``latents-only``; ``mask-only`` inserts nothing and instead marks the last ``slot_count`` tokens
+    of the user's text (the tokens right before where latents would go) as LATENT by position;
+    ``image-twice`` gives every image twice. ``drop_latents=True`` encodes without the latent text
+    (the "latents removed" probe).
+    """
+
+    processor: Any
+    mode: str
+    latent_text: str = ""
+    latent_token_ids: tuple = ()
+    image_token_ids: tuple = ()
+    slot_count: int = 0
+    max_length: Optional[int] = None
+    _suffix_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(_tokenizer(self.processor).pad_token_id)
+
+    def prepare(self, example):
+        if self.mode == "image-twice":
+            return dataclasses.replace(example, images=list(example.images) * 2)
+        return example
+
+    def encode(self, example, *, with_answer: bool, drop_latents: bool = False) -> dict:
+        from .data import encode_example
+
+        example = self.prepare(example)
+        latent_text = "" if drop_latents else self.latent_text
+        enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer, max_length=self.max_length)
+        if self.mode == "mask-only" and not drop_latents:
+            enc["_slot_end"] = self._prompt_length(enc) - self._template_suffix_tokens(example)
+            if enc["_slot_end"] - self.slot_count < 0:
+                raise ValueError(f"mask-only mode needs {self.slot_count} prompt tokens to mark as latent slots; the prompt is shorter")
+        return enc
+
+    def _prompt_length(self, enc: dict) -> int:
+        labels = enc["labels"]
+        supervised = (labels != IGNORE_INDEX).nonzero()
+        return int(supervised[0]) if len(supervised) else int(labels.numel())
+
+    def _template_suffix_tokens(self, example) -> int:
+        """Tokens the chat template puts after the user's text (end of turn, assistant header)."""
+        from .data import format_prompt
+
+        key = len(example.images)
+        if key not in self._suffix_cache:
+            text = format_prompt(example)
+            content = [{"type": "image"} for _ in example.images] + [{"type": "text", "text": text}]
+            prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+            end = prompt.rfind(text) + len(text)
+            tokenizer = _tokenizer(self.processor)
+            self._suffix_cache[key] = len(tokenizer(prompt[end:], add_special_tokens=False)["input_ids"])
+        return self._suffix_cache[key]
+
+    def collate(self, encoded: Sequence[dict], padding_side: str) -> tuple:
+        """(model inputs, labels, segment ids) for a list of ``encode`` outputs."""
+        from livr_kernels import Segment
+
+        from .data import collate
+        from .segments import build_segment_ids
+
+        plain = [{k: v for k, v in e.items() if not k.startswith("_")} for e in encoded]
+        batch = collate(plain, self.pad_token_id, padding_side=padding_side)
+        labels = batch.pop("labels")
+        segment_ids = build_segment_ids(
+            batch["input_ids"],
+            image_token_ids=self.image_token_ids,
+            latent_token_ids=self.latent_token_ids,
+            labels=labels,
+            attention_mask=batch["attention_mask"],
+        )
+        width = batch["input_ids"].shape[1]
+        for row, e in enumerate(encoded):
+            if "_slot_end" in e:
+                offset = width - e["input_ids"].numel() if padding_side == "left" else 0
+                end = offset + e["_slot_end"]
+                segment_ids[row, end - self.slot_count:end] = int(Segment.LATENT)
+        return batch, labels, segment_ids
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _chunks(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def rule_forced(handle, rule):
+    """Temporarily run ``handle`` under ``rule`` (None: leave it as it is)."""
+    if handle is None or rule is None:
+        yield
+        return
+    previous = handle.rule
+    handle.set_rule(rule)
+    try:
+        yield
+    finally:
+        handle.set_rule(previous)
+
+
+@torch.no_grad()
+def generate_replies(model, encoder: PromptEncoder, examples: Sequence, *, handle=None, batch_size: int = 8,
+                     max_new_tokens: int = 16, drop_latents: bool = False) -> list:
+    """Greedy replies (decoded text) for ``examples``; the latent tokens are never generated."""
+    tokenizer = _tokenizer(encoder.processor)
+    device = _device_of(model)
+    replies = []
+    suppress = list(encoder.latent_token_ids) or None
+    with eval_mode(model):
+        for chunk in _chunks(list(examples), batch_size):
+            encoded = [encoder.encode(ex, with_answer=False, drop_latents=drop_latents) for ex in chunk]
+            batch, _, segment_ids = encoder.collate(encoded, padding_side="left")
+            batch = _to_device(batch, device)
+            prompt_len = batch["input_ids"].shape[1]
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=encoder.pad_token_id, suppress_tokens=suppress)
+            with (handle.use_segment_ids(segment_ids.to(device)) if handle is not None else nullcontext()):
+                out = model.generate(**batch, **kwargs)
+            replies.extend(tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True))
+    return replies
+
+
+@torch.no_grad()
+def answer_logprobs(model, encoder: PromptEncoder, examples: Sequence, *, batch_size: int = 8, drop_latents: bool = False) -> list:
+    """Summed log-probability of each example's answer text (and end of turn) after its prompt."""
+    device = _device_of(model)
+    scores = []
+    with eval_mode(model):
+        for chunk in _chunks(list(examples), batch_size):
+            encoded = [encoder.encode(ex, with_answer=True, drop_latents=drop_latents) for ex in chunk]
+            batch, labels, segment_ids = encoder.collate(encoded, padding_side="right")
+            batch = _to_device(batch, device)
+            logits = model(**batch, segment_ids=segment_ids.to(device)).logits.float()
+            labels = labels.to(device)[:, 1:]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            mask = labels != IGNORE_INDEX
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores.extend((picked * mask).sum(dim=1).tolist())
+    return scores
+
+
+def predict(model, encoder: PromptEncoder, examples: Sequence, *, method: str = "generate", handle=None,
+            batch_size: int = 8, max_new_tokens: int = 16, drop_latents: bool = False) -> list:
+    """One record per example: task, gold answer, prediction, correct, and the reply (generation)."""
+    if method not in ("generate", "likelihood"):
+        raise ValueError(f"method must be 'generate' or 'likelihood'; got {method!r}")
+    examples = list(examples)
+    records = [None] * len(examples)
+    to_generate = [i for i, ex in enumerate(examples) if method == "generate" or not ex.choices]
+    if method == "likelihood":
+        options, owners = [], []
+        for i, ex in enumerate(examples):
+            for letter in LETTERS[:len(ex.choices)]:
+                options.append(dataclasses.replace(ex, answer=letter))
+                owners.append(i)
+        scores = answer_logprobs(model, encoder, options, batch_size=batch_size, drop_latents=drop_latents)
+        best = {}
+        for i, option, score in zip(owners, options, scores):
+            if i not in best or score > best[i][1]:
+                best[i] = (option.answer, score)
+        for i, (letter, _) in best.items():
+            ex = examples[i]
+            records[i] = {"task": ex.task, "answer": ex.answer, "prediction": letter, "correct": letter == answer_letter(ex.answer)}
+    if to_generate:
+        replies = generate_replies(model, encoder, [examples[i] for i in to_generate], handle=handle, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, drop_latents=drop_latents)
+        for i, reply in zip(to_generate, replies):
+            ex = examples[i]
+            pred, correct = score_reply(reply, ex.answer, len(ex.choices))
+            records[i] = {"task": ex.task, "answer": ex.answer, "prediction": pred, "correct": bool(correct), "reply": reply}
+    return records
+
+
+def result_from_records(records: Sequence[dict]) -> EvalResult:
+    result = EvalResult()
+    for r in records:
+        result.add(r["task"], r["correct"], r)
+    return result
+
+
+@torch.no_grad()
+def answer_latent_attention(model, handle, encoder: PromptEncoder, examples: Sequence, *, batch_size: int = 4) -> Optional[float]:
+    """Mean attention mass that answer tokens put on the latent tokens.
+
+    For each example (gold answer appended), each text layer and head, each answer query's
+    attention probabilities summed over the LATENT keys; averaged over answer queries, heads,
+    layers and examples (the paper reports 0.076 for LIVR vs 0.028 for latents without the mask).
+    None when the prompts hold no latent slots.
+    """
+    from livr_kernels import Segment
+
+    device = _device_of(model)
+    per_example = []
+    with eval_mode(model):
+        for chunk in _chunks(list(examples), batch_size):
+            encoded = [encoder.encode(ex, with_answer=True) for ex in chunk]
+            batch, _, segment_ids = encoder.collate(encoded, padding_side="right")
+            batch = _to_device(batch, device)
+            segment_ids = segment_ids.to(device)
+            with handle.capture_attention() as capture:
+                model(**batch, segment_ids=segment_ids)
+            if not capture.weights:
+                raise ValueError("capture_attention recorded no layers: is the model patched with patch_attention?")
+            kinds = capture.segment_ids.to(device)
+            # (B, Nq, Nk) averaged over layers and heads.
+            weights = torch.stack([w.float().mean(dim=1) for w in capture.weights]).mean(dim=0)
+            for row in range(weights.shape[0]):
+                queries = kinds[row] == int(Segment.ANSWER)
+                keys = kinds[row] == int(Segment.LATENT)
+                if not keys.any():
+                    return None
+                mass = weights[row][queries][:, keys].sum(dim=-1)
+                per_example.append(mass.mean().item())
+    return sum(per_example) / len(per_example) if per_example else None
+
+
+@torch.no_grad()
+def latent_image_attention(model, handle, encoder: PromptEncoder, example) -> Optional[list]:
+    """Per image of ``example``, a 2-D map (merged patch grid) of the attention the latent tokens pay
+    to its image tokens, averaged over layers, heads and latents. None when there are no latents or
+    the model gives no ``image_grid_thw`` (non-Qwen layouts)."""
+    from livr_kernels import Segment
+
+    device = _device_of(model)
+    encoded = [encoder.encode(example, with_answer=False)]
+    batch, _, segment_ids = encoder.collate(encoded, padding_side="right")
+    grid_thw = batch.get("image_grid_thw")
+    if grid_thw is None:
+        return None
+    with eval_mode(model), handle.capture_attention() as capture:
+        model(**_to_device(batch, device), segment_ids=segment_ids.to(device))
+    kinds = capture.segment_ids[0].cpu()
+    queries = kinds == int(Segment.LATENT)
+    keys = kinds == int(Segment.IMAGE)
+    if not queries.any() or not keys.any():
+        return None
+    weights = torch.stack([w[0].float().mean(dim=0).cpu() for w in capture.weights]).mean(dim=0)
+    per_token = weights[queries][:, keys].mean(dim=0)
+    merge = _merge_size(model, encoder.processor)
+    maps, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        count = t * rows * cols
+        maps.append(per_token[start:start + count].reshape(t, rows, cols).mean(dim=0))
+        start += count
+    if start != per_token.numel():
+        raise ValueError(f"image_grid_thw accounts for {start} image tokens but the prompt holds {per_token.numel()}")
+    return maps
+
+
+def _merge_size(model, processor) -> int:
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None)
+    merge = getattr(vision, "spatial_merge_size", None) or getattr(getattr(processor, "image_processor", None), "merge_size", None)
+    if not merge:
+        raise ValueError("cannot map image tokens to patches: neither the vision config nor the image processor names a merge size")
+    return int(merge)
+
+
+HEATMAP_ALPHA = 0.5
+HEATMAP_MIN_SIDE = 224
+HEATMAP_GAP = 8
+# Colour stops of the heatmap palette, low to high attention: blue, cyan, yellow, red.
+HEATMAP_STOPS = ((0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0))
+PALETTE_LEVELS = 256
+
+
+def _heat_palette() -> list:
+    palette = []
+    segments = len(HEATMAP_STOPS) - 1
+    for level in range(PALETTE_LEVELS):
+        position = level / (PALETTE_LEVELS - 1) * segments
+        index = min(int(position), segments - 1)
+        frac = position - index
+        low, high = HEATMAP_STOPS[index], HEATMAP_STOPS[index + 1]
+        palette.extend(round(a + (b - a) * frac) for a, b in zip(low, high))
+    return palette
+
+
+def draw_heatmap(images: Sequence, maps: Sequence[torch.Tensor], path) -> Path:
+    """Each attention map, min-max scaled over all maps, upsampled and blended over its image
+    (blue = least, red = most attended); panels side by side; written as a PNG."""
+    from PIL import Image
+
+    if len(images) != len(maps):
+        raise ValueError(f"images and maps must pair up; got {len(images)} images and {len(maps)} maps")
+    low = min(float(m.min()) for m in maps)
+    span = max(float(m.max()) for m in maps) - low
+    palette = _heat_palette()
+    panels = []
+    for image, heat in zip(images, maps):
+        base = image.convert("RGB")
+        scale = max(1, math.ceil(HEATMAP_MIN_SIDE / max(base.size)))
+        base = base.resize((base.width * scale, base.height * scale), Image.NEAREST)
+        scaled = (heat - low) / span if span > 0 else torch.zeros_like(heat)
+        levels = scaled.clamp(0, 1).mul(PALETTE_LEVELS - 1).round().to(torch.uint8).numpy()
+        colored = Image.fromarray(levels, mode="L").resize(base.size, Image.BILINEAR).convert("P")
+        colored.putpalette(palette)
+        panels.append(Image.blend(base, colored.convert("RGB"), HEATMAP_ALPHA))
+    width = sum(p.width for p in panels) + HEATMAP_GAP * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width + HEATMAP_GAP
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+METRICS_FILE = "metrics.json"
+HEATMAP_FILE = "latent_attention.png"
+DEFAULT_PROBE_LIMIT = 32
+
+
+def evaluate_model(model, handle, encoder: PromptEncoder, examples: Sequence, *, method: str = "generate",
+                   rule: str = "standard", batch_size: int = 8, max_new_tokens: int = 16, probes: bool = True,
+                   probe_limit: int = DEFAULT_PROBE_LIMIT, output_dir=None, extra: Optional[dict] = None,
+                   verbose: bool = True) -> dict:
+    """Accuracy per task and averaged, plus (``probes``) the paper's probes; writes
+    ``metrics.json`` (and the heatmap PNG) into ``output_dir`` when given, prints a table.
+
+    ``rule`` is the attention rule for the main accuracy (``standard``: the deployed model).
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("examples must hold at least one Example to evaluate")
+    options = dict(method=method, handle=handle, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    with rule_forced(handle, rule):
+        main = result_from_records(predict(model, encoder, examples, **options))
+    metrics = {
+        "method": method,
+        "rule": rule,
+        "mode": encoder.mode,
+        "num_examples": len(examples),
+        "accuracy": main.to_dict(),
+        "chance": chance_accuracy(examples),
+        "predictions": main.predictions,
+    }
+    has_slots = bool(encoder.latent_text) or encoder.mode == "mask-only"
+    # Removing mask-only's slots changes nothing under the standard rule: they are ordinary text.
+    removable = bool(encoder.latent_text)
+    if probes:
+        probe = {}
+        subset = examples[:probe_limit]
+        with rule_forced(handle, rule):
+            probe["answer_to_latent_attention"] = answer_latent_attention(model, handle, encoder, subset) if has_slots else None
+            probe["latents_removed"] = (
+                result_from_records(predict(model, encoder, examples, drop_latents=True, **options)).to_dict() if removable else None
+            )
+        with rule_forced(handle, "bottleneck"):
+            probe["bottleneck_forced"] = result_from_records(predict(model, encoder, examples, **options)).to_dict()
+        probe["heatmap"] = None
+        if has_slots and output_dir is not None:
+            with rule_forced(handle, rule):
+                maps = latent_image_attention(model, handle, encoder, examples[0])
+            if maps is not None:
+                shown = encoder.prepare(examples[0]).images
+                draw_heatmap(shown, maps, Path(output_dir) / HEATMAP_FILE)
+                probe["heatmap"] = HEATMAP_FILE
+        metrics["probes"] = probe
+    if extra:
+        metrics.update(extra)
+    if output_dir is not None:
+        atomic_write_json(Path(output_dir) / METRICS_FILE, metrics)
+    if verbose:
+        print(metrics_table(metrics), flush=True)
+    return metrics
+
+
+def metrics_table(metrics: dict) -> str:
+    """The printed summary: accuracy per task and averaged, next to the probes and chance."""
+    columns = {"accuracy": metrics["accuracy"]}
+    probes = metrics.get("probes") or {}
+    for name in ("latents_removed", "bottleneck_forced"):
+        if probes.get(name):
+            columns[name] = probes[name]
+    rows = {}
+    for column, result in columns.items():
+        for task, score in result["per_task"].items():
+            rows.setdefault(task, {})[column] = score["accuracy"]
+        rows.setdefault("(average)", {})[column] = result["average"]
+    chances = metrics.get("chance", {})
+    for task, chance in chances.items():
+        rows.setdefault(task, {})["chance"] = chance
+    if chances and all(v is not None for v in chances.values()):
+        rows.setdefault("(average)", {})["chance"] = sum(chances.values()) / len(chances)
+    table = format_table(rows, list(columns) + ["chance"])
+    lines = [f"{metrics['num_examples']} examples, {metrics['method']} scoring, rule {metrics['rule']}", table]
+    attention = probes.get("answer_to_latent_attention")
+    if attention is not None:
+        lines.append(f"mean answer->latent attention: {attention:.4f}")
+    if probes.get("heatmap"):
+        lines.append(f"latent->image attention heatmap: {probes['heatmap']}")
+    return "\n".join(lines)
