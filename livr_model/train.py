@@ -453,8 +453,9 @@ class EncodedCache:
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    mixed = "bf16" if (cfg.bf16 and torch.cuda.is_available()) else "no"
-    return Accelerator(mixed_precision=mixed)
+    cuda = torch.cuda.is_available()
+    # Without cpu=True accelerate ignores torchrun's environment on a CPU-only machine (no gloo group).
+    return Accelerator(mixed_precision="bf16" if (cfg.bf16 and cuda) else "no", cpu=not cuda)
 
 
 def _unwrap(accelerator, model):

@@ -1,0 +1,115 @@
+"""livr-train / livr-eval: flag and config-file precedence, validation, and the offline demo."""
+import json
+
+import pytest
+import yaml
+
+from livr_model import checkpoint as ckpt
+from livr_model.cli import DEMO_SIZES, build_eval_parser, demo_config, resolve_train_config, train_main
+from livr_model.train import TrainConfig
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_without_flags():
+    cfg, _ = resolve_train_config([])
+    assert cfg == TrainConfig()
+
+
+def test_flags_override_config_file_which_overrides_defaults(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {
+        "model": "Qwen/Qwen2.5-VL-3B-Instruct",
+        "data": "train.jsonl",
+        "lr": 5e-5,
+        "stage-epochs": [2, 3],
+        "grad_accum": 4,
+        "mode": "latents-only",
+    })
+    cfg, _ = resolve_train_config(["--config", str(config), "--lr", "2e-4", "--mode", "livr", "--seed", "7"])
+    assert cfg.lr == 2e-4, "a flag beats the file"
+    assert cfg.mode == "livr"
+    assert cfg.seed == 7, "a flag beats the default"
+    assert cfg.stage_epochs == (2, 3), "the file beats the default (dashed keys accepted)"
+    assert cfg.grad_accum == 4
+    assert cfg.batch_size == TrainConfig().batch_size, "untouched keys keep the default"
+
+
+def test_every_documented_flag_parses(tmp_path):
+    cfg, _ = resolve_train_config([
+        "--model", "m", "--data", "synthetic:counting,jigsaw", "--mode", "mask-only", "--latents", "8",
+        "--stage-epochs", "4", "6", "--output-dir", str(tmp_path), "--lr", "1e-3", "--batch-size", "2",
+        "--grad-accum", "16", "--seed", "3", "--resume", "--gradient-checkpointing", "--no-bf16", "--max-steps", "5",
+    ])
+    assert (cfg.model, cfg.data, cfg.mode, cfg.latents) == ("m", "synthetic:counting,jigsaw", "mask-only", 8)
+    assert (cfg.stage_epochs, cfg.output_dir, cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.seed) == ((4, 6), str(tmp_path), 1e-3, 2, 16, 3)
+    assert cfg.resume and cfg.gradient_checkpointing and not cfg.bf16 and cfg.max_steps == 5
+
+
+def test_false_flag_beats_true_in_file(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"gradient_checkpointing": True, "resume": True})
+    cfg, _ = resolve_train_config(["--config", str(config), "--no-resume"])
+    assert cfg.gradient_checkpointing and not cfg.resume
+
+
+def test_demo_settings_are_the_base_for_file_and_flags(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"latents": 2})
+    cfg, args = resolve_train_config(["--demo", "--demo-size", "small", "--config", str(config), "--output-dir", str(tmp_path)])
+    expected = demo_config(DEMO_SIZES["small"])
+    assert args.demo
+    assert cfg.data == expected["data"] and cfg.stage_epochs == tuple(expected["stage_epochs"])
+    assert cfg.latents == 2 and cfg.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [(["--mode", "bogus"], "invalid choice"), (["--stage-epochs", "4"], "expected 2 arguments"), (["--lr", "fast"], "invalid float")],
+)
+def test_bad_flags_exit_with_usage(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        resolve_train_config(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
+        resolve_train_config(["--config", str(write_yaml(tmp_path / "a.yaml", {"learning_rate": 1}))])
+    with pytest.raises(ValueError, match="is not a file"):
+        resolve_train_config(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="stage_epochs"):
+        resolve_train_config(["--config", str(write_yaml(tmp_path / "b.yaml", {"stage_epochs": [0, 0]}))])
+
+
+def test_train_main_requires_data():
+    with pytest.raises(SystemExit, match="--data is required"):
+        train_main(["--output-dir", "unused"])
+
+
+def test_eval_parser():
+    args = build_eval_parser().parse_args(["--checkpoint", "run", "--method", "likelihood", "--no-probes", "--limit", "5"])
+    assert (args.checkpoint, args.method, args.probes, args.limit) == ("run", "likelihood", False, 5)
+
+
+@pytest.mark.slow
+def test_demo_trains_evaluates_and_beats_chance(tmp_path, capsys):
+    from livr_model.cli import eval_main
+
+    out = tmp_path / "demo"
+    assert train_main(["--demo", "--demo-size", "small", "--output-dir", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    accuracy = metrics["accuracy"]["average"]
+    chance = sum(metrics["chance"].values()) / len(metrics["chance"])
+    assert accuracy > chance, f"demo validation accuracy {accuracy:.3f} does not beat chance {chance:.3f}"
+    assert (out / metrics["probes"]["heatmap"]).stat().st_size > 0
+    assert 0.0 < metrics["probes"]["answer_to_latent_attention"] < 1.0
+    assert metrics["probes"]["latents_removed"] is not None and metrics["probes"]["bottleneck_forced"] is not None
+    selected = ckpt.read_pointer(out, ckpt.SELECTED_POINTER)
+    assert (selected / ckpt.ADAPTER_WEIGHTS).is_file() and (selected / ckpt.LATENT_WEIGHTS).is_file()
+    assert "validation accuracy" in capsys.readouterr().out
+
+    # livr-eval on the demo's run reproduces its accuracy (same checkpoint, same data, same scoring)
+    assert eval_main(["--checkpoint", str(out), "--output-dir", str(tmp_path / "eval"), "--no-probes"]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["accuracy"]["average"] == pytest.approx(accuracy)

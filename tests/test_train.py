@@ -1,0 +1,286 @@
+"""The two-stage trainer on a tiny Qwen2.5-VL: what trains, what stays frozen, which rule each stage
+runs, answer-only loss, checkpoints and exact resume."""
+import json
+import math
+
+import pytest
+import torch
+
+from livr_model import checkpoint as ckpt
+from livr_model.data import make_synthetic_dataset
+from livr_model.latents import latent_state_dict
+from livr_model.patch import STATE_KWARG
+from livr_model.tiny import build_tiny_model, build_tiny_processor
+from livr_model.train import (
+    StageSchedule,
+    TrainConfig,
+    accumulation_groups,
+    answer_nll,
+    epoch_order,
+    load_trained,
+    rank_batches,
+    stage_plan,
+    steps_per_epoch,
+    train,
+    trainable_state_dict,
+)
+
+IMAGE_SIZE = 28
+TEXT_HIDDEN = 64
+VISION_HIDDEN = 32
+NUM_TRAIN = 8
+NUM_VAL = 4
+LATENTS = 4
+
+
+def tiny_setup(seed=0):
+    processor = build_tiny_processor(IMAGE_SIZE)
+    model = build_tiny_model(processor, seed=seed, text_hidden=TEXT_HIDDEN, vision_hidden=VISION_HIDDEN, vision_depth=1)
+    return model, processor
+
+
+def tiny_data(task="counting"):
+    return (
+        make_synthetic_dataset(task, NUM_TRAIN, seed=0, image_size=IMAGE_SIZE),
+        make_synthetic_dataset(task, NUM_VAL, seed=1, image_size=IMAGE_SIZE),
+    )
+
+
+def tiny_config(tmp_path, **overrides):
+    settings = dict(
+        model="in-memory tiny",
+        data="synthetic:counting",
+        mode="livr",
+        latents=LATENTS,
+        stage_epochs=(1, 1),
+        output_dir=str(tmp_path),
+        lr=1e-2,
+        grad_accum=2,
+        max_new_tokens=3,
+        eval_batch_size=4,
+        progress=False,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+class RuleSpy:
+    """Records the rule every attention call of the first text layer actually received."""
+
+    def __init__(self, model):
+        layer = model.model.language_model.layers[0].self_attn
+        self.calls = []
+        self._hook = layer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        if module.training:
+            self.calls.append(kwargs[STATE_KWARG].rule.name)
+
+    def remove(self):
+        self._hook.remove()
+
+
+@pytest.fixture(scope="module")
+def livr_run(tmp_path_factory):
+    """One short LIVR run (2 stages x 1 epoch x 4 optimizer steps) shared by several tests."""
+    out = tmp_path_factory.mktemp("livr_run")
+    model, processor = tiny_setup()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    spy = RuleSpy(model)
+    steps = []
+    train_examples, val_examples = tiny_data()
+    cfg = tiny_config(out)
+    result = train(cfg, model=model, processor=processor, train_examples=train_examples, val_examples=val_examples,
+                   step_callback=steps.append)
+    spy.remove()
+    return dict(result=result, before=before, spy=spy, steps=steps, cfg=cfg, out=out)
+
+
+def test_stage_plan_per_mode():
+    def plan(mode):
+        return [(s.rule, s.epochs) for s in stage_plan(TrainConfig(mode=mode))]
+
+    assert plan("livr") == [("bottleneck", 4), ("standard", 6)]
+    assert plan("mask-only") == [("bottleneck", 4), ("standard", 6)]
+    assert plan("latents-only") == [("standard", 4), ("standard", 6)]
+    assert plan("sft") == [("standard", 10)]
+    assert plan("image-twice") == [("standard", 10)]
+
+
+def test_train_config_defaults_are_the_papers():
+    cfg = TrainConfig()
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
+    assert (cfg.lr, cfg.weight_decay, cfg.betas) == (1e-4, 0.01, (0.9, 0.999))
+    assert (cfg.batch_size, cfg.grad_accum, cfg.warmup_ratio) == (1, 8, 0.05)
+    assert (cfg.latents, cfg.seed, cfg.stage_epochs) == (16, 42, (4, 6))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("mode", "prompt-tuning", "mode"), ("stage_epochs", (1, 2, 3), "stage_epochs"), ("grad_accum", 0, "grad_accum"),
+     ("warmup_ratio", 1.5, "warmup_ratio"), ("eval_method", "vibes", "eval_method")],
+)
+def test_train_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_schedule_warms_up_then_decays_and_restarts_per_stage():
+    schedule = StageSchedule([40, 60], warmup_ratio=0.05)
+    stage1 = [schedule(s) for s in range(40)]
+    stage2 = [schedule(s) for s in range(40, 100)]
+    warm1, warm2 = math.ceil(0.05 * 40), math.ceil(0.05 * 60)
+    assert stage1[0] > 0, "the first update of a stage must not be wasted with lr 0"
+    assert stage1[:warm1 + 1] == sorted(stage1[:warm1 + 1]) and stage1[warm1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(stage1[warm1:], stage1[warm1 + 1:])), "cosine decay is monotone"
+    assert stage1[-1] < 0.01
+    # stage 2 starts over: warmup from small to peak again
+    assert stage2[0] == pytest.approx(stage1[0] * (warm1 + 1) / (warm2 + 1))
+    assert stage2[warm2] == pytest.approx(1.0) and stage2[-1] < 0.01
+
+
+def test_data_order_depends_only_on_seed_and_epoch():
+    torch.manual_seed(123)
+    a = epoch_order(50, seed=42, epoch=3)
+    torch.manual_seed(999)
+    assert epoch_order(50, seed=42, epoch=3) == a
+    assert epoch_order(50, seed=42, epoch=4) != a
+    assert sorted(a) == list(range(50))
+
+
+@pytest.mark.parametrize("n, batch, world", [(10, 1, 2), (7, 2, 2), (9, 3, 1)])
+def test_rank_batches_cover_data_evenly(n, batch, world):
+    order = epoch_order(n, seed=0, epoch=0)
+    per_rank = [rank_batches(order, batch, world, r) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1, "every rank needs the same number of micro-batches"
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert set(seen) == set(range(n))
+    assert len(seen) == math.ceil(n / (batch * world)) * batch * world
+    cfg = TrainConfig(batch_size=batch, grad_accum=2)
+    assert len(accumulation_groups(per_rank[0], 2)) == steps_per_epoch(n, cfg, world)
+
+
+def test_answer_nll_ignores_everything_but_answer_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, requires_grad=True)
+    labels = torch.full((2, 6), -100)
+    labels[0, 4:] = torch.tensor([3, 5])
+    labels[1, 5] = 7
+    loss = answer_nll(logits, labels)
+    loss.backward()
+    # position t predicts label t+1: only rows 0 (t=3,4) and 1 (t=4) carry gradient
+    carries = logits.grad.abs().sum(-1) > 0
+    expected = torch.zeros(2, 6, dtype=torch.bool)
+    expected[0, 3:5] = True
+    expected[1, 4] = True
+    assert torch.equal(carries, expected)
+    manual = torch.nn.functional.cross_entropy(
+        torch.stack([logits[0, 3], logits[0, 4], logits[1, 4]]), torch.tensor([3, 5, 7])
+    )
+    assert loss.item() == pytest.approx(manual.item())
+    with pytest.raises(ValueError, match="supervise no token"):
+        answer_nll(logits, torch.full((2, 6), -100))
+
+
+def test_training_labels_cover_the_answer_only(livr_run):
+    encoder = livr_run["result"].encoder
+    tokenizer = encoder.processor.tokenizer
+    example = livr_run["result"].train_examples[0]
+    encoded = encoder.encode(example, with_answer=True)
+    supervised = encoded["labels"][encoded["labels"] != -100]
+    assert tokenizer.decode(supervised, skip_special_tokens=True) == f"({example.answer})"
+    assert tokenizer.convert_ids_to_tokens(int(supervised[-1])) == "<|im_end|>"
+
+
+def test_stages_run_with_their_rules(livr_run):
+    steps, spy = livr_run["steps"], livr_run["spy"]
+    assert [s.stage for s in steps] == ["stage1"] * 4 + ["stage2"] * 4
+    assert [s.rule for s in steps] == ["bottleneck"] * 4 + ["standard"] * 4
+    # what the attention layer itself received on every training forward (2 micro-batches a step)
+    assert spy.calls == ["bottleneck"] * 8 + ["standard"] * 8
+    assert all(math.isfinite(s.loss) for s in steps)
+
+
+def test_only_lora_and_latent_rows_train(livr_run):
+    result, before = livr_run["result"], livr_run["before"]
+    base = result.model.get_base_model()
+    latent_ids = list(result.latent_token_ids)
+    assert len(latent_ids) == LATENTS
+    after = dict(base.named_parameters())
+    for name, old in before.items():
+        if name.startswith("model.visual."):
+            assert torch.equal(after[name], old), f"vision tower/projector weight {name} changed"
+    embedding = base.get_input_embeddings().weight
+    old_embedding = before["model.language_model.embed_tokens.weight"]
+    assert torch.equal(embedding[: old_embedding.shape[0]], old_embedding), "a pre-existing embedding row changed"
+    other = [i for i in range(embedding.shape[0]) if i not in latent_ids]
+    effective = base.get_input_embeddings()(torch.arange(embedding.shape[0]))
+    assert torch.equal(effective[other], embedding[other])
+    assert not torch.allclose(effective[latent_ids], embedding[latent_ids]), "the latent rows did not train"
+    assert torch.equal(base.lm_head.weight[: old_embedding.shape[0]], before["lm_head.weight"])
+    trained = trainable_state_dict(result.model)
+    assert any("lora_B" in n and v.abs().sum() > 0 for n, v in trained.items()), "LoRA B starts at 0 and must move"
+    assert not any("visual" in n for n in trained)
+
+
+def test_checkpoints_and_selection(livr_run):
+    out, result = livr_run["out"], livr_run["result"]
+    latest = ckpt.read_pointer(out, ckpt.LATEST_POINTER)
+    selected = ckpt.read_pointer(out, ckpt.SELECTED_POINTER)
+    assert latest.name == "step-00000008"
+    history = result.state.history
+    best = max(history, key=lambda h: h["val_accuracy"])
+    first_best = next(h for h in history if h["val_accuracy"] == best["val_accuracy"])
+    assert selected.name == ckpt.checkpoint_dir_name(first_best["global_step"]), "single task: best validation accuracy"
+    for name in (ckpt.ADAPTER_WEIGHTS, ckpt.ADAPTER_CONFIG, ckpt.LATENT_WEIGHTS, ckpt.TOKENIZER_ADDITIONS,
+                 ckpt.RUN_CONFIG_JSON, ckpt.TRAINING_STATE, ckpt.INFO):
+        assert (latest / name).is_file(), name
+    assert not list(out.rglob("*.tmp")), "no temporary files may be left behind"
+    assert json.loads((latest / ckpt.TOKENIZER_ADDITIONS).read_text())["ids"] == list(result.latent_token_ids)
+    assert (out / ckpt.RUN_CONFIG_YAML).is_file()
+
+
+def test_load_trained_reproduces_the_trained_model(livr_run):
+    result = livr_run["result"]
+    out = livr_run["out"]
+    fresh_model, fresh_processor = tiny_setup()
+    run = load_trained(out / ckpt.CHECKPOINTS_DIR / "step-00000008", model=fresh_model, processor=fresh_processor)
+    example = result.val_examples[0]
+    encoded = [result.encoder.encode(example, with_answer=True)]
+    batch, _, segments = result.encoder.collate(encoded, padding_side="right")
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(**batch, segment_ids=segments).logits
+        got = run.model(**batch, segment_ids=segments).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert run.handle.rule.name == "standard"
+
+
+def _run(tmp_path, **overrides):
+    model, processor = tiny_setup()
+    train_examples, val_examples = tiny_data()
+    cfg = tiny_config(tmp_path, save_steps=3, **overrides)
+    return train(cfg, model=model, processor=processor, train_examples=train_examples, val_examples=val_examples)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    full = _run(tmp_path / "full")
+    # Interrupted in the middle of stage 2's epoch (step 6 of 8); the last save is step 6.
+    partial = _run(tmp_path / "resumed", max_steps=6)
+    assert partial.state.global_step == 6
+    resumed = _run(tmp_path / "resumed", resume=True)
+    assert resumed.state.global_step == full.state.global_step == 8
+    want, got = trainable_state_dict(full.model), trainable_state_dict(resumed.model)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name} differs after resume"
+    assert resumed.state.history == full.state.history
+    # a run that stopped early would differ: the comparison can fail
+    assert any(not torch.equal(want[n], trainable_state_dict(partial.model)[n]) for n in want)
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    _run(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="different settings"):
+        _run(tmp_path, resume=True, lr=5e-3)
