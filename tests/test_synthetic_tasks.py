@@ -1,0 +1,185 @@
+"""Each built-in synthetic task is solvable: its answers are re-derived from the pixels it drew."""
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+
+from livr_model.data import (
+    BACKGROUND,
+    LETTERS,
+    MARKER,
+    PALETTE,
+    QUADRANTS,
+    SYNTHETIC_TASKS,
+    Example,
+    make_synthetic_dataset,
+)
+
+EXAMPLES_PER_TASK = 60
+SEEDS = (0, 7)
+BACKGROUND_RGB = np.array(BACKGROUND)
+COLOR_NAMES = {tuple(rgb): name for name, rgb in PALETTE.items()}
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int64)
+
+
+def foreground(image) -> np.ndarray:
+    return (pixels(image) != BACKGROUND_RGB).any(-1)
+
+
+def connected_components(mask: np.ndarray) -> int:
+    """Number of 4-connected True regions."""
+    seen = np.zeros_like(mask, dtype=bool)
+    height, width = mask.shape
+    count = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        count += 1
+        queue = deque([(y, x)])
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+    return count
+
+
+def quadrant_of(mask: np.ndarray) -> int:
+    """Quadrant index (QUADRANTS order) holding the centroid of ``mask``; every pixel must lie in it."""
+    ys, xs = np.nonzero(mask)
+    half_y, half_x = mask.shape[0] / 2, mask.shape[1] / 2
+    row, column = int(ys.mean() >= half_y), int(xs.mean() >= half_x)
+    assert ((ys >= half_y) == bool(row)).all() and ((xs >= half_x) == bool(column)).all(), "object straddles quadrants"
+    return 2 * row + column
+
+
+def colors_present(image) -> Counter:
+    """Pixel counts of the palette colours in ``image``."""
+    values, counts = np.unique(pixels(image).reshape(-1, 3), axis=0, return_counts=True)
+    return Counter({COLOR_NAMES[tuple(v)]: int(c) for v, c in zip(values.tolist(), counts) if tuple(v) in COLOR_NAMES})
+
+
+def solve_counting(example: Example) -> str:
+    count = connected_components(foreground(example.images[0]))
+    if example.choices:
+        return LETTERS[example.choices.index(str(count))]
+    return str(count)
+
+
+def solve_object_localization(example: Example) -> str:
+    image = example.images[0]
+    (color, _), = colors_present(image).items()
+    assert color in example.question, "the question names another colour than the one drawn"
+    return LETTERS[example.choices.index(QUADRANTS[quadrant_of(foreground(image))])]
+
+
+def solve_visual_correspondence(example: Example) -> str:
+    first, second = (pixels(image) for image in example.images)
+    ys, xs = np.nonzero((first == np.array(MARKER)).all(-1))
+    assert len(ys), "no marker drawn in the first image"
+    # The marked square surrounds the marker: the pixel just left of it has the square's colour.
+    marked_color = COLOR_NAMES[tuple(first[ys.min(), xs.min() - 1])]
+    mask = (second == np.array(PALETTE[marked_color])).all(-1)
+    return LETTERS[example.choices.index(QUADRANTS[quadrant_of(mask)])]
+
+
+def solve_jigsaw(example: Example) -> str:
+    puzzle, *pieces = (pixels(image) for image in example.images)
+    height, width = puzzle.shape[:2]
+    hole_top, hole_left = height - pieces[0].shape[0], width - pieces[0].shape[1]
+    assert (puzzle[hole_top:, hole_left:] == BACKGROUND_RGB).all(), "the hole is not blank"
+    above_hole = puzzle[hole_top - 1, hole_left:]
+    fits = [index for index, piece in enumerate(pieces) if (piece[0] == above_hole).all()]
+    assert len(fits) == 1, f"{len(fits)} pieces continue the stripes"
+    return LETTERS[fits[0]]
+
+
+def solve_visual_similarity(example: Example) -> str:
+    reference, *candidates = example.images
+    (color, _), = colors_present(reference).items()
+    same = [index for index, image in enumerate(candidates) if set(colors_present(image)) == {color}]
+    assert len(same) == 1, f"{len(same)} candidates share the reference colour"
+    return LETTERS[same[0]]
+
+
+SOLVERS = {
+    "counting": solve_counting,
+    "counting_open": solve_counting,
+    "object_localization": solve_object_localization,
+    "visual_correspondence": solve_visual_correspondence,
+    "jigsaw": solve_jigsaw,
+    "visual_similarity": solve_visual_similarity,
+}
+
+
+def test_every_task_has_a_solver():
+    assert set(SOLVERS) == set(SYNTHETIC_TASKS)
+    assert {"counting", "object_localization", "visual_correspondence", "jigsaw", "visual_similarity"} <= set(SYNTHETIC_TASKS)
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_answers_match_the_pixels(task, seed):
+    examples = make_synthetic_dataset(task, EXAMPLES_PER_TASK, seed=seed)
+    assert len(examples) == EXAMPLES_PER_TASK
+    for example in examples:
+        assert example.task == task
+        assert bool(example.choices) == (task != "counting_open")
+        assert SOLVERS[task](example) == example.answer
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+def test_answers_are_spread_over_the_options(task):
+    """No constant answer a model could learn without looking: every option occurs, none dominates."""
+    examples = make_synthetic_dataset(task, EXAMPLES_PER_TASK, seed=0)
+    answers = Counter(example.answer for example in examples)
+    options = len(examples[0].choices) or len(answers)
+    assert len(answers) == options >= 2
+    assert max(answers.values()) <= 2 * EXAMPLES_PER_TASK / options
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+def test_a_wrong_answer_is_caught(task):
+    """The solvers can fail: an example whose answer is changed no longer matches its pixels."""
+    example = make_synthetic_dataset(task, 1, seed=3)[0]
+    if example.choices:
+        wrong = LETTERS[(LETTERS.index(example.answer) + 1) % len(example.choices)]
+    else:
+        wrong = str(int(example.answer) + 1)
+    tampered = Example(example.images, example.question, example.choices, wrong, task=task)
+    assert SOLVERS[task](tampered) != tampered.answer
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+def test_deterministic_per_seed(task):
+    first = make_synthetic_dataset(task, 6, seed=11)
+    again = make_synthetic_dataset(task, 6, seed=11)
+    longer = make_synthetic_dataset(task, 8, seed=11)
+    other = make_synthetic_dataset(task, 6, seed=12)
+    for a, b, c in zip(first, again, longer):
+        assert (a.question, a.choices, a.answer) == (b.question, b.choices, b.answer) == (c.question, c.choices, c.answer)
+        for image_a, image_b, image_c in zip(a.images, b.images, c.images):
+            assert image_a.tobytes() == image_b.tobytes() == image_c.tobytes()
+    assert any(a.images[0].tobytes() != o.images[0].tobytes() for a, o in zip(first, other))
+
+
+@pytest.mark.parametrize("image_size", [28, 112])
+def test_other_image_sizes_stay_solvable(image_size):
+    for task in SYNTHETIC_TASKS:
+        for example in make_synthetic_dataset(task, 10, seed=1, image_size=image_size):
+            assert example.images[0].size == (image_size, image_size)
+            assert SOLVERS[task](example) == example.answer
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_synthetic_dataset("sudoku", 2)
+    with pytest.raises(ValueError, match="n must be"):
+        make_synthetic_dataset("counting", -1)
+    with pytest.raises(ValueError, match="image_size must be"):
+        make_synthetic_dataset("counting", 2, image_size=8)
