@@ -12,6 +12,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
 import yaml
 
 from .train import EVAL_METHODS, MODES, TrainConfig
@@ -126,8 +127,10 @@ class DemoSize:
 
 
 DEMO_TASK = "counting"
-# The base learns the prompt format and reading images on other tasks, then LIVR learns the demo task.
-DEMO_PRETRAIN_TASKS = ("object_localization", "visual_similarity", "counting")
+# The base learns the prompt format on other tasks; LIVR then learns the demo task from scratch.
+DEMO_PRETRAIN_TASKS = ("object_localization", "visual_similarity")
+CALIBRATION_EXAMPLES = 200
+CALIBRATION_EPS = 1e-6
 DEMO_LATENTS = 4
 DEMO_LR = 2e-3
 DEMO_LORA_R = 16
@@ -137,7 +140,7 @@ DEMO_BASE_DIR = "base"
 # Pre-training draws its own examples, disjoint from the LIVR train (seed 0) and validation (seed 1) draws.
 DEMO_PRETRAIN_SEED = 2
 DEMO_SIZES = {
-    "full": DemoSize(pretrain_steps=1500, pretrain_examples_per_task=500, train_examples=400, val_examples=100, stage_epochs=(1, 2), grad_accum=4),
+    "full": DemoSize(pretrain_steps=1500, pretrain_examples_per_task=500, train_examples=400, val_examples=200, stage_epochs=(2, 3), grad_accum=4),
     "small": DemoSize(pretrain_steps=600, pretrain_examples_per_task=300, train_examples=160, val_examples=60, stage_epochs=(1, 1), grad_accum=4),
 }
 
@@ -164,6 +167,33 @@ def demo_config(size: DemoSize) -> dict:
     }
 
 
+@torch.no_grad()
+def calibrate_projector(model, processor, examples) -> None:
+    """Centre and scale a random projector's output like the text embeddings.
+
+    A randomly initialised vision tower and projector emit image features dominated by one
+    constant direction; the per-image differences are a few percent of it, and the tiny language
+    model then needs thousands of steps to read them. A pretrained VLM's projector has no such
+    offset. Folding the per-dimension mean and spread of the projector's output on ``examples``
+    into its last linear layer stands in for that pretraining (with it, dot counting is learned
+    in about 1,500 steps instead of not at all in 6,000).
+    """
+    from .data import encode_example
+
+    features = []
+    for example in examples:
+        encoded = encode_example(processor, example)
+        out = model.model.get_image_features(pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"])
+        out = getattr(out, "pooler_output", out)
+        features.append(torch.cat(list(out)) if isinstance(out, (list, tuple)) else out)
+    features = torch.cat(features).float()
+    mean, spread = features.mean(dim=0), features.std(dim=0) + CALIBRATION_EPS
+    scale = model.get_input_embeddings().weight.float().std() / spread
+    last = model.model.visual.merger.mlp[-1]
+    last.weight.mul_(scale[:, None].to(last.weight.dtype))
+    last.bias.copy_(((last.bias.float() - mean) * scale).to(last.bias.dtype))
+
+
 def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
     """The whole workflow offline: build and pre-train a tiny Qwen2.5-VL base, train LIVR (both
     stages) on a synthetic task, evaluate the selected checkpoint with the probes. Writes the base
@@ -187,6 +217,7 @@ def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
         for task in DEMO_PRETRAIN_TASKS:
             pretrain.extend(make_synthetic_dataset(task, size.pretrain_examples_per_task, seed=DEMO_PRETRAIN_SEED,
                                                    image_size=cfg.synthetic_image_size))
+        calibrate_projector(model, processor, pretrain[::max(1, len(pretrain) // CALIBRATION_EXAMPLES)])
         print(f"demo: pre-training the tiny base ({size.pretrain_steps} full-parameter steps on {', '.join(DEMO_PRETRAIN_TASKS)})", flush=True)
         pretrain_demo_base(model, processor, pretrain, size.pretrain_steps, seed=cfg.seed,
                            log_every=max(1, size.pretrain_steps // 5))
