@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -289,3 +288,9 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(f"wrote {output_dir / 'metrics.json'}", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    # `python -m livr_model.cli ...` is livr-train, for launchers that want a module
+    # (`accelerate launch -m livr_model.cli`, `torchrun -m livr_model.cli`).
+    raise SystemExit(train_main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import re
 from contextlib import contextmanager, nullcontext

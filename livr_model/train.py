@@ -26,15 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import sys
+import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -253,6 +251,8 @@ SYNTHETIC_TRAIN_SEED = 0
 SYNTHETIC_VAL_SEED = 1
 VAL_SPLIT_SALT = 7919
 TINY_PROCESSOR_CLASS = "TinyQwen2_5_VLProcessor"
+# Each process stages its RNG state here until the main process assembles the checkpoint.
+RNG_STAGING_DIR = "rng-staging"
 
 
 @dataclass
@@ -386,7 +386,7 @@ def build_trainable_model(cfg: TrainConfig, model, processor):
     if latent_ids:
         restrict_embedding_grad(peft_model, latent_ids)
     if cfg.gradient_checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
     handle = patch_attention(peft_model, rule=stage_plan(cfg)[0].rule, latent_token_ids=latent_ids)
     return peft_model, handle, latent_ids
 
@@ -462,57 +462,81 @@ def _unwrap(accelerator, model):
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
+def _trained_tensors(accelerator, model, latent_ids) -> tuple:
+    """(peft adapter state, every trainable tensor by name, latent rows) on CPU.
+
+    Under FSDP the full state dict is gathered first (a collective: every process calls this)."""
+    from peft import get_peft_model_state_dict
+
+    from .latents import DELTA_PARAMETER, STATE_EMBEDDINGS, STATE_TOKEN_IDS, latent_state_dict
+
+    unwrapped = _unwrap(accelerator, model)
+    if not _is_fsdp(accelerator):
+        rows = latent_state_dict(unwrapped, list(latent_ids)) if latent_ids else None
+        return get_peft_model_state_dict(unwrapped), trainable_state_dict(unwrapped), rows
+    full = accelerator.get_state_dict(model)
+    names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+    trainable = {n: full[n].detach().cpu().clone() for n in names if n in full}
+    rows = None
+    if latent_ids:
+        delta_key = next(k for k in full if k.endswith(DELTA_PARAMETER))
+        weight = full[delta_key[: -len(DELTA_PARAMETER)] + "weight"]
+        ids = torch.tensor(list(latent_ids))
+        rows = {STATE_EMBEDDINGS: (weight[ids].float() + full[delta_key].float()).cpu(), STATE_TOKEN_IDS: ids}
+    return get_peft_model_state_dict(unwrapped, state_dict=full), trainable, rows
+
+
 def _save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, scheduler, state: ckpt.ResumeState,
                               latent_ids, stage: Stage, val_metric: Optional[float], select: bool) -> Path:
-    """Every process writes its RNG state; the main process writes the rest and the pointers."""
-    from .latents import latent_state_dict
-    from peft import get_peft_model_state_dict
+    """Write one checkpoint: every process stages its RNG state, the main process assembles the
+    directory (atomically) and moves the pointers. ``output_dir`` must be shared by all processes."""
+    from .latents import latent_token_strings
 
     output_dir = Path(cfg.output_dir)
     final_dir = output_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(state.global_step)
-    rng_dir = output_dir / ckpt.CHECKPOINTS_DIR / "rng"
-    ckpt.atomic_torch_save(rng_dir / f"step-{state.global_step:08d}" / ckpt.RNG_STATE_TEMPLATE.format(rank=accelerator.process_index), ckpt.get_rng_state())
-    unwrapped = _unwrap(accelerator, model)
-    state_dict = accelerator.get_state_dict(model) if _is_fsdp(accelerator) else None
-    adapter = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
-    trainable = trainable_state_dict(unwrapped)
+    staging = output_dir / ckpt.CHECKPOINTS_DIR / RNG_STAGING_DIR
+    rng_name = ckpt.RNG_STATE_TEMPLATE.format(rank=accelerator.process_index)
+    ckpt.atomic_torch_save(staging / rng_name, ckpt.get_rng_state())
+    adapter, trainable, latent_rows = _trained_tensors(accelerator, model, latent_ids)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        unwrapped = _unwrap(accelerator, model)
         peft_config = unwrapped.peft_config["default"].to_dict()
         peft_config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.items()}
+        training_state = {
+            "trainable": trainable,
+            # FSDP shards the optimizer state; a rank-0 copy could not resume the run (see _load_resume).
+            "optimizer": None if _is_fsdp(accelerator) else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "resume": state.to_dict(),
+            "world_size": accelerator.num_processes,
+        }
+        info = {
+            "global_step": state.global_step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+            "stage": stage.name, "rule": stage.rule, "val_accuracy": val_metric, "mode": cfg.mode,
+        }
         files = {
             ckpt.ADAPTER_WEIGHTS: lambda p: ckpt.atomic_save_safetensors(p, adapter, {"format": "pt"}),
             ckpt.ADAPTER_CONFIG: json.dumps(peft_config, indent=2, sort_keys=True, default=str) + "\n",
             ckpt.RUN_CONFIG_JSON: json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
-            ckpt.TRAINING_STATE: lambda p: ckpt.atomic_torch_save(p, {
-                "trainable": trainable,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "resume": state.to_dict(),
-                "world_size": accelerator.num_processes,
-            }),
-            ckpt.INFO: json.dumps({
-                "global_step": state.global_step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                "stage": stage.name, "rule": stage.rule, "val_accuracy": val_metric, "mode": cfg.mode,
-            }, indent=2) + "\n",
+            ckpt.TRAINING_STATE: lambda p: ckpt.atomic_torch_save(p, training_state),
+            ckpt.INFO: json.dumps(info, indent=2) + "\n",
         }
-        if latent_ids:
-            files[ckpt.LATENT_WEIGHTS] = lambda p: ckpt.atomic_save_safetensors(p, latent_state_dict(unwrapped, latent_ids))
-            from .latents import latent_token_strings
-
+        if latent_rows is not None:
+            files[ckpt.LATENT_WEIGHTS] = lambda p: ckpt.atomic_save_safetensors(p, latent_rows)
             files[ckpt.TOKENIZER_ADDITIONS] = json.dumps(
-                {"tokens": list(latent_token_strings(len(latent_ids))), "ids": list(latent_ids)}, indent=2) + "\n"
+                {"tokens": latent_token_strings(len(latent_ids)), "ids": list(latent_ids)}, indent=2) + "\n"
         for rank in range(accelerator.num_processes):
-            src = rng_dir / f"step-{state.global_step:08d}" / ckpt.RNG_STATE_TEMPLATE.format(rank=rank)
-            files[src.name] = lambda p, src=src: ckpt.atomic_write_bytes(p, src.read_bytes())
+            staged = staging / ckpt.RNG_STATE_TEMPLATE.format(rank=rank)
+            files[staged.name] = lambda p, staged=staged: ckpt.atomic_write_bytes(p, staged.read_bytes())
         ckpt.write_checkpoint_dir(final_dir, files)
-        import shutil
-
-        shutil.rmtree(rng_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         ckpt.write_pointer(output_dir, ckpt.LATEST_POINTER, final_dir, {"global_step": state.global_step})
         if select:
-            ckpt.write_pointer(output_dir, ckpt.SELECTED_POINTER, final_dir, {"global_step": state.global_step, "val_accuracy": val_metric})
-        ckpt.prune_checkpoints(output_dir, cfg.keep_checkpoints, protect=[ckpt.read_pointer(output_dir, ckpt.SELECTED_POINTER), final_dir])
+            ckpt.write_pointer(output_dir, ckpt.SELECTED_POINTER, final_dir,
+                               {"global_step": state.global_step, "val_accuracy": val_metric})
+        ckpt.prune_checkpoints(output_dir, cfg.keep_checkpoints,
+                               protect=[ckpt.read_pointer(output_dir, ckpt.SELECTED_POINTER), final_dir])
     accelerator.wait_for_everyone()
     return final_dir
 
@@ -542,6 +566,11 @@ def _load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler) -> 
             f"(saved {[saved.get(k) for k in diffs]}, now {[current.get(k) for k in diffs]}); an exact resume needs the same ones"
         )
     training = ckpt.torch_load(latest / ckpt.TRAINING_STATE)
+    if _is_fsdp(accelerator) or training["optimizer"] is None:
+        raise ValueError(
+            "--resume: exact resume (optimizer state included) is supported for single-process and DDP runs, not FSDP; "
+            f"the checkpoints in {cfg.output_dir} still hold the adapter and latent rows for evaluation"
+        )
     if training["world_size"] != accelerator.num_processes:
         raise ValueError(
             f"--resume: the checkpoint was written by {training['world_size']} processes, this run has "
@@ -638,8 +667,6 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
         ckpt.atomic_write_json(output_dir / ckpt.RUN_CONFIG_JSON, cfg.to_dict())
     state = (_load_resume(accelerator, cfg, model, optimizer, scheduler) if cfg.resume else None) or ckpt.ResumeState()
     single_task = not _is_multitask(train_examples)
-    selected = ckpt.read_pointer(output_dir, ckpt.SELECTED_POINTER) if cfg.resume else None
-    pad_id = encoder.pad_token_id
     device = accelerator.device
     stop = False
 
@@ -709,9 +736,7 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
             if main:
                 shown = "n/a" if val is None else f"{100 * val:.1f}%"
                 print(f"{stage.name} epoch {epoch - stage_first_epoch + 1}/{stage.epochs}: validation accuracy {shown}", flush=True)
-            path = _save_training_checkpoint(accelerator, cfg, model, optimizer, scheduler, state, latent_ids, stage, val, select=select)
-            if select:
-                selected = path
+            _save_training_checkpoint(accelerator, cfg, model, optimizer, scheduler, state, latent_ids, stage, val, select=select)
             if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
                 stop = True
         if stop:

@@ -1,5 +1,6 @@
 """livr-train / livr-eval: flag and config-file precedence, validation, and the offline demo."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -113,3 +114,27 @@ def test_demo_trains_evaluates_and_beats_chance(tmp_path, capsys):
     assert eval_main(["--checkpoint", str(out), "--output-dir", str(tmp_path / "eval"), "--no-probes"]) == 0
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["accuracy"]["average"] == pytest.approx(accuracy)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_example_config_trains_on_the_example_jsonl(tmp_path, monkeypatch):
+    """examples/tiny_counting.yaml with its JSONL files, on a tiny base saved like the demo's."""
+    from livr_model.cli import eval_main
+    from livr_model.tiny import build_tiny_model, build_tiny_processor, save_tiny
+
+    processor = build_tiny_processor(56)
+    save_tiny(build_tiny_model(processor, text_hidden=64, vision_hidden=32, vision_depth=1), processor, tmp_path / "base")
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    argv = ["--config", "examples/tiny_counting.yaml", "--model", str(tmp_path / "base"), "--output-dir", str(out),
+            "--stage-epochs", "1", "1", "--no-progress"]
+    assert train_main(argv) == 0
+    saved = yaml.safe_load((out / ckpt.RUN_CONFIG_YAML).read_text())
+    assert saved["data"] == "examples/counting/train.jsonl" and saved["stage_epochs"] == [1, 1]
+    info = ckpt.read_info(ckpt.read_pointer(out, ckpt.LATEST_POINTER))
+    assert info["global_step"] == 2 * 6, "24 examples / grad_accum 4 = 6 steps per epoch, 2 epochs"
+    assert eval_main(["--checkpoint", str(out), "--method", "likelihood", "--no-probes"]) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["accuracy"]["per_task"]["counting"]["total"] == 8, "the run's val_data is the default"

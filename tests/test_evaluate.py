@@ -1,7 +1,10 @@
 """Answer extraction as BLINK scores it, numeric exact match, and accuracy bookkeeping."""
+import dataclasses
+import json
 import math
 
 import pytest
+import torch
 
 from livr_model.evaluate import (
     EvalResult,
@@ -94,3 +97,134 @@ def test_format_table_lists_every_task_and_column():
     assert lines[0].split() == ["task", "acc", "chance"]
     assert lines[2].split() == ["counting", "50.0", "25.0"]
     assert lines[3].split() == ["jigsaw", "100.0", "-"]
+
+
+@pytest.fixture(scope="module")
+def patched_tiny():
+    """An untrained tiny Qwen2.5-VL with 4 latent tokens, LoRA and the attention patch."""
+    from livr_model.tiny import build_tiny_model, build_tiny_processor
+    from livr_model.train import TrainConfig, build_trainable_model, make_encoder
+
+    processor = build_tiny_processor(56)
+    model = build_tiny_model(processor, seed=0, text_hidden=64, vision_hidden=32, vision_depth=1)
+    cfg = TrainConfig(mode="livr", latents=4)
+    model, handle, latent_ids = build_trainable_model(cfg, model, processor)
+    handle.set_rule("standard")
+    return dict(model=model, handle=handle, encoder=make_encoder(cfg, model, processor, latent_ids),
+                processor=processor, latent_ids=latent_ids)
+
+
+def _examples(task, n):
+    from livr_model.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(task, n, seed=3, image_size=56)
+
+
+def _tokens(processor, ids):
+    return processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+
+
+def test_latents_go_right_after_the_question_and_can_be_dropped(patched_tiny):
+    encoder, processor = patched_tiny["encoder"], patched_tiny["processor"]
+    example = _examples("counting", 1)[0]
+    with_latents = _tokens(processor, encoder.encode(example, with_answer=False)["input_ids"])
+    latent_strings = [f"<|latent_{i}|>" for i in range(4)]
+    start = with_latents.index(latent_strings[0])
+    assert with_latents[start:start + 4] == latent_strings
+    assert with_latents[start + 4] == "<|im_end|>", "latents end the user turn"
+    without = _tokens(processor, encoder.encode(example, with_answer=False, drop_latents=True)["input_ids"])
+    assert without == with_latents[:start] + with_latents[start + 4:]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_mask_only_marks_existing_tokens_as_latent(patched_tiny, padding_side):
+    from livr_kernels import Segment
+
+    slots = 5
+    encoder = dataclasses.replace(patched_tiny["encoder"], mode="mask-only", latent_text="", latent_token_ids=(), slot_count=slots)
+    plain = dataclasses.replace(encoder, mode="sft", slot_count=0)
+    examples = _examples("counting", 1) + _examples("jigsaw", 1)
+    encoded = [encoder.encode(e, with_answer=True) for e in examples]
+    batch, labels, segments = encoder.collate(encoded, padding_side=padding_side)
+    plain_batch, _, plain_segments = plain.collate([plain.encode(e, with_answer=True) for e in examples], padding_side=padding_side)
+    assert torch.equal(batch["input_ids"], plain_batch["input_ids"]), "mask-only adds no tokens"
+    for row in range(len(examples)):
+        latent = (segments[row] == int(Segment.LATENT)).nonzero().flatten()
+        assert len(latent) == slots and torch.equal(latent, torch.arange(int(latent[0]), int(latent[0]) + slots))
+        after = _tokens(patched_tiny["processor"], batch["input_ids"][row, int(latent[-1]) + 1:int(latent[-1]) + 2])
+        assert after == ["<|im_end|>"], "the slots are the last tokens of the user's text"
+        others = segments[row] != int(Segment.LATENT)
+        assert torch.equal(segments[row][others], plain_segments[row][others])
+
+
+def test_image_twice_doubles_the_image_tokens(patched_tiny):
+    encoder = patched_tiny["encoder"]
+    twice = dataclasses.replace(encoder, mode="image-twice", latent_text="")
+    example = _examples("counting", 1)[0]
+    image_id = encoder.image_token_ids[0]
+    once = int((encoder.encode(example, with_answer=False)["input_ids"] == image_id).sum())
+    assert int((twice.encode(example, with_answer=False)["input_ids"] == image_id).sum()) == 2 * once
+
+
+def test_likelihood_scores_do_not_depend_on_batching(patched_tiny):
+    from livr_model.evaluate import answer_logprobs, predict
+
+    model, encoder = patched_tiny["model"], patched_tiny["encoder"]
+    examples = _examples("counting", 2) + _examples("jigsaw", 1)
+    batched = answer_logprobs(model, encoder, examples, batch_size=3)
+    single = [answer_logprobs(model, encoder, [e], batch_size=1)[0] for e in examples]
+    assert batched == pytest.approx(single, abs=1e-4)
+    records = predict(model, encoder, examples, method="likelihood", batch_size=8)
+    for example, record in zip(examples, records):
+        options = [dataclasses.replace(example, answer=letter) for letter in "ABCD"[: len(example.choices)]]
+        scores = answer_logprobs(model, encoder, options)
+        assert record["prediction"] == "ABCD"[scores.index(max(scores))]
+        assert record["correct"] == (record["prediction"] == example.answer)
+
+
+def test_latent_heatmap_follows_the_patch_grid(patched_tiny, tmp_path):
+    from PIL import Image
+
+    from livr_model.evaluate import draw_heatmap, latent_image_attention
+
+    model, handle, encoder = patched_tiny["model"], patched_tiny["handle"], patched_tiny["encoder"]
+    jigsaw = _examples("jigsaw", 1)[0]
+    maps = latent_image_attention(model, handle, encoder, jigsaw)
+    merge = 2
+    expected = [(img.height // 7 // merge, img.width // 7 // merge) for img in jigsaw.images]
+    assert [tuple(m.shape) for m in maps] == expected
+    assert all((m >= 0).all() for m in maps) and sum(float(m.sum()) for m in maps) > 0
+    path = draw_heatmap(jigsaw.images, maps, tmp_path / "heat.png")
+    with Image.open(path) as png:
+        assert png.height >= 224 and png.width > png.height
+
+
+def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_path):
+    from livr_model.patch import STATE_KWARG
+
+    model, handle, encoder = patched_tiny["model"], patched_tiny["handle"], patched_tiny["encoder"]
+    examples = _examples("counting", 3) + _examples("visual_similarity", 2)
+    rules = []
+    layer = model.get_base_model().model.language_model.layers[0].self_attn
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: rules.append(kw[STATE_KWARG].rule.name), with_kwargs=True)
+    try:
+        metrics = evaluate_model_quiet(model, handle, encoder, examples, tmp_path)
+    finally:
+        hook.remove()
+    assert handle.rule.name == "standard", "the rule in force before evaluation is restored"
+    assert "bottleneck" in rules and "standard" in rules, "the bottleneck probe must really run under the bottleneck"
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["accuracy"]["per_task"].keys() == {"counting", "visual_similarity"}
+    assert saved["chance"] == {"counting": 0.25, "visual_similarity": 0.5}
+    probes = saved["probes"]
+    assert 0.0 < probes["answer_to_latent_attention"] < 1.0
+    assert probes["latents_removed"]["per_task"]["counting"]["total"] == 3
+    assert probes["bottleneck_forced"]["per_task"]["visual_similarity"]["total"] == 2
+    assert (tmp_path / probes["heatmap"]).is_file()
+    assert len(saved["predictions"]) == len(examples) == metrics["num_examples"]
+
+
+def evaluate_model_quiet(model, handle, encoder, examples, out):
+    from livr_model.evaluate import evaluate_model
+
+    return evaluate_model(model, handle, encoder, examples, method="generate", max_new_tokens=3, output_dir=out, verbose=False)

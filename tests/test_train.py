@@ -8,7 +8,6 @@ import torch
 
 from livr_model import checkpoint as ckpt
 from livr_model.data import make_synthetic_dataset
-from livr_model.latents import latent_state_dict
 from livr_model.patch import STATE_KWARG
 from livr_model.tiny import build_tiny_model, build_tiny_processor
 from livr_model.train import (
@@ -284,3 +283,64 @@ def test_resume_refuses_changed_settings(tmp_path):
     _run(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="different settings"):
         _run(tmp_path, resume=True, lr=5e-3)
+
+
+def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    ckpt.atomic_write_json(target, {"step": 1})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write_json(target, {"step": 2})
+    assert json.loads(target.read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"], "the temporary file is cleaned up"
+
+
+def test_checkpoint_directory_is_all_or_nothing(tmp_path):
+    final = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(5)
+    ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "old"})
+    ckpt.write_pointer(tmp_path, ckpt.LATEST_POINTER, final)
+
+    def half_written(path):
+        path.write_text("partial")
+        raise RuntimeError("killed while saving")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "new", "b.bin": half_written})
+    assert (final / "a.txt").read_text() == "old" and not (final / "b.bin").exists()
+    assert ckpt.resolve_checkpoint(tmp_path, ckpt.LATEST_POINTER) == final
+    # the next save of the same step replaces the directory and leaves nothing temporary behind
+    ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "new"})
+    assert (final / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
+
+
+def test_prune_keeps_the_newest_and_the_selected(tmp_path):
+    dirs = []
+    for step in (1, 2, 3, 4):
+        final = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(step)
+        dirs.append(ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": step})}))
+    removed = ckpt.prune_checkpoints(tmp_path, keep_last=2, protect=[dirs[0]])
+    assert removed == [dirs[1]]
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path)] == [dirs[0].name, dirs[2].name, dirs[3].name]
+    with pytest.raises(ValueError, match="neither a checkpoint directory"):
+        ckpt.resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_multi_task_selects_the_last_checkpoint_and_checkpointing_trains(tmp_path):
+    """Two tasks: the selected checkpoint is the last one whatever validation says; gradient
+    checkpointing on (the layer replay must see the same segment ids) still trains."""
+    model, processor = tiny_setup()
+    counting, counting_val = tiny_data("counting")
+    similarity, similarity_val = tiny_data("visual_similarity")
+    cfg = tiny_config(tmp_path, data="synthetic:counting,visual_similarity", gradient_checkpointing=True)
+    steps = []
+    result = train(cfg, model=model, processor=processor, train_examples=counting + similarity,
+                   val_examples=counting_val + similarity_val, step_callback=steps.append)
+    assert result.model.get_base_model().is_activation_checkpointing
+    assert ckpt.read_pointer(tmp_path, ckpt.SELECTED_POINTER) == ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER)
+    assert ckpt.read_info(ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER))["global_step"] == len(steps) == 16
+    assert steps[-1].loss < steps[0].loss
