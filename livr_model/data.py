@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image, ImageDraw
 
-IGNORE_INDEX = -100
+from .segments import IGNORE_INDEX
+
 LETTERS = string.ascii_uppercase
 MIN_CHOICES = 2
 CHOICES_HEADER = "Select from the following choices."
@@ -272,9 +273,13 @@ def load_blink(subtask: str, split: str = "val", cache_dir=None) -> List[Example
     return examples
 
 
-# Synthetic tasks. Flat colours far apart, so a pixel's colour names its object exactly.
+# Synthetic tasks. Every object fills cells of a GRID x GRID layout: with the tiny processor a cell
+# is exactly one image token, so equal objects give equal features wherever they sit (a random
+# frozen vision tower then still separates them cleanly). Flat colours, no anti-aliasing: a pixel's
+# colour names what was drawn there, which is how the tests re-derive every answer.
 BACKGROUND = (255, 255, 255)
-MARKER = (0, 0, 0)
+MARKERS = {"black": (0, 0, 0), "gray": (128, 128, 128)}
+REFERENCE_MARKER = "black"
 PALETTE = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -283,27 +288,30 @@ PALETTE = {
     "purple": (140, 40, 180),
     "orange": (250, 120, 0),
 }
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-CANDIDATE_CHOICES = ("the second image", "the third image")
+GRID = 4
+# The localization boxes keep fixed colours (and so fixed choices); the circle takes another colour.
+BOX_COLORS = ("red", "blue")
 SHAPES = ("circle", "square", "triangle")
+CANDIDATE_CHOICES = ("the second image", "the third image")
 MAX_COUNT = 4
-# Sizes as fractions of the image side; gaps keep objects separate connected components.
-COUNT_DIAMETER = 0.2
-OBJECT_GAP = 0.06
-LOCALIZE_SIZE = 0.3
-CORRESPOND_SIZE = 0.28
-MARKER_SIZE = 0.08
-SIMILAR_SIZE = (0.3, 0.5)
-STRIPE_WIDTH = (0.12, 0.3)
-# A wrong jigsaw piece differs from the true continuation in at least this share of its columns.
-JIGSAW_MIN_MISMATCH = 0.25
+NUM_CORRESPONDENCE_SQUARES = 4
+# Cells a visual-similarity shape spans per side, and the margins (in pixels) kept inside a cell.
+SIMILAR_SPAN = 2
+OBJECT_INSET = 1
+BOXED_OBJECT_INSET = 2
 MIN_IMAGE_SIZE = 28
-PLACEMENT_TRIES = 1000
+DISTRACTOR_TRIES = 1000
 
 
 def _canvas(size: int) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
     image = Image.new("RGB", (size, size), BACKGROUND)
     return image, ImageDraw.Draw(image)
+
+
+def _cell_box(index: int, cell: int, inset: int = 0, span: int = 1) -> Tuple[int, int, int, int]:
+    """Pixel box (inclusive) of the ``span`` x ``span`` cells whose top-left cell is ``index``, shrunk by ``inset``."""
+    x, y = (index % GRID) * cell, (index // GRID) * cell
+    return x + inset, y + inset, x + span * cell - 1 - inset, y + span * cell - 1 - inset
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Tuple[int, int, int, int], color) -> None:
@@ -318,37 +326,22 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Tuple[int, int, int,
         raise ValueError(f"shape must be one of {SHAPES}; got {shape!r}")
 
 
-def _place_apart(rng: random.Random, count: int, size: int, extent: int, gap: int) -> List[Tuple[int, int]]:
-    """Top-left corners of ``count`` boxes of side ``extent`` inside the image, ``gap`` pixels apart."""
-    for _ in range(PLACEMENT_TRIES):
-        corners = []
-        for _ in range(count):
-            x, y = rng.randint(1, size - extent - 1), rng.randint(1, size - extent - 1)
-            if all(abs(x - cx) >= extent + gap or abs(y - cy) >= extent + gap for cx, cy in corners):
-                corners.append((x, y))
-            else:
-                break
-        if len(corners) == count:
-            return corners
-    raise ValueError(f"cannot place {count} objects of {extent}px in a {size}px image; use a larger image_size")
-
-
-def _quadrant_corner(rng: random.Random, quadrant: int, size: int, extent: int) -> Tuple[int, int]:
-    """A random top-left corner that keeps a box of side ``extent`` inside quadrant ``quadrant``."""
-    half = size // 2
-    x0, y0 = (quadrant % 2) * half, (quadrant // 2) * half
-    return x0 + rng.randint(1, half - extent - 1), y0 + rng.randint(1, half - extent - 1)
+def _draw_marker(draw: ImageDraw.ImageDraw, box: Tuple[int, int, int, int], color) -> None:
+    """A dot in the middle third of ``box``."""
+    left, top, right, bottom = box
+    third = max(1, (right - left + 1) // 3)
+    draw.rectangle((left + third, top + third, right - third, bottom - third), fill=color)
 
 
 def _counting(rng: random.Random, size: int, open_ended: bool) -> Example:
     count = rng.randint(1, MAX_COUNT)
     color = rng.choice(sorted(PALETTE))
-    diameter = max(3, round(size * COUNT_DIAMETER))
-    corners = _place_apart(rng, count, size, diameter, max(2, round(size * OBJECT_GAP)))
+    cell = size // GRID
+    cells = sorted(rng.sample(range(GRID * GRID), count))
     image, draw = _canvas(size)
-    for x, y in corners:
-        draw.ellipse((x, y, x + diameter - 1, y + diameter - 1), fill=PALETTE[color])
-    meta = {"count": count, "color": color, "corners": corners, "diameter": diameter}
+    for index in cells:
+        draw.ellipse(_cell_box(index, cell, OBJECT_INSET), fill=PALETTE[color])
+    meta = {"count": count, "color": color, "cells": cells}
     if open_ended:
         question = "How many circles are in the image? Answer with a number."
         return Example([image], question, [], str(count), task="counting_open", meta=meta)
@@ -357,81 +350,82 @@ def _counting(rng: random.Random, size: int, open_ended: bool) -> Example:
 
 
 def _object_localization(rng: random.Random, size: int) -> Example:
-    quadrant = rng.randrange(len(QUADRANTS))
-    shape = rng.choice(SHAPES)
-    color = rng.choice(sorted(PALETTE))
-    extent = max(3, round(size * LOCALIZE_SIZE))
-    x, y = _quadrant_corner(rng, quadrant, size, extent)
+    """BLINK-style: two boxes outline two cells, one of them holds the circle; which box is it?"""
+    box_colors = list(BOX_COLORS)
+    object_color = rng.choice([c for c in sorted(PALETTE) if c not in BOX_COLORS])
+    cell = size // GRID
+    object_cell, empty_cell = rng.sample(range(GRID * GRID), 2)
+    correct = rng.randrange(len(box_colors))
     image, draw = _canvas(size)
-    _draw_shape(draw, shape, (x, y, x + extent - 1, y + extent - 1), PALETTE[color])
-    question = f"Where is the {color} {shape} in the image?"
-    meta = {"quadrant": quadrant, "shape": shape, "color": color, "corner": (x, y), "extent": extent}
-    return Example([image], question, list(QUADRANTS), LETTERS[quadrant], task="object_localization", meta=meta)
+    for box_index, color in enumerate(box_colors):
+        draw.rectangle(_cell_box(object_cell if box_index == correct else empty_cell, cell), outline=PALETTE[color])
+    draw.ellipse(_cell_box(object_cell, cell, BOXED_OBJECT_INSET), fill=PALETTE[object_color])
+    question = f"Which box contains the {object_color} circle?"
+    choices = [f"the {color} box" for color in box_colors]
+    meta = {"object_color": object_color, "box_colors": box_colors, "object_cell": object_cell, "empty_cell": empty_cell}
+    return Example([image], question, choices, LETTERS[correct], task="object_localization", meta=meta)
 
 
 def _visual_correspondence(rng: random.Random, size: int) -> Example:
-    """Four coloured squares, one per quadrant, in both images (shuffled); a black dot marks one in
-    the first image; the answer is where that square sits in the second."""
-    colors = rng.sample(sorted(PALETTE), len(QUADRANTS))
-    extent = max(5, round(size * CORRESPOND_SIZE))
-    marker = max(2, round(size * MARKER_SIZE))
-    first_order = rng.sample(range(len(QUADRANTS)), len(QUADRANTS))
-    second_order = rng.sample(range(len(QUADRANTS)), len(QUADRANTS))
-    marked = rng.randrange(len(QUADRANTS))
-    images = []
-    for image_index, order in enumerate((first_order, second_order)):
-        image, draw = _canvas(size)
-        for color_index, quadrant in enumerate(order):
-            x, y = _quadrant_corner(rng, quadrant, size, extent)
-            draw.rectangle((x, y, x + extent - 1, y + extent - 1), fill=PALETTE[colors[color_index]])
-            if image_index == 0 and color_index == marked:
-                mx, my = x + (extent - marker) // 2, y + (extent - marker) // 2
-                draw.rectangle((mx, my, mx + marker - 1, my + marker - 1), fill=MARKER)
-        images.append(image)
-    answer_quadrant = second_order[marked]
+    """Coloured squares in both images (moved); a black point marks one in the first image; two
+    points (black, gray) sit on squares of the second; which one is on the square of the same colour?"""
+    colors = rng.sample(sorted(PALETTE), NUM_CORRESPONDENCE_SQUARES)
+    cell = size // GRID
+    marked, decoy = rng.sample(range(NUM_CORRESPONDENCE_SQUARES), 2)
+    marker_names = sorted(MARKERS)
+    correct = rng.randrange(len(marker_names))
+    first_cells = rng.sample(range(GRID * GRID), NUM_CORRESPONDENCE_SQUARES)
+    second_cells = rng.sample(range(GRID * GRID), NUM_CORRESPONDENCE_SQUARES)
+    first, first_draw = _canvas(size)
+    second, second_draw = _canvas(size)
+    for index, color in enumerate(colors):
+        first_draw.rectangle(_cell_box(first_cells[index], cell, OBJECT_INSET), fill=PALETTE[color])
+        second_draw.rectangle(_cell_box(second_cells[index], cell, OBJECT_INSET), fill=PALETTE[color])
+    _draw_marker(first_draw, _cell_box(first_cells[marked], cell, OBJECT_INSET), MARKERS[REFERENCE_MARKER])
+    for marker_index, name in enumerate(marker_names):
+        square = marked if marker_index == correct else decoy
+        _draw_marker(second_draw, _cell_box(second_cells[square], cell, OBJECT_INSET), MARKERS[name])
     question = (
-        "A black dot marks a square in the first image. "
-        "Where is the square of the same colour in the second image?"
+        f"A {REFERENCE_MARKER} point marks a square in the first image. "
+        "Which point in the second image is on the square of the same colour?"
     )
-    meta = {"colors": colors, "first_quadrants": first_order, "second_quadrants": second_order, "marked": marked}
-    return Example(images, question, list(QUADRANTS), LETTERS[answer_quadrant], task="visual_correspondence", meta=meta)
+    choices = [f"the {name} point" for name in marker_names]
+    meta = {"colors": colors, "marked": marked, "decoy": decoy, "first_cells": first_cells, "second_cells": second_cells}
+    return Example([first, second], question, choices, LETTERS[correct], task="visual_correspondence", meta=meta)
 
 
-def _stripes(rng: random.Random, size: int) -> List[str]:
-    """Vertical stripes as a per-column colour name list (neighbouring stripes differ)."""
-    columns: List[str] = []
-    low, high = (max(1, round(size * f)) for f in STRIPE_WIDTH)
-    while len(columns) < size:
-        options = [c for c in sorted(PALETTE) if not columns or c != columns[-1]]
-        columns.extend([rng.choice(options)] * rng.randint(low, high))
-    return columns[:size]
+def _stripe_colors(rng: random.Random, columns: int) -> List[str]:
+    """Colours of ``columns`` cell-wide vertical stripes, neighbours distinct."""
+    colors: List[str] = []
+    for _ in range(columns):
+        colors.append(rng.choice([c for c in sorted(PALETTE) if not colors or c != colors[-1]]))
+    return colors
 
 
-def _stripe_image(columns: Sequence[str], width_range: range, height: int) -> Image.Image:
-    image = Image.new("RGB", (len(width_range), height), BACKGROUND)
+def _stripe_image(colors: Sequence[str], cell: int, rows: int) -> Image.Image:
+    image = Image.new("RGB", (len(colors) * cell, rows * cell), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    for x, column in enumerate(width_range):
-        draw.line((x, 0, x, height - 1), fill=PALETTE[columns[column]])
+    for column, color in enumerate(colors):
+        draw.rectangle((column * cell, 0, (column + 1) * cell - 1, rows * cell - 1), fill=PALETTE[color])
     return image
 
 
 def _jigsaw(rng: random.Random, size: int) -> Example:
-    """Vertical stripes with the lower-right quarter blanked; the true piece continues the stripes
-    above the hole, the wrong piece comes from other stripes."""
-    half = size // 2
-    columns = _stripes(rng, size)
-    for _ in range(PLACEMENT_TRIES):
-        other = _stripes(rng, size)
-        mismatched = sum(columns[x] != other[x] for x in range(half, size))
-        if mismatched >= JIGSAW_MIN_MISMATCH * (size - half):
+    """Cell-wide vertical stripes with the lower-right quarter blanked; the true piece continues the
+    stripes above the hole, the wrong piece has other colours in both of its columns."""
+    cell = size // GRID
+    half = GRID // 2
+    columns = _stripe_colors(rng, GRID)
+    for _ in range(DISTRACTOR_TRIES):
+        other = _stripe_colors(rng, half)
+        if all(o != c for o, c in zip(other, columns[half:])):
             break
     else:
-        raise ValueError(f"cannot draw a distinct jigsaw distractor at image_size={size}")
-    puzzle = _stripe_image(columns, range(size), size)
-    ImageDraw.Draw(puzzle).rectangle((half, half, size - 1, size - 1), fill=BACKGROUND)
-    right = range(half, size)
-    true_piece = _stripe_image(columns, right, size - half)
-    wrong_piece = _stripe_image(other, right, size - half)
+        raise ValueError("cannot draw a distinct jigsaw distractor")
+    puzzle = _stripe_image(columns, cell, GRID)
+    ImageDraw.Draw(puzzle).rectangle((half * cell, half * cell, GRID * cell - 1, GRID * cell - 1), fill=BACKGROUND)
+    true_piece = _stripe_image(columns[half:], cell, half)
+    wrong_piece = _stripe_image(other, cell, half)
     correct = rng.randrange(len(CANDIDATE_CHOICES))
     pieces = [true_piece, wrong_piece] if correct == 0 else [wrong_piece, true_piece]
     question = (
@@ -443,16 +437,16 @@ def _jigsaw(rng: random.Random, size: int) -> Example:
 
 
 def _shape_image(rng: random.Random, size: int, shape: str, color: str) -> Image.Image:
-    low, high = (max(3, round(size * f)) for f in SIMILAR_SIZE)
-    extent = rng.randint(low, high)
-    x, y = rng.randint(1, size - extent - 1), rng.randint(1, size - extent - 1)
+    cell = size // GRID
+    positions = GRID - SIMILAR_SPAN + 1
+    corner = rng.randrange(positions) * GRID + rng.randrange(positions)
     image, draw = _canvas(size)
-    _draw_shape(draw, shape, (x, y, x + extent - 1, y + extent - 1), PALETTE[color])
+    _draw_shape(draw, shape, _cell_box(corner, cell, OBJECT_INSET, SIMILAR_SPAN), PALETTE[color])
     return image
 
 
 def _visual_similarity(rng: random.Random, size: int) -> Example:
-    """A reference shape; one candidate has its shape and colour (moved, resized), the other differs in both."""
+    """A reference shape; one candidate repeats its shape and colour (elsewhere), the other differs in both."""
     shape, other_shape = rng.sample(SHAPES, 2)
     color, other_color = rng.sample(sorted(PALETTE), 2)
     reference = _shape_image(rng, size, shape, color)
@@ -484,8 +478,8 @@ def make_synthetic_dataset(task: str, n: int, seed: int = 0, image_size: int = 5
         raise ValueError(f"task must be one of {list(SYNTHETIC_TASKS)}; got {task!r}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int; got {n!r}")
-    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE or image_size % GRID:
+        raise ValueError(f"image_size must be a multiple of {GRID} and >= {MIN_IMAGE_SIZE}; got {image_size!r}")
     rng = random.Random(f"livr-{task}-{seed}")
     return [SYNTHETIC_GENERATORS[task](rng, image_size) for _ in range(n)]
 

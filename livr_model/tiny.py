@@ -61,6 +61,10 @@ DEFAULT_PRETRAIN_LR = 1e-3
 PRETRAIN_WARMUP_FRACTION = 0.05
 PRETRAIN_MIN_LR_FRACTION = 0.1
 PRETRAIN_WEIGHT_DECAY = 0.0
+# Batches of 8 rather than 1: single-example gradients are too noisy for the tiny model to pick up
+# counting (measured: chance after 4,000 steps of batch 1, 94% after 1,200 steps of batch 8).
+DEFAULT_PRETRAIN_BATCH = 8
+PRETRAIN_MAX_GRAD_NORM = 1.0
 
 
 class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -197,7 +201,7 @@ def _vision_parameters(model) -> set:
 
 
 def pretrain_demo_base(model, processor, examples: Sequence[Example], steps: int, lr: float = DEFAULT_PRETRAIN_LR,
-                       seed: int = 0, log_every: Optional[int] = None, batch_size: int = 1,
+                       seed: int = 0, log_every: Optional[int] = None, batch_size: int = DEFAULT_PRETRAIN_BATCH,
                        train_vision: bool = False) -> List[float]:
     """Full-parameter training of the language model (embeddings, layers, lm_head; the vision tower
     and projector stay frozen) on ``examples`` for ``steps`` optimizer steps of ``batch_size``
@@ -248,6 +252,7 @@ def pretrain_demo_base(model, processor, examples: Sequence[Example], steps: int
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, PRETRAIN_MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())

@@ -7,9 +7,9 @@ import pytest
 from livr_model.data import (
     BACKGROUND,
     LETTERS,
-    MARKER,
+    MARKERS,
     PALETTE,
-    QUADRANTS,
+    REFERENCE_MARKER,
     SYNTHETIC_TASKS,
     Example,
     make_synthetic_dataset,
@@ -49,13 +49,25 @@ def connected_components(mask: np.ndarray) -> int:
     return count
 
 
-def quadrant_of(mask: np.ndarray) -> int:
-    """Quadrant index (QUADRANTS order) holding the centroid of ``mask``; every pixel must lie in it."""
+def choice_word(choice: str) -> str:
+    """``"the red box"`` -> ``"red"``."""
+    return choice.split()[1]
+
+
+def bounding_box(mask: np.ndarray):
     ys, xs = np.nonzero(mask)
-    half_y, half_x = mask.shape[0] / 2, mask.shape[1] / 2
-    row, column = int(ys.mean() >= half_y), int(xs.mean() >= half_x)
-    assert ((ys >= half_y) == bool(row)).all() and ((xs >= half_x) == bool(column)).all(), "object straddles quadrants"
-    return 2 * row + column
+    assert len(ys), "nothing of the expected colour was drawn"
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
+def color_mask(array: np.ndarray, rgb) -> np.ndarray:
+    return (array == np.array(rgb)).all(-1)
+
+
+def marked_square_color(array: np.ndarray, marker_rgb) -> str:
+    """Colour of the square under a marker: the pixel just left of the marker."""
+    top, _, left, _ = bounding_box(color_mask(array, marker_rgb))
+    return COLOR_NAMES[tuple(array[top, left - 1])]
 
 
 def colors_present(image) -> Counter:
@@ -72,20 +84,22 @@ def solve_counting(example: Example) -> str:
 
 
 def solve_object_localization(example: Example) -> str:
-    image = example.images[0]
-    (color, _), = colors_present(image).items()
-    assert color in example.question, "the question names another colour than the one drawn"
-    return LETTERS[example.choices.index(QUADRANTS[quadrant_of(foreground(image))])]
+    array = pixels(example.images[0])
+    object_color = example.question.split("the ")[1].split()[0]
+    inside = []
+    for choice in example.choices:
+        top, bottom, left, right = bounding_box(color_mask(array, PALETTE[choice_word(choice)]))
+        inside.append(color_mask(array[top:bottom + 1, left:right + 1], PALETTE[object_color]).any())
+    assert sum(inside) == 1, f"{sum(inside)} boxes hold the {object_color} circle"
+    return LETTERS[inside.index(True)]
 
 
 def solve_visual_correspondence(example: Example) -> str:
     first, second = (pixels(image) for image in example.images)
-    ys, xs = np.nonzero((first == np.array(MARKER)).all(-1))
-    assert len(ys), "no marker drawn in the first image"
-    # The marked square surrounds the marker: the pixel just left of it has the square's colour.
-    marked_color = COLOR_NAMES[tuple(first[ys.min(), xs.min() - 1])]
-    mask = (second == np.array(PALETTE[marked_color])).all(-1)
-    return LETTERS[example.choices.index(QUADRANTS[quadrant_of(mask)])]
+    target = marked_square_color(first, MARKERS[REFERENCE_MARKER])
+    hits = [marked_square_color(second, MARKERS[choice_word(choice)]) == target for choice in example.choices]
+    assert sum(hits) == 1, f"{sum(hits)} points sit on the {target} square"
+    return LETTERS[hits.index(True)]
 
 
 def solve_jigsaw(example: Example) -> str:
