@@ -243,7 +243,10 @@ def load_blink(subtask: str, split: str = "val", cache_dir=None) -> List[Example
     name = _resolve_blink_subtask(subtask)
     if split not in BLINK_SPLITS:
         raise ValueError(f"split must be one of {BLINK_SPLITS}; got {split!r}")
-    import datasets
+    try:
+        import datasets
+    except ImportError as error:
+        raise RuntimeError("load_blink needs the `datasets` library: pip install 'livr[blink]'") from error
 
     try:
         rows = datasets.load_dataset(BLINK_REPO, name, split=split, cache_dir=cache_dir)
