@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -118,6 +119,7 @@ class DemoSize:
     """How big the offline demo is. ``full`` is what ``make demo`` runs; ``small`` is the test's."""
 
     pretrain_steps: int
+    pretrain_batch: int
     pretrain_examples_per_task: int
     train_examples: int
     val_examples: int
@@ -128,6 +130,9 @@ class DemoSize:
 DEMO_TASK = "counting"
 # The base learns the prompt format on other tasks; LIVR then learns the demo task from scratch.
 DEMO_PRETRAIN_TASKS = ("object_localization", "visual_similarity")
+# The demo's matrices are too small for intra-op threads to pay off, and on a busy machine extra
+# threads spin-wait (measured 10x slower per step with 2 threads than with 1 under load).
+DEMO_THREADS = 1
 CALIBRATION_EXAMPLES = 200
 CALIBRATION_EPS = 1e-6
 DEMO_LATENTS = 4
@@ -139,8 +144,10 @@ DEMO_BASE_DIR = "base"
 # Pre-training draws its own examples, disjoint from the LIVR train (seed 0) and validation (seed 1) draws.
 DEMO_PRETRAIN_SEED = 2
 DEMO_SIZES = {
-    "full": DemoSize(pretrain_steps=1500, pretrain_examples_per_task=500, train_examples=400, val_examples=200, stage_epochs=(2, 3), grad_accum=4),
-    "small": DemoSize(pretrain_steps=600, pretrain_examples_per_task=300, train_examples=160, val_examples=60, stage_epochs=(1, 1), grad_accum=4),
+    "full": DemoSize(pretrain_steps=300, pretrain_batch=8, pretrain_examples_per_task=500, train_examples=400,
+                     val_examples=200, stage_epochs=(2, 3), grad_accum=4),
+    "small": DemoSize(pretrain_steps=150, pretrain_batch=8, pretrain_examples_per_task=300, train_examples=160,
+                      val_examples=60, stage_epochs=(1, 2), grad_accum=4),
 }
 
 
@@ -205,6 +212,8 @@ def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
     from .train import load_trained, train
 
     started = time.perf_counter()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(DEMO_THREADS)
     output_dir = Path(cfg.output_dir)
     base_dir = output_dir / DEMO_BASE_DIR
     if cfg.resume and (base_dir / "config.json").is_file():
@@ -217,8 +226,9 @@ def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
             pretrain.extend(make_synthetic_dataset(task, size.pretrain_examples_per_task, seed=DEMO_PRETRAIN_SEED,
                                                    image_size=cfg.synthetic_image_size))
         calibrate_projector(model, processor, pretrain[::max(1, len(pretrain) // CALIBRATION_EXAMPLES)])
-        print(f"demo: pre-training the tiny base ({size.pretrain_steps} full-parameter steps on {', '.join(DEMO_PRETRAIN_TASKS)})", flush=True)
-        pretrain_demo_base(model, processor, pretrain, size.pretrain_steps, seed=cfg.seed,
+        print(f"demo: pre-training the tiny base ({size.pretrain_steps} full-parameter steps of {size.pretrain_batch} "
+              f"on {', '.join(DEMO_PRETRAIN_TASKS)})", flush=True)
+        pretrain_demo_base(model, processor, pretrain, size.pretrain_steps, seed=cfg.seed, batch_size=size.pretrain_batch,
                            log_every=max(1, size.pretrain_steps // 5))
         save_tiny(model, processor, base_dir)
     cfg = dataclasses.replace(cfg, model=str(base_dir))

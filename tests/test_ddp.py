@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) train the tiny model under torchrun: both ranks must end with identical
-weights although each saw different examples, so gradients really were all-reduced.
+"""Two CPU processes (gloo) train the tiny model under torchrun and under ``accelerate launch``: both
+ranks must end with identical weights although each saw different examples, so gradients really
+were all-reduced.
 
 Run as a script (``torchrun --nproc_per_node 2 tests/test_ddp.py OUT``) this file is the worker.
 """
@@ -51,13 +52,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_command(launcher: str, out_dir: Path) -> list:
+    port = f"{_free_port()}"
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", __file__, str(out_dir)]
+    # accelerate's multi-process launcher; on a CPU-only machine the trainer joins a gloo group.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD_SIZE}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
+            __file__, str(out_dir)]
+
+
 @pytest.mark.slow
-def test_two_process_ddp_ranks_end_identical(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_process_ddp_ranks_end_identical(tmp_path, launcher):
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.run(_launch_command(launcher, tmp_path), env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"{launcher} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     assert all(r["world"] == WORLD_SIZE for r in ranks)
     per_epoch = NUM_TRAIN // WORLD_SIZE
