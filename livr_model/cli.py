@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -231,7 +231,8 @@ def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
         pretrain_demo_base(model, processor, pretrain, size.pretrain_steps, seed=cfg.seed, batch_size=size.pretrain_batch,
                            log_every=max(1, size.pretrain_steps // 5))
         save_tiny(model, processor, base_dir)
-    cfg = dataclasses.replace(cfg, model=str(base_dir))
+    # Absolute, so livr-eval finds the base from any working directory.
+    cfg = dataclasses.replace(cfg, model=str(base_dir.resolve()))
     print(f"demo: LIVR training ({cfg.mode}, stages {cfg.stage_epochs[0]}+{cfg.stage_epochs[1]} epochs, K={cfg.latents})", flush=True)
     result = train(cfg)
     run = load_trained(output_dir)
@@ -268,7 +269,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=EVAL_METHODS, default="generate", help="generate (letter extraction) or likelihood (option scoring)")
     p.add_argument("--rule", default=None, help="attention rule for the main accuracy (default: the run's eval rule, standard)")
     p.add_argument("--output-dir", default=None, help="where metrics.json and the heatmap go (default: <checkpoint>/eval)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples per task")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's)")
     p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=True, help="run the probes (default on)")
@@ -289,7 +290,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1; got {args.limit}")
-        examples = examples[: args.limit]
+        seen, limited = {}, []
+        for example in examples:
+            seen[example.task] = seen.get(example.task, 0) + 1
+            if seen[example.task] <= args.limit:
+                limited.append(example)
+        examples = limited
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
     evaluate_model(
         run.model, run.handle, run.encoder, examples, method=args.method, rule=args.rule or cfg.eval_rule,

@@ -681,7 +681,9 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
             handle.set_rule(stage.rule)
             if epoch == stage_first_epoch and stage_index > 0 and state.batch_in_epoch == 0 and cfg.reset_optimizer_per_stage:
                 _clear_optimizer_state(optimizer)
-            groups_of_epoch = accumulation_groups(rank_batches(epoch_order(len(dataset), cfg.seed, epoch), cfg.batch_size, world, accelerator.process_index), cfg.grad_accum)
+            order = epoch_order(len(dataset), cfg.seed, epoch)
+            my_batches = rank_batches(order, cfg.batch_size, world, accelerator.process_index)
+            groups_of_epoch = accumulation_groups(my_batches, cfg.grad_accum)
             bar = tqdm(total=len(groups_of_epoch), initial=state.batch_in_epoch, disable=not (main and cfg.progress),
                        desc=f"{stage.name} ({stage.rule}) epoch {epoch - stage_first_epoch + 1}/{stage.epochs}", dynamic_ncols=True)
             model.train()
@@ -715,7 +717,8 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
                 at_end = group_index + 1 == len(groups_of_epoch)
                 hit_max = cfg.max_steps is not None and state.global_step >= cfg.max_steps
                 if not at_end and (hit_max or (cfg.save_steps and state.global_step % cfg.save_steps == 0)):
-                    # Mid-epoch checkpoint: resumable, never selected (no validation score yet).
+                    # Mid-epoch checkpoint: resumable; selected only by multi-task runs (they keep the last one),
+                    # a single-task run selects by validation accuracy, which only epoch ends have.
                     _save_training_checkpoint(accelerator, cfg, model, optimizer, scheduler, state, latent_ids, stage, None,
                                               select=not single_task)
                 if hit_max:
