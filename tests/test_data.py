@@ -255,3 +255,27 @@ def test_collate_rejects_bad_arguments(processor):
         collate(encoded, None)
     with pytest.raises(ValueError, match="at least one example"):
         collate([], 0)
+
+
+SYSTEM_PROMPT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}Picture {{ loop.index }}: <|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_encode_follows_the_processors_own_template():
+    """A template with a default system prompt and picture labels (as real Qwen checkpoints have):
+    the layout comes from the template, the labels still cover the answer only."""
+    custom = build_tiny_processor()
+    custom.chat_template = SYSTEM_PROMPT_TEMPLATE
+    example = make_synthetic_dataset("visual_similarity", 1)[0]
+    encoded = encode_example(custom, example)
+    text = decode(custom, encoded["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nPicture 1: ")
+    assert text.count("<|vision_start|>") == len(example.images)
+    supervised = encoded["labels"] != IGNORE_INDEX
+    assert decode(custom, encoded["input_ids"][supervised]) == f"({example.answer}){IM_END}"
