@@ -648,6 +648,12 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
     model, handle, latent_ids = build_trainable_model(cfg, model, processor)
     encoder = make_encoder(cfg, model, processor, latent_ids)
     dataset = EncodedCache(encoder, train_examples)
+    for index, example in enumerate(val_examples):
+        # Fail now, not at the end of the first epoch, on a validation example that does not fit.
+        try:
+            encoder.encode(example, with_answer=False)
+        except ValueError as error:
+            raise ValueError(f"validation example {index} ({example.task}): {error}") from None
     if main:
         print(trainable_summary(model, latent_ids), flush=True)
 

@@ -129,12 +129,12 @@ def test_example_config_trains_on_the_example_jsonl(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
     argv = ["--config", "examples/tiny_counting.yaml", "--model", str(tmp_path / "base"), "--output-dir", str(out),
-            "--stage-epochs", "1", "1", "--no-progress"]
+            "--max-steps", "3", "--no-progress"]
     assert train_main(argv) == 0
     saved = yaml.safe_load((out / ckpt.RUN_CONFIG_YAML).read_text())
-    assert saved["data"] == "examples/counting/train.jsonl" and saved["stage_epochs"] == [1, 1]
-    info = ckpt.read_info(ckpt.read_pointer(out, ckpt.LATEST_POINTER))
-    assert info["global_step"] == 2 * 6, "24 examples / grad_accum 4 = 6 steps per epoch, 2 epochs"
-    assert eval_main(["--checkpoint", str(out), "--method", "likelihood", "--no-probes"]) == 0
+    assert saved["data"] == "examples/counting/train.jsonl" and saved["stage_epochs"] == [1, 2]
+    assert saved["max_steps"] == 3 and saved["output_dir"] == str(out), "flags beat the file"
+    assert ckpt.read_info(ckpt.read_pointer(out, ckpt.LATEST_POINTER))["global_step"] == 3
+    assert eval_main(["--checkpoint", str(out), "--method", "likelihood", "--no-probes", "--limit", "6"]) == 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    assert metrics["accuracy"]["per_task"]["counting"]["total"] == 8, "the run's val_data is the default"
+    assert metrics["accuracy"]["per_task"]["counting"]["total"] == 6, "the run's val_data, limited per task"

@@ -344,3 +344,14 @@ def test_multi_task_selects_the_last_checkpoint_and_checkpointing_trains(tmp_pat
     assert ckpt.read_pointer(tmp_path, ckpt.SELECTED_POINTER) == ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER)
     assert ckpt.read_info(ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER))["global_step"] == len(steps) == 16
     assert steps[-1].loss < steps[0].loss
+
+
+def test_examples_that_do_not_fit_fail_before_training(tmp_path):
+    model, processor = tiny_setup()
+    train_examples, val_examples = tiny_data()
+    cfg = tiny_config(tmp_path, max_length=20)
+    steps = []
+    with pytest.raises(ValueError, match="training example 0 .*max_length=20"):
+        train(cfg, model=model, processor=processor, train_examples=train_examples, val_examples=val_examples,
+              step_callback=steps.append)
+    assert steps == []
