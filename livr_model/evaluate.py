@@ -25,8 +25,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from PIL import Image
+
+from livr_kernels import Segment
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
+from .data import collate as collate_examples
+from .data import encode_example, format_prompt
+from .segments import build_segment_ids
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 IGNORE_INDEX = -100
@@ -236,8 +242,6 @@ class PromptEncoder:
         return example
 
     def encode(self, example, *, with_answer: bool, drop_latents: bool = False) -> dict:
-        from .data import encode_example
-
         example = self.prepare(example)
         latent_text = "" if drop_latents else self.latent_text
         enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer, max_length=self.max_length)
@@ -254,8 +258,6 @@ class PromptEncoder:
 
     def _template_suffix_tokens(self, example) -> int:
         """Tokens the chat template puts after the user's text (end of turn, assistant header)."""
-        from .data import format_prompt
-
         key = len(example.images)
         if key not in self._suffix_cache:
             text = format_prompt(example)
@@ -268,13 +270,8 @@ class PromptEncoder:
 
     def collate(self, encoded: Sequence[dict], padding_side: str) -> tuple:
         """(model inputs, labels, segment ids) for a list of ``encode`` outputs."""
-        from livr_kernels import Segment
-
-        from .data import collate
-        from .segments import build_segment_ids
-
         plain = [{k: v for k, v in e.items() if not k.startswith("_")} for e in encoded]
-        batch = collate(plain, self.pad_token_id, padding_side=padding_side)
+        batch = collate_examples(plain, self.pad_token_id, padding_side=padding_side)
         labels = batch.pop("labels")
         segment_ids = build_segment_ids(
             batch["input_ids"],
@@ -421,8 +418,6 @@ def answer_latent_attention(model, handle, encoder: PromptEncoder, examples: Seq
     layers and examples (the paper reports 0.076 for LIVR vs 0.028 for latents without the mask).
     None when the prompts hold no latent slots.
     """
-    from livr_kernels import Segment
-
     device = _device_of(model)
     per_example = []
     with eval_mode(model):
@@ -453,8 +448,6 @@ def latent_image_attention(model, handle, encoder: PromptEncoder, example) -> Op
     """Per image of ``example``, a 2-D map (merged patch grid) of the attention the latent tokens pay
     to its image tokens, averaged over layers, heads and latents. None when there are no latents or
     the model gives no ``image_grid_thw`` (non-Qwen layouts)."""
-    from livr_kernels import Segment
-
     device = _device_of(model)
     encoded = [encoder.encode(example, with_answer=False)]
     batch, _, segment_ids = encoder.collate(encoded, padding_side="right")
@@ -514,8 +507,6 @@ def _heat_palette() -> list:
 def draw_heatmap(images: Sequence, maps: Sequence[torch.Tensor], path) -> Path:
     """Each attention map, min-max scaled over all maps, upsampled and blended over its image
     (blue = least, red = most attended); panels side by side; written as a PNG."""
-    from PIL import Image
-
     if len(images) != len(maps):
         raise ValueError(f"images and maps must pair up; got {len(images)} images and {len(maps)} maps")
     low = min(float(m.min()) for m in maps)
