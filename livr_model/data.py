@@ -12,9 +12,10 @@ JSONL format, one object per line::
 ``images`` are paths relative to the file's folder (or ``image_root``); ``answer`` is a letter
 ("B" or "(B)") when there are ``choices``, else the exact answer text (``"7"``).
 
-The synthetic tasks (``SYNTHETIC_TASKS``) are drawn offline with PIL from a fixed seed with flat
-colours and no anti-aliasing, so their answers can be re-derived from the pixels; each example
-keeps what its generator drew in ``meta``.
+The synthetic tasks (``SYNTHETIC_TASKS``) are drawn offline with PIL from a fixed seed: flat
+colours on a 4x4 grid of cells (one image token per cell with the tiny processor) and no
+anti-aliasing, so their answers can be re-derived from the pixels; each example keeps what its
+generator drew in ``meta``.
 """
 from __future__ import annotations
 
