@@ -164,9 +164,20 @@ def flex_mask_mod(case: Case):
     return mask_mod
 
 
+# Every (layout, N, mode) is a new shape or mask_mod for torch.compile: more recompiles than
+# dynamo's default limit of 8, past which it silently falls back to (slow) eager code.
+FLEX_RECOMPILE_LIMIT = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _allow_flex_recompiles() -> None:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+
+
 def build_block_mask(case: Case):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    _allow_flex_recompiles()
     batch, n = case.segment_ids.shape
     return create_block_mask(flex_mask_mod(case), batch, None, n, n, device=DEVICE, _compile=True)
 
@@ -175,6 +186,7 @@ def build_block_mask(case: Case):
 def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    _allow_flex_recompiles()
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -13,7 +13,8 @@ tests/test_compile_check.py): the compiled kernel's metadata carries only shared
 equals ptxas's register count and its STACK equals ptxas's stack frame, which is where spills go;
 its LOCAL column stays 0 even when ptxas spills, so a spill is STACK + LOCAL > 0.
 
-    python -m livr_kernels.compile_check [--arch 80 90] [--quick] [--jobs N]
+    python -m livr_kernels.compile_check [--arch 80 90] [--quick | --full] [--dtypes ...] [--rules ...]
+                                         [--markdown] [--jobs N]
 """
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ SHARED_LIMIT = {80: 163 * KIB, 90: 227 * KIB}
 WARP_SIZE = 32
 # What gets compiled: (dtype, head dim) pairs and rules. fp16 and bf16 compile to the same
 # schedule, so the padded (80) and largest (256) head dims are checked in bf16 only by default;
-# --full adds fp32 and every head-dim block; --rules picks other shipped rules.
+# --full takes every head-dim block, --dtypes adds fp32 (IEEE dots: no tensor cores) and --rules
+# other shipped rules (RULE_BITS is a constexpr, but the rule changes no resource count).
+DTYPES = ("fp16", "bf16", "fp32")
+DEFAULT_DTYPES = ("fp16", "bf16")
+HALF_DTYPES = ("fp16", "bf16")
 CORE_HEAD_DIMS = (64, 128)
 EXTRA_HEAD_DIMS = (80, 256)
 FULL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -59,6 +64,7 @@ KERNELS = {
 }
 # PTX instruction prefixes of the tensor-core paths, most specific first.
 MMA_KINDS = (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
+ASYNC_COPY = "cp.async"
 _FP_FUSION_WARNING = ".*TRITON_DEFAULT_FP_FUSION.*"
 
 
@@ -110,6 +116,7 @@ class KernelReport:
     local: int = 0
     shared: int = 0
     mma: str = "none"
+    async_copies: bool = False
     seconds: float = 0.0
     error: Optional[str] = None
 
@@ -214,8 +221,13 @@ def _target(arch: int):
     return GPUTarget("cuda", arch, WARP_SIZE)
 
 
-def capture_launches(arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str) -> List[KernelLaunch]:
-    """Run the forward and backward host wrappers on CPU tensors, recording each kernel launch."""
+def capture_launches(
+    arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str, config=None
+) -> List[KernelLaunch]:
+    """Run the forward and backward host wrappers on CPU tensors, recording each kernel launch.
+
+    ``config`` (a ``KernelConfig``) replaces ``default_config`` to try other tile sizes.
+    """
     if interpreter_on():
         raise RuntimeError("capture_launches needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
     import torch
@@ -261,7 +273,7 @@ def capture_launches(arch: int, dtype: str, head_dim: int, has_docs: bool, rule:
     shape_kv = (batch, TARGET_KV_HEADS, n, head_dim)
     q, do = torch.zeros(shape_q, dtype=torch_dtype), torch.zeros(shape_q, dtype=torch_dtype)
     k, v = torch.zeros(shape_kv, dtype=torch_dtype), torch.zeros(shape_kv, dtype=torch_dtype)
-    config = default_config(head_dim, _capability(arch))
+    config = config or default_config(head_dim, _capability(arch))
     resolved = resolve_rule(rule)
     scale = head_dim ** -0.5
 
@@ -310,6 +322,8 @@ def compile_launch(launch: KernelLaunch, variant: Variant) -> KernelReport:
     # Triton's dynamic shared memory plus whatever ptxas allocated statically.
     report.shared = compiled.metadata.shared + usage.static_shared
     report.mma = mma_kind(compiled.asm["ptx"])
+    # Triton's software pipelining issues the loop's loads as asynchronous copies.
+    report.async_copies = ASYNC_COPY in compiled.asm["ptx"]
     return report
 
 
@@ -325,13 +339,13 @@ def _tile(constexprs: Dict[str, object]) -> str:
     return "x".join(str(s) for s in sizes if s is not None)
 
 
-def selection(quick: bool = False, full: bool = False) -> List[Tuple[str, int]]:
+def selection(quick: bool = False, full: bool = False, dtypes: Sequence[str] = DEFAULT_DTYPES) -> List[Tuple[str, int]]:
     """The (dtype, head dim) pairs a run compiles."""
     if full:
-        return [(d, h) for d in ("fp16", "bf16", "fp32") for h in FULL_HEAD_DIMS]
-    pairs = [(d, h) for d in ("fp16", "bf16") for h in CORE_HEAD_DIMS]
+        return [(d, h) for d in dtypes for h in FULL_HEAD_DIMS]
+    pairs = [(d, h) for d in dtypes for h in CORE_HEAD_DIMS]
     if not quick:
-        pairs += [("bf16", h) for h in EXTRA_HEAD_DIMS]
+        pairs += [(d, h) for d in dtypes if d != "fp16" for h in EXTRA_HEAD_DIMS]
     return pairs
 
 
@@ -366,25 +380,33 @@ def compile_all(jobs: List[Tuple[KernelLaunch, Variant]], workers: int) -> List[
 
 TABLE_COLUMNS = (
     ("kernel", 14), ("arch", 6), ("dtype", 5), ("D", 4), ("docs", 5), ("rule", 10), ("warps", 5), ("stages", 6),
-    ("tile", 12), ("regs", 4), ("smem KiB", 8), ("stack", 5), ("local", 5), ("mma", 8), ("status", 6),
+    ("tile", 12), ("regs", 4), ("smem KiB", 8), ("stack", 5), ("local", 5), ("mma", 8), ("cp.async", 8),
+    ("status", 6),
 )
 
 
-def format_table(reports: Sequence[KernelReport]) -> str:
-    def cells(r: KernelReport):
-        v = r.variant
-        ok = not r.problems()
-        return (
-            v.kernel, f"sm_{v.arch}", v.dtype, v.head_dim, "-" if v.has_docs is None else ("yes" if v.has_docs else "no"),
-            v.rule or "-", r.num_warps, r.num_stages, r.tile,
-            "-" if r.error else r.registers, "-" if r.error else f"{r.shared / KIB:.1f}",
-            "-" if r.error else r.stack, "-" if r.error else r.local, "-" if r.error else r.mma,
-            "ok" if ok else ("ERROR" if r.error else "FAIL"),
-        )
+def _cells(r: KernelReport) -> tuple:
+    v = r.variant
+    failed = "-" if r.error else None
+    return (
+        v.kernel, f"sm_{v.arch}", v.dtype, v.head_dim, "-" if v.has_docs is None else ("yes" if v.has_docs else "no"),
+        v.rule or "-", r.num_warps, r.num_stages, r.tile,
+        failed or r.registers, failed or f"{r.shared / KIB:.1f}", failed or r.stack, failed or r.local, failed or r.mma,
+        failed or ("yes" if r.async_copies else "no"),
+        "ok" if not r.problems() else ("ERROR" if r.error else "FAIL"),
+    )
 
+
+def format_table(reports: Sequence[KernelReport]) -> str:
     lines = ["  ".join(f"{name:>{width}}" for name, width in TABLE_COLUMNS)]
     for r in sorted(reports, key=_sort_key):
-        lines.append("  ".join(f"{str(c):>{width}}" for c, (_, width) in zip(cells(r), TABLE_COLUMNS)))
+        lines.append("  ".join(f"{str(c):>{width}}" for c, (_, width) in zip(_cells(r), TABLE_COLUMNS)))
+    return "\n".join(lines)
+
+
+def format_markdown(reports: Sequence[KernelReport]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(str(c) for c in _cells(r)) + " |" for r in sorted(reports, key=_sort_key)]
     return "\n".join(lines)
 
 
@@ -394,22 +416,29 @@ def _sort_key(r: KernelReport):
 
 
 def wgmma_summary(reports: Sequence[KernelReport]) -> List[str]:
-    """One line per sm_90 forward variant set: does the forward use wgmma?"""
-    forwards = [r for r in reports if r.variant.kernel == "fwd" and r.variant.arch == 90 and r.error is None]
+    """Does every fp16/bf16 forward on sm_90 use wgmma? (fp32 runs IEEE dots on the FMA units.)"""
+    forwards = [
+        r for r in reports
+        if r.variant.kernel == "fwd" and r.variant.arch == 90 and r.variant.dtype in HALF_DTYPES and r.error is None
+    ]
     if not forwards:
         return []
-    without = [r for r in forwards if r.mma != "wgmma"]
+    without = sorted({f"{r.variant.dtype} D={r.variant.head_dim} ({r.mma})" for r in forwards if r.mma != "wgmma"})
     if not without:
-        return [f"sm_90 forward: all {len(forwards)} variants use wgmma"]
-    return [f"sm_90 forward: {len(without)} of {len(forwards)} variants do NOT use wgmma: "
-            + ", ".join(f"{r.variant.dtype} D={r.variant.head_dim} docs={r.variant.has_docs} ({r.mma})" for r in without)]
+        return [f"sm_90 forward: all {len(forwards)} fp16/bf16 variants use wgmma"]
+    return [f"sm_90 forward: {len(without)} fp16/bf16 variant group(s) do NOT use wgmma: " + ", ".join(without)]
 
 
 def run_checks(
-    archs: Sequence[int], quick: bool = False, full: bool = False, rules: Sequence[str] = DEFAULT_RULES, workers: int = 1
+    archs: Sequence[int],
+    quick: bool = False,
+    full: bool = False,
+    rules: Sequence[str] = DEFAULT_RULES,
+    workers: int = 1,
+    dtypes: Sequence[str] = DEFAULT_DTYPES,
 ) -> Tuple[List[KernelReport], float]:
     start = time.perf_counter()
-    reports = compile_all(plan(archs, selection(quick, full), rules), workers)
+    reports = compile_all(plan(archs, selection(quick, full, dtypes), rules), workers)
     return reports, time.perf_counter() - start
 
 
@@ -420,9 +449,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS), help="target compute capabilities")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help=f"fp16/bf16 at head dims {CORE_HEAD_DIMS} only")
-    group.add_argument("--full", action="store_true", help=f"fp16, bf16 and fp32 at head dims {FULL_HEAD_DIMS}")
+    group.add_argument("--quick", action="store_true", help=f"head dims {CORE_HEAD_DIMS} only")
+    group.add_argument("--full", action="store_true", help=f"head dims {FULL_HEAD_DIMS}")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DEFAULT_DTYPES),
+                        help="dtypes to compile (fp32 spills with the shared tile configs and compiles slowly)")
     parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), help="shipped rule names (RULE_BITS is a constexpr)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -440,8 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return subprocess.run(cmd, env=env).returncode
 
     warnings.filterwarnings("ignore", message=_FP_FUSION_WARNING)
-    reports, seconds = run_checks(args.arch, args.quick, args.full, args.rules, args.jobs)
-    print(format_table(reports))
+    reports, seconds = run_checks(args.arch, args.quick, args.full, args.rules, args.jobs, args.dtypes)
+    print(format_markdown(reports) if args.markdown else format_table(reports))
     for line in wgmma_summary(reports):
         print(line)
     problems = [p for r in reports for p in r.problems()]

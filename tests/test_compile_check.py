@@ -60,13 +60,23 @@ def test_compile_errors_are_problems_and_marked_in_the_table():
     table = cc.format_table([_report(), _report(stack=8), broken]).splitlines()
     assert len(table) == 4 and table[0].split()[0] == "kernel"
     assert sorted(line.split()[-1] for line in table[1:]) == ["ERROR", "FAIL", "ok"]
+    markdown = cc.format_markdown([_report(), broken]).splitlines()
+    assert len(markdown) == 4 and markdown[1].count("---") == len(cc.TABLE_COLUMNS)
+    assert [line.split("|")[-2].strip() for line in markdown[2:]] == ["ok", "ERROR"]
 
 
 def test_wgmma_summary_names_forwards_without_wgmma():
     fine, slow = _report(), _report()
     slow.mma = "mma.sync"
-    assert "all 1 variants use wgmma" in cc.wgmma_summary([fine])[0]
-    assert "1 of 2 variants do NOT use wgmma" in cc.wgmma_summary([fine, slow])[0]
+    assert "all 1 fp16/bf16 variants use wgmma" in cc.wgmma_summary([fine])[0]
+    assert "bf16 D=128 (mma.sync)" in cc.wgmma_summary([fine, slow])[0]
+
+
+def test_selection_defaults_and_options():
+    assert cc.selection(quick=True) == [("fp16", 64), ("fp16", 128), ("bf16", 64), ("bf16", 128)]
+    default = cc.selection()
+    assert ("bf16", 256) in default and ("fp16", 256) not in default and all(d != "fp32" for d, _ in default)
+    assert len(cc.selection(full=True, dtypes=("fp32",))) == len(cc.FULL_HEAD_DIMS)
 
 
 def test_capture_refuses_the_interpreter():
@@ -132,7 +142,7 @@ def test_real_sm90_forward_compiles_clean_with_wgmma(compiled):
     assert plain["error"] is None
     assert SPILL_MAXNREG < plain["registers"] <= 255
     assert plain["stack"] == 0 and plain["local"] == 0 and plain["problems"] == []
-    assert plain["mma"] == "wgmma"
+    assert plain["mma"] == "wgmma" and plain["async_copies"]
     assert 0 < plain["shared"] <= cc.SHARED_LIMIT[90]
 
 
