@@ -87,7 +87,7 @@ def segment_attention(
         patch_interpreter_dot()
     if config is None:
         capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-        config = default_config(q.shape[-1], capability)
+        config = default_config(q.shape[-1], capability, q.dtype)
     return SegmentAttentionFunction.apply(q, k, v, layout, rule, float(scale), config)
 
 

@@ -273,7 +273,7 @@ def capture_launches(
     shape_kv = (batch, TARGET_KV_HEADS, n, head_dim)
     q, do = torch.zeros(shape_q, dtype=torch_dtype), torch.zeros(shape_q, dtype=torch_dtype)
     k, v = torch.zeros(shape_kv, dtype=torch_dtype), torch.zeros(shape_kv, dtype=torch_dtype)
-    config = config or default_config(head_dim, _capability(arch))
+    config = config or default_config(head_dim, _capability(arch), torch_dtype)
     resolved = resolve_rule(rule)
     scale = head_dim ** -0.5
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
+import torch
 import triton
 
 MIN_HEAD_DIM_BLOCK = 16
@@ -49,11 +50,31 @@ _AMPERE_CONFIGS = {
 }
 
 
+# fp32 runs exact IEEE dots without tensor cores: every product sits in registers, so the
+# half-precision tiles spill kilobytes per thread (and dQ at D=256 exceeds sm_80 shared memory).
+# These small tiles compile without spills on sm_90; sm_80 keeps 8-16 B of stack in dQ at D=80
+# and dK/dV at D=256 (compile_check --dtypes fp32 reports them).
+_FP32_CONFIGS = {
+    block_d: KernelConfig(
+        fwd_block_m=32, fwd_block_n=16,
+        dkv_block_m=16, dkv_block_n=16 if block_d == 256 else 64,
+        dq_block_m=64 if block_d <= 64 else 32, dq_block_n=16,
+        fwd_warps=8, bwd_warps=8, num_stages=2,
+    )
+    for block_d in (16, 32, 64, 128, 256)
+}
+
+
 def head_dim_block(head_dim: int) -> int:
     return max(MIN_HEAD_DIM_BLOCK, triton.next_power_of_2(head_dim))
 
 
-def default_config(head_dim: int, capability: Optional[Tuple[int, int]] = None) -> KernelConfig:
-    """The launch settings for a head dim on a GPU of compute ``capability`` (Hopper by default)."""
-    table = _HOPPER_CONFIGS if (capability or HOPPER) >= HOPPER else _AMPERE_CONFIGS
+def default_config(
+    head_dim: int, capability: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+) -> KernelConfig:
+    """The launch settings for a head dim and dtype on a GPU of compute ``capability`` (Hopper by default)."""
+    if dtype == torch.float32:
+        table = _FP32_CONFIGS
+    else:
+        table = _HOPPER_CONFIGS if (capability or HOPPER) >= HOPPER else _AMPERE_CONFIGS
     return table[head_dim_block(head_dim)]
