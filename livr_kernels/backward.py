@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .blocks import SegmentLayout
 from .config import KernelConfig, head_dim_block
-from .forward import LOG2E, PAD_KIND, segment_allowed
+from .forward import LOG2E, PAD_KIND, dot_precision, segment_allowed
 from .segments import AttentionRule
 
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
@@ -54,7 +54,7 @@ def _dkv_tile(
     BLOCK_M: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,10 +72,7 @@ def _dkv_tile(
         b_lse = tl.load(p_lse + o_m)
         b_delta = tl.load(p_delta + o_m)
     # [BN, BM]: the tile transposed, keys along rows.
-    if IEEE:
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision="ieee") * scale_log2
-    else:
-        b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2
     b_pt = tl.math.exp2(b_st - b_lse[None, :])
     if MASKED:
         b_pos_q = offset + o_m
@@ -86,21 +83,14 @@ def _dkv_tile(
         # [BM, BN] -> [BN, BM]
         b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
         b_pt = tl.where(tl.trans(b_allow), b_pt, 0.0)
-    if IEEE:
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision="ieee")
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")
-    else:
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-        b_dpt = tl.dot(b_v, tl.trans(b_do))
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
-    if IEEE:
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision="ieee")
-    else:
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     return b_dk, b_dv
 
 
-@triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
+@triton.heuristics({"DOT_PRECISION": dot_precision})
 @triton.jit
 def segment_attention_bwd_kernel_dkv(
     q, k, v, do, lse, delta, dk, dv, seg, doc,
@@ -122,7 +112,7 @@ def segment_attention_bwd_kernel_dkv(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_kvh = i_bh // HKV, i_bh % HKV
@@ -165,13 +155,13 @@ def segment_attention_bwd_kernel_dkv(
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
                 tl.load(p_full + i_t), n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
-                BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, False,
+                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
             )
         for i_t in range(0, n_partial):
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
                 tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
-                BLOCK_M, RULE_BITS, HAS_DOCS, IEEE, True,
+                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
             )
 
     p_dk = dk + i_b64 * stride_dkb + i_kvh.to(tl.int64) * stride_dkh
@@ -188,7 +178,7 @@ def _dq_tile(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,12 +191,8 @@ def _dq_tile(
         b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
         b_vt = tl.load(p_v + o_n[None, :] * stride_vn + o_d[:, None], mask=m_d[:, None], other=0.0)
     # [BM, BN]
-    if IEEE:
-        b_s = tl.dot(b_q, b_kt, input_precision="ieee") * scale_log2
-        b_dp = tl.dot(b_do, b_vt, input_precision="ieee")
-    else:
-        b_s = tl.dot(b_q, b_kt) * scale_log2
-        b_dp = tl.dot(b_do, b_vt)
+    b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * scale_log2
+    b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     if MASKED:
         b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
@@ -216,14 +202,11 @@ def _dq_tile(
         b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
         b_p = tl.where(b_allow, b_p, 0.0)
     b_ds = b_p * (b_dp - b_delta[:, None])
-    if IEEE:
-        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision="ieee")
-    else:
-        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt))
+    b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
     return b_dq
 
 
-@triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
+@triton.heuristics({"DOT_PRECISION": dot_precision})
 @triton.jit
 def segment_attention_bwd_kernel_dq(
     q, k, v, do, lse, delta, dq, seg, doc,
@@ -243,7 +226,7 @@ def segment_attention_bwd_kernel_dq(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HQ, i_bh % HQ
@@ -281,14 +264,14 @@ def segment_attention_bwd_kernel_dq(
         b_dq = _dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
             tl.load(p_full + i_t), n_k, stride_kn, stride_vn, o_d, m_d, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
         )
     p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
     for i_t in range(0, tl.load(partial_count + i_row)):
         b_dq = _dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
             tl.load(p_partial + i_t), n_k, stride_kn, stride_vn, o_d, m_d, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
         )
     p_dq = dq + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqn + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)

@@ -4,7 +4,7 @@ No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 3
 pipeline down to a cubin with the ptxas shipped in the Triton wheel, and the wheel's ``cuobjdump
 -res-usage`` reads the cubin's resources. What is compiled is not written down here: the host
 wrappers (``segment_attention_fwd`` / ``segment_attention_bwd``) run on small CPU tensors with each
-kernel's launch intercepted, so signatures, constexprs (the ``IEEE`` heuristic included), tile sizes,
+kernel's launch intercepted, so signatures, constexprs (the ``DOT_PRECISION`` heuristic included), tile sizes,
 ``num_warps`` and ``num_stages`` are exactly what the package launches with ``default_config``.
 
 Where the numbers come from (checked against ``ptxas -v`` of the same compile, see

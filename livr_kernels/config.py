@@ -1,7 +1,7 @@
 """Tile sizes and launch settings for the kernels, chosen by padded head dim and GPU generation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -25,9 +25,6 @@ class KernelConfig:
     fwd_warps: int = 4
     bwd_warps: int = 8
     num_stages: int = 3
-
-    def with_blocks(self, **sizes) -> "KernelConfig":
-        return replace(self, **sizes)
 
 
 # Register use grows with BLOCK_D: the dK/dV kernel keeps K, V, dK and dV of a key block on chip,

@@ -25,6 +25,11 @@ PAD_KIND = tl.constexpr(4)
 _alloc = torch.empty
 
 
+def dot_precision(args) -> Optional[str]:
+    """fp32 inputs get exact IEEE dots (TF32 would miss the fp32 tolerance); half types the default."""
+    return "ieee" if args["q"].dtype == torch.float32 else None
+
+
 @triton.jit
 def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_BITS: tl.constexpr, HAS_DOCS: tl.constexpr):
     """[BM, BN] boolean: query may attend key (causal, rule table with PAD rows/cols off, same doc)."""
@@ -43,7 +48,7 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,10 +61,7 @@ def _fwd_tile(
     else:
         b_k = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
         b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_d[None, :], other=0.0)
-    if IEEE:
-        b_s = tl.dot(b_q, b_k, input_precision="ieee") * scale_log2
-    else:
-        b_s = tl.dot(b_q, b_k) * scale_log2
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * scale_log2
     # [BM, BN]
     if MASKED:
         b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
@@ -77,14 +79,11 @@ def _fwd_tile(
     b_p = tl.math.exp2(b_s - b_m_shift[:, None])
     b_alpha = tl.math.exp2(b_m - b_m_shift)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    if IEEE:
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-    else:
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_acc, b_m_new, b_l
 
 
-@triton.heuristics({"IEEE": lambda args: args["q"].dtype == torch.float32})
+@triton.heuristics({"DOT_PRECISION": dot_precision})
 @triton.jit
 def segment_attention_fwd_kernel(
     q, k, v, o, lse, seg, doc,
@@ -103,7 +102,7 @@ def segment_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HQ, i_bh % HQ
@@ -138,13 +137,13 @@ def segment_attention_fwd_kernel(
     for i_t in range(0, tl.load(full_count + i_row)):
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, tl.load(p_full + i_t), n_k,
-            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, False,
+            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
         )
     p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
     for i_t in range(0, tl.load(partial_count + i_row)):
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, tl.load(p_partial + i_t), n_k,
-            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, IEEE, True,
+            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
         )
 
     # Rows that saw no allowed key: output 0, log-sum-exp +inf so the backward gives them p = 0.
