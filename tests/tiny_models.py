@@ -95,19 +95,26 @@ def _qwen_text_config(**overrides) -> dict:
     return config
 
 
+def _qwen_vision_config(**extra) -> dict:
+    """The vision-tower settings Qwen2.5-VL and Qwen3-VL share, plus each one's own keys."""
+    return dict(
+        depth=VISION_DEPTH,
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_heads=VISION_HEADS,
+        in_channels=CHANNELS,
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=QWEN_TEMPORAL_PATCH,
+        out_hidden_size=TEXT_HIDDEN,
+        **extra,
+    )
+
+
 def tiny_qwen2_5_vl_config(num_layers: int = 2) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=_qwen_text_config(num_hidden_layers=num_layers),
-        vision_config=dict(
-            depth=VISION_DEPTH,
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=VISION_INTERMEDIATE,
-            num_heads=VISION_HEADS,
-            in_channels=CHANNELS,
-            patch_size=QWEN_PATCH,
-            spatial_merge_size=QWEN_MERGE,
-            temporal_patch_size=QWEN_TEMPORAL_PATCH,
-            out_hidden_size=TEXT_HIDDEN,
+        vision_config=_qwen_vision_config(
             window_size=QWEN_PATCH * QWEN_MERGE * 2,
             fullatt_block_indexes=[VISION_DEPTH - 1],
         ),
@@ -124,16 +131,7 @@ def tiny_qwen3_vl_config(num_layers: int = 2) -> Qwen3VLConfig:
     text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
     return Qwen3VLConfig(
         text_config=text,
-        vision_config=dict(
-            depth=VISION_DEPTH,
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=VISION_INTERMEDIATE,
-            num_heads=VISION_HEADS,
-            in_channels=CHANNELS,
-            patch_size=QWEN_PATCH,
-            spatial_merge_size=QWEN_MERGE,
-            temporal_patch_size=QWEN_TEMPORAL_PATCH,
-            out_hidden_size=TEXT_HIDDEN,
+        vision_config=_qwen_vision_config(
             num_position_embeddings=QWEN3_POSITION_EMBEDDINGS,
             deepstack_visual_indexes=[0],
         ),
