@@ -1,0 +1,260 @@
+"""One command for a lent GPU: compiled-kernel tests, then the attention benchmarks, as a dated table.
+
+    python3 benchmarks/gpu_report.py [--results benchmarks/RESULTS.md] [--quick]
+
+Uses the torch and triton already installed (it never installs anything). Steps:
+
+1. ``pytest tests/test_kernels_cuda.py``: the compiled kernels, forward and every gradient,
+   against the float64 reference.
+2. Timings (CUDA events, median, ``triton.testing.do_bench``) on the LIVR layouts of
+   ``benchmarks/layouts.py`` at the issue's setting (bf16, D=128, Hq=16, Hkv=2, 16k tokens per
+   batch): livr with a prebuilt layout and with the layout built per call, SDPA with a dense mask,
+   SDPA ``is_causal`` (no LIVR mask: the floor), FlexAttention (Triton backend) with the block
+   mask prebuilt and built per call, FlexAttention's FLASH backend and flash-attn where they import.
+   Forward, backward (forward+backward minus forward) and TFLOP/s of the required work.
+3. FlexAttention recompiles: first-call time of each new sequence length.
+
+The markdown lands in ``--results`` (appended) and on stdout; ``--json`` keeps every number.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import test_attention as bench  # noqa: E402
+
+WARMUP_MS = 50
+REPEAT_MS = 300
+QUICK_REPEAT_MS = 100
+TFLOP = 1e12
+# The CUDA tests compile every kernel variant they touch; a hang must not eat the whole lease.
+TEST_TIMEOUT_S = 300
+TEST_WORKERS = 8
+BWD_FLOP_FACTOR = 2.5
+TARGETS = (
+    "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
+    "fwd >= 450, bwd >= 300 TFLOP/s of required work"
+)
+METHODS = ("livr", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
+    for name in ("transformers", "peft", "accelerate", "flash_attn"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # an optional package may be missing or broken; the report says so
+            out[name] = "not importable"
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name()
+        out["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def run_cuda_tests() -> dict:
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels_cuda.py"), "-q", "-p", "no:cacheprovider"]
+    try:
+        import xdist  # noqa: F401  (compiling the kernel variants dominates: spread it over the CPU cores)
+
+        cmd += ["-n", str(min(TEST_WORKERS, os.cpu_count() or 1))]
+    except ImportError:
+        pass
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        print(output[-3000:], flush=True)
+        return {"returncode": 1, "summary": f"timed out after {TEST_TIMEOUT_S} s", "seconds": time.perf_counter() - start}
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    print("\n".join(tail), flush=True)
+    return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.perf_counter() - start}
+
+
+def flex_flash_runner():
+    """FlexAttention's FLASH backend (torch >= 2.9 with flash-attn's CuTe kernels), or None."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(case, q, k, v):
+        block_mask = case.cached("block_mask", lambda: bench.build_block_mask(case))
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options={"BACKEND": "FLASH"})
+
+    return run
+
+
+def flash_attn_runner():
+    """flash-attn's causal kernel (no LIVR mask; a second floor), or None where it is absent."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def run(case, q, k, v):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def time_method(case, method: str, repeat_ms: int) -> dict:
+    """Median ms of the forward and of forward+backward, or the error that stopped it."""
+    result = {}
+    for mode in bench.MODES:
+        try:
+            step = bench.make_step(case, method, mode)
+            out = step()
+            if mode == "fwd":
+                expected = bench.expected_output(case, method)
+                if expected is not None:
+                    live = case.live_rows[:, None, :, None].expand_as(out)
+                    err = (out.float()[live] - expected.float()[live]).abs().max().item()
+                    result["max_abs_diff"] = err
+            result[mode] = do_bench(step, warmup=WARMUP_MS, rep=repeat_ms, return_mode="median")
+        except Exception as exc:  # one failing method must not hide the others' numbers
+            result[mode] = None
+            result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            break
+    return result
+
+
+def flex_recompile_times(layout_name: str, lengths) -> list:
+    """First-call time (compile + run) of compiled flex for each new sequence length."""
+    rows = []
+    for n in lengths:
+        case = bench.make_case(layout_name, n)
+        step = bench.make_step(case, "flex", "fwd_bwd")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        rows.append({"n": n, "first_call_s": first, "steady_ms": do_bench(step, warmup=10, rep=50, return_mode="median")})
+    return rows
+
+
+def required_tflops(flops: float, ms) -> str:
+    return "-" if ms is None or ms <= 0 else f"{flops / (ms * 1e-3) / TFLOP:.0f}"
+
+
+def fmt_ms(ms) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
+def benchmark(lengths, layouts, repeat_ms) -> list:
+    extra = {"flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
+    for name, runner in extra.items():
+        if runner is not None:
+            bench.RUNNERS[name] = runner
+    rows = []
+    for layout_name in layouts:
+        for n in lengths:
+            case = bench.make_case(layout_name, n)
+            fwd_flops = bench.FWD_FLOPS_PER_PAIR_PER_DIM * bench.SHAPE.head_dim * case.allowed_pairs * bench.SHAPE.q_heads
+            for method in METHODS:
+                if method not in bench.RUNNERS:
+                    rows.append({"layout": layout_name, "n": n, "method": method, "error": "not importable here"})
+                    continue
+                timing = time_method(case, method, repeat_ms)
+                fwd, fwd_bwd = timing.get("fwd"), timing.get("fwd_bwd")
+                bwd = None if fwd is None or fwd_bwd is None else fwd_bwd - fwd
+                row = {
+                    "layout": layout_name, "n": n, "batch": case.segment_ids.shape[0], "method": method,
+                    "fwd_ms": fwd, "bwd_ms": bwd, "fwd_bwd_ms": fwd_bwd,
+                    "fwd_tflops": required_tflops(fwd_flops, fwd),
+                    "bwd_tflops": required_tflops(BWD_FLOP_FACTOR * fwd_flops, bwd),
+                    "allowed_of_causal": case.allowed_pairs / case.causal_pairs,
+                    **{k: v for k, v in timing.items() if k in ("error", "max_abs_diff")},
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            bench.make_case.cache_clear()
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(info: dict, tests: dict, rows: list, recompiles: list) -> str:
+    lines = [
+        f"## {datetime.date.today().isoformat()}, {info.get('device', 'no GPU')} ({info.get('capability', '-')}): make gpu-report",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("device", "capability")) + ".",
+        f"Shape: {str(bench.SHAPE.dtype).replace('torch.', '')}, D={bench.SHAPE.head_dim}, "
+        f"Hq={bench.SHAPE.q_heads}, Hkv={bench.SHAPE.kv_heads}, {bench.SHAPE.tokens_per_batch} tokens per batch, bottleneck rule.",
+        f"CUDA tests (tests/test_kernels_cuda.py): {tests['summary']} in {tests['seconds']:.0f} s.",
+        "Times are medians of CUDA-event timings (triton.testing.do_bench); bwd = fwd+bwd minus fwd; "
+        "TFLOP/s count only the work the mask requires (4*D FLOPs per allowed pair and head, x2.5 for bwd), "
+        "the same numerator for every method. " + TARGETS + ".",
+        "",
+        "| layout | N | B | method | fwd ms | bwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | vs livr (fwd+bwd) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    livr = {(r["layout"], r["n"]): r.get("fwd_bwd_ms") for r in rows if r["method"] == "livr"}
+    for r in rows:
+        base = livr.get((r["layout"], r["n"]))
+        ratio = "-" if not base or not r.get("fwd_bwd_ms") else f"{r['fwd_bwd_ms'] / base:.2f}x"
+        note = r.get("error", "")
+        if "max_abs_diff" in r:
+            note = (note + f" max diff {r['max_abs_diff']:.2g}").strip()
+        lines.append(
+            f"| {r['layout']} | {r['n']} | {r.get('batch', '-')} | {r['method']} | {fmt_ms(r.get('fwd_ms'))} | "
+            f"{fmt_ms(r.get('bwd_ms'))} | {fmt_ms(r.get('fwd_bwd_ms'))} | {r.get('fwd_tflops', '-')} | "
+            f"{r.get('bwd_tflops', '-')} | {ratio} | {note} |"
+        )
+    if recompiles:
+        lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
+                  "| N | first call s | steady ms |", "|---|---|---|"]
+        lines += [f"| {r['n']} | {r['first_call_s']:.1f} | {r['steady_ms']:.3f} |" for r in recompiles]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="markdown file to append the report to")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
+    parser.add_argument("--quick", action="store_true", help="N=4k and 8k only, shorter timing")
+    parser.add_argument("--skip-tests", action="store_true", help="timings only")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths to time (default: 2k, 4k, 8k, 16k)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-report needs a CUDA GPU; none is visible to torch", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: gpu-report times compiled kernels", file=sys.stderr)
+        return 2
+    info = versions()
+    print(json.dumps(info), flush=True)
+    tests = {"returncode": None, "summary": "skipped (--skip-tests)", "seconds": 0.0}
+    if not args.skip_tests:
+        tests = run_cuda_tests()
+    lengths = args.lengths or ((4096, 8192) if args.quick else bench.SHAPE.seq_lens)
+    rows = benchmark(lengths, bench.LAYOUT_NAMES, QUICK_REPEAT_MS if args.quick else REPEAT_MS)
+    recompiles = flex_recompile_times("single", (3000, 5000, 7000))
+    report = markdown(info, tests, rows, recompiles)
+    print(report, flush=True)
+    with open(args.results, "a", encoding="utf-8") as fh:
+        fh.write("\n" + report)
+    if args.json:
+        args.json.write_text(json.dumps({"versions": info, "tests": tests, "rows": rows, "recompiles": recompiles}, indent=1))
+    return 0 if tests["returncode"] in (0, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
