@@ -20,7 +20,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .data import SYNTHETIC_TASKS, Example, answer_text, collate, encode_example, format_prompt, make_synthetic_dataset
+from livr_model.prompts import Example, answer_text, collate, encode_example, format_prompt
+
+from .data.synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
