@@ -13,7 +13,8 @@ from livr_model.app.tiny import build_tiny_model, build_tiny_processor
 from livr_model.app.config import TrainConfig, stage_plan
 from livr_model.app.models import load_trained
 from livr_model.app.state import trainable_state_dict
-from livr_model.app.train import StageSchedule, accumulation_groups, answer_nll, epoch_order, rank_batches, steps_per_epoch, train
+from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
+from livr_model.app.train import answer_nll, train
 
 IMAGE_SIZE = 28
 TEXT_HIDDEN = 64

@@ -14,7 +14,6 @@ takes its slice of every global batch, so a resumed run sees exactly the batches
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,71 +30,11 @@ from .config import TrainConfig, stage_plan
 from .data import prepare_data
 from .files import atomic_write_json, atomic_write_yaml
 from .models import build_trainable_model, load_model_and_processor, make_encoder, trainable_summary
+from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
 from .state import RUN_CONFIG_JSON, RUN_CONFIG_YAML, SELECTED_POINTER, ResumeState, load_resume, read_pointer, unwrap
 
-# The first update of a stage must not have lr 0: warmup factor is (s + 1) / (W + 1).
-WARMUP_OFFSET = 1
 # Encoded examples are cached in memory while their total size stays under this budget.
 ENCODE_CACHE_BYTES = 2 << 30
-
-
-class StageSchedule:
-    """LR factor per optimizer step: per stage, linear warmup over ``warmup_ratio`` of its steps then
-    cosine decay to 0, restarted at each stage boundary. A plain object (not a closure) so LambdaLR
-    can save it in its state dict."""
-
-    def __init__(self, stage_steps: Sequence[int], warmup_ratio: float):
-        if any(int(s) < 0 for s in stage_steps):
-            raise ValueError(f"stage_steps must be non-negative; got {list(stage_steps)}")
-        self.stage_steps = [int(s) for s in stage_steps]
-        self.warmup_ratio = float(warmup_ratio)
-
-    def locate(self, step: int) -> tuple:
-        """(stage index, step inside that stage) of a global optimizer step."""
-        start = 0
-        for index, n in enumerate(self.stage_steps):
-            if step < start + n:
-                return index, step - start
-            start += n
-        return len(self.stage_steps) - 1, step - (start - self.stage_steps[-1])
-
-    def __call__(self, step: int) -> float:
-        index, local = self.locate(step)
-        total = self.stage_steps[index]
-        if total <= 0:
-            return 0.0
-        warmup = math.ceil(self.warmup_ratio * total)
-        if local < warmup:
-            return (local + WARMUP_OFFSET) / (warmup + WARMUP_OFFSET)
-        progress = min(1.0, (local - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list:
-    """The example order of one epoch; depends only on (seed, epoch), never on global RNG state."""
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(num_examples, generator=generator).tolist()
-
-
-def rank_batches(order: Sequence[int], batch_size: int, world_size: int, rank: int) -> list:
-    """This rank's micro-batches of one epoch. A global micro-batch holds ``batch_size`` examples per
-    rank; the order wraps around so every rank gets the same number of micro-batches (DDP needs it)."""
-    if not order:
-        raise ValueError("order must hold at least one example")
-    global_batch = batch_size * world_size
-    num_micro = math.ceil(len(order) / global_batch)
-    padded = list(order) + [order[i % len(order)] for i in range(num_micro * global_batch - len(order))]
-    return [padded[m * global_batch + rank * batch_size: m * global_batch + (rank + 1) * batch_size] for m in range(num_micro)]
-
-
-def accumulation_groups(micro_batches: Sequence, grad_accum: int) -> list:
-    """Micro-batches grouped into optimizer steps; the last group of an epoch may be shorter."""
-    return [list(micro_batches[i:i + grad_accum]) for i in range(0, len(micro_batches), grad_accum)]
-
-
-def steps_per_epoch(num_examples: int, cfg: TrainConfig, world_size: int) -> int:
-    micro = math.ceil(num_examples / (cfg.batch_size * world_size))
-    return math.ceil(micro / cfg.grad_accum)
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
