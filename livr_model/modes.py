@@ -44,10 +44,9 @@ PROBE_LATENTS_REMOVED = "latents_removed"
 PROBE_BOTTLENECK_FORCED = "bottleneck_forced"
 PROBE_HEATMAP = "heatmap"
 PROBES = (PROBE_ANSWER_ATTENTION, PROBE_LATENTS_REMOVED, PROBE_BOTTLENECK_FORCED, PROBE_HEATMAP)
-# Probes that read latent positions, and the one that needs latent text it can remove: removing
-# mask-only's slots changes nothing under the standard rule (they are ordinary text).
+# Probes for latent slots of existing tokens: all but "latents removed", since removing mask-only's
+# slots changes nothing under the standard rule (they are ordinary text).
 SLOT_PROBES = (PROBE_ANSWER_ATTENTION, PROBE_BOTTLENECK_FORCED, PROBE_HEATMAP)
-ALL_PROBES = PROBES
 
 TWO_STAGE_NAMES = ("stage1", "stage2")
 
@@ -134,12 +133,13 @@ def get_mode(name) -> Mode:
 
 for _mode in (
     Mode("sft", LATENTS_NONE, ("standard",), description="plain supervised fine-tuning, one stage"),
-    Mode("livr", LATENTS_NEW, ("bottleneck", "standard"), trains=(TRAIN_LORA, TRAIN_LATENT_ROWS), probes=ALL_PROBES,
+    Mode("livr", LATENTS_NEW, ("bottleneck", "standard"), trains=(TRAIN_LORA, TRAIN_LATENT_ROWS), probes=PROBES,
          description="K new latents; stage 1 under the visual bottleneck, stage 2 standard"),
-    Mode("latents-only", LATENTS_NEW, ("standard", "standard"), trains=(TRAIN_LORA, TRAIN_LATENT_ROWS), probes=ALL_PROBES,
+    Mode("latents-only", LATENTS_NEW, ("standard", "standard"), trains=(TRAIN_LORA, TRAIN_LATENT_ROWS), probes=PROBES,
          description="K new latents, no bottleneck in either stage"),
     Mode("mask-only", LATENTS_SLOTS, ("bottleneck", "standard"), probes=SLOT_PROBES,
          description="the bottleneck with the user's last K text tokens as latents, no new tokens"),
     Mode("image-twice", LATENTS_NONE, ("standard",), prepare=images_twice, description="every image given twice, one stage"),
 ):
     register_mode(_mode)
+del _mode

@@ -5,7 +5,7 @@ does at a step or an epoch end is a ``Callback`` in a list, called in order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 from accelerate.utils import gather_object
@@ -55,7 +55,6 @@ class RunContext:
     # Set by Validate at an epoch end.
     val_metric: Optional[float] = None
     is_best: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Callback:
