@@ -107,14 +107,9 @@ def _clear_optimizer_state(optimizer) -> None:
     inner.state.clear()
 
 
-def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, val_examples=None,
-          step_callback: Optional[Callable[[StepInfo], None]] = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Run (or, with ``cfg.resume``, continue) a LIVR training run; returns the trained model.
-
-    ``model``/``processor`` default to loading ``cfg.model``; ``train_examples``/``val_examples``
-    default to ``prepare_data(cfg)``. ``step_callback`` is called after every optimizer step;
-    ``callbacks`` run after the standard ones (progress, validation, checkpoints).
-    """
+def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples) -> tuple:
+    """Everything before the first step: model, encoder, encoded data, optimizer, schedule, resume
+    state. Returns (run context, encoded training set, stage plan, processor, training examples)."""
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
@@ -140,8 +135,7 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
         print(trainable_summary(model, latent_ids), flush=True)
 
     plan = stage_plan(cfg)
-    world = accelerator.num_processes
-    per_epoch = steps_per_epoch(len(dataset), cfg, world)
+    per_epoch = steps_per_epoch(len(dataset), cfg, accelerator.num_processes)
     schedule = StageSchedule([s.epochs * per_epoch for s in plan], cfg.warmup_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -157,10 +151,44 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
     run = RunContext(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, handle=handle,
                      encoder=encoder, latent_ids=latent_ids, state=state, val_examples=val_examples,
                      single_task=not _is_multitask(train_examples))
-    hooks = default_callbacks(step_callback) + list(callbacks)
-    device = accelerator.device
-    stop = False
+    return run, dataset, plan, processor, train_examples
 
+
+def _optimizer_step(run: RunContext, dataset: EncodedCache, group: Sequence) -> tuple:
+    """One optimizer step over a group of micro-batches (gradient accumulation); (loss, lr used)."""
+    cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
+    total_loss = 0.0
+    for micro_index, indices in enumerate(group):
+        batch, labels, segment_ids = run.encoder.collate([dataset[i] for i in indices], padding_side="right",
+                                                         device=accelerator.device)
+        last = micro_index == len(group) - 1
+        with (nullcontext() if last else accelerator.no_sync(model)):
+            with accelerator.autocast():
+                logits = model(**batch, segment_ids=segment_ids).logits
+            loss = answer_nll(logits, labels) / len(group)
+            accelerator.backward(loss)
+        total_loss += loss.item()
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, lr
+
+
+def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, val_examples=None,
+          step_callback: Optional[Callable[[StepInfo], None]] = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Run (or, with ``cfg.resume``, continue) a LIVR training run; returns the trained model.
+
+    ``model``/``processor`` default to loading ``cfg.model``; ``train_examples``/``val_examples``
+    default to ``prepare_data(cfg)``. ``step_callback`` is called after every optimizer step;
+    ``callbacks`` run after the standard ones (progress, validation, checkpoints).
+    """
+    run, dataset, plan, processor, train_examples = _start_run(cfg, model, processor, train_examples, val_examples)
+    accelerator, handle, state = run.accelerator, run.handle, run.state
+    hooks = default_callbacks(step_callback) + list(callbacks)
+    stop = False
     epoch_index = 0
     for stage_index, stage in enumerate(plan):
         stage_first_epoch = epoch_index
@@ -171,38 +199,22 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
                 continue
             handle.set_rule(stage.rule)
             if epoch == stage_first_epoch and stage_index > 0 and state.batch_in_epoch == 0 and cfg.reset_optimizer_per_stage:
-                _clear_optimizer_state(optimizer)
+                _clear_optimizer_state(run.optimizer)
             order = epoch_order(len(dataset), cfg.seed, epoch)
-            my_batches = rank_batches(order, cfg.batch_size, world, accelerator.process_index)
+            my_batches = rank_batches(order, cfg.batch_size, accelerator.num_processes, accelerator.process_index)
             groups_of_epoch = accumulation_groups(my_batches, cfg.grad_accum)
             run.stage, run.epoch, run.epoch_in_stage = stage, epoch, epoch - stage_first_epoch
             for hook in hooks:
                 hook.on_epoch_begin(run, len(groups_of_epoch))
-            model.train()
+            run.model.train()
             for group_index in range(state.batch_in_epoch, len(groups_of_epoch)):
-                group = groups_of_epoch[group_index]
-                total_loss = 0.0
-                for micro_index, indices in enumerate(group):
-                    batch, labels, segment_ids = encoder.collate([dataset[i] for i in indices], padding_side="right", device=device)
-                    last = micro_index == len(group) - 1
-                    with (nullcontext() if last else accelerator.no_sync(model)):
-                        with accelerator.autocast():
-                            logits = model(**batch, segment_ids=segment_ids).logits
-                        loss = answer_nll(logits, labels) / len(group)
-                        accelerator.backward(loss)
-                    total_loss += loss.item()
-                if cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss, lr = _optimizer_step(run, dataset, groups_of_epoch[group_index])
                 state.global_step += 1
                 state.epoch = epoch
                 state.batch_in_epoch = group_index + 1
                 run.at_epoch_end = group_index + 1 == len(groups_of_epoch)
                 run.hit_max_steps = cfg.max_steps is not None and state.global_step >= cfg.max_steps
-                info = StepInfo(state.global_step, stage.name, handle.rule.name, epoch, total_loss, lr)
+                info = StepInfo(state.global_step, stage.name, handle.rule.name, epoch, loss, lr)
                 for hook in hooks:
                     hook.on_step_end(run, info)
                 if run.hit_max_steps:
@@ -223,7 +235,7 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
 
     handle.set_rule(cfg.eval_rule)
     return TrainResult(
-        model=unwrap(accelerator, model), processor=processor, handle=handle, encoder=encoder,
-        latent_token_ids=latent_ids, state=state, selected_checkpoint=read_pointer(output_dir, SELECTED_POINTER),
-        train_examples=list(train_examples), val_examples=val_examples, accelerator=accelerator,
+        model=unwrap(accelerator, run.model), processor=processor, handle=handle, encoder=run.encoder,
+        latent_token_ids=run.latent_ids, state=state, selected_checkpoint=read_pointer(Path(cfg.output_dir), SELECTED_POINTER),
+        train_examples=list(train_examples), val_examples=run.val_examples, accelerator=accelerator,
     )
