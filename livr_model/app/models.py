@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from livr_model.archs import get_arch
 from livr_model.latents import DELTA_PARAMETER, add_latent_tokens, load_latent_state_dict, restrict_embedding_grad
+from livr_model.modes import TRAIN_LATENT_ROWS
 from livr_model.patch import patch_attention
 from livr_model.prompts import PromptEncoder
 
@@ -47,9 +48,9 @@ def make_encoder(cfg: TrainConfig, model, processor, latent_token_ids: Sequence[
 def build_trainable_model(cfg: TrainConfig, model, processor):
     """Latent tokens (modes that add them), LoRA on the language model, everything else frozen,
     and the LIVR attention patch. Returns (peft model, handle, latent token ids)."""
-    arch = get_arch(model)
+    arch, mode = get_arch(model), cfg.mode_spec
     latent_ids = ()
-    if cfg.mode_spec.new_latents:
+    if mode.new_latents:
         latent_ids = tuple(int(i) for i in add_latent_tokens(model, processor, k=cfg.latents, seed=cfg.seed))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -57,7 +58,7 @@ def build_trainable_model(cfg: TrainConfig, model, processor):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora)
-    if latent_ids:
+    if TRAIN_LATENT_ROWS in mode.trains:
         restrict_embedding_grad(peft_model, latent_ids)
     if cfg.gradient_checkpointing:
         peft_model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
