@@ -29,8 +29,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "livr-train=livr_model.cli:train_main",
-            "livr-eval=livr_model.cli:eval_main",
+            "livr-train=livr_model.app.cli:train_main",
+            "livr-eval=livr_model.app.cli:eval_main",
         ]
     },
 )

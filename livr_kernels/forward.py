@@ -16,10 +16,11 @@ import triton.language as tl
 
 from .blocks import SegmentLayout
 from .config import KernelConfig, head_dim_block
-from .segments import AttentionRule
+from .segments import NUM_SEGMENTS, AttentionRule, Segment
 
 LOG2E = 1.4426950408889634
-PAD_KIND = tl.constexpr(4)
+PAD_KIND = tl.constexpr(int(Segment.PAD))
+NUM_KINDS = tl.constexpr(NUM_SEGMENTS)
 
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
 _alloc = torch.empty
@@ -33,7 +34,7 @@ def dot_precision(args) -> Optional[str]:
 @triton.jit
 def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_BITS: tl.constexpr, HAS_DOCS: tl.constexpr):
     """[BM, BN] boolean: query may attend key (causal, rule table with PAD rows/cols off, same doc)."""
-    b_allow = ((RULE_BITS >> (b_seg_q[:, None] * 5 + b_seg_k[None, :])) & 1) != 0
+    b_allow = ((RULE_BITS >> (b_seg_q[:, None] * NUM_KINDS + b_seg_k[None, :])) & 1) != 0
     b_allow = b_allow & (b_pos_k[None, :] <= b_pos_q[:, None])
     if HAS_DOCS:
         b_allow = b_allow & (b_doc_q[:, None] == b_doc_k[None, :])

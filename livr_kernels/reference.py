@@ -42,6 +42,31 @@ def segment_mask(
     return mask
 
 
+def reference_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    segment_ids: torch.Tensor,
+    rule: RuleLike = "bottleneck",
+    doc_ids: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention probabilities with the segment mask, (B, Hq, Nq, Nk) in fp32 or wider (the softmax
+    dtype). Rows with no allowed key are exactly 0.
+
+    q (B, Hq, Nq, D); k (B, Hkv, Nk, D).
+    """
+    n_q, head_dim = q.shape[-2], q.shape[-1]
+    group = q.shape[1] // k.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    mask = segment_mask(segment_ids, rule, doc_ids, num_queries=n_q)[:, None]
+    k = k.repeat_interleave(group, dim=1)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(softmax_dtype) * scale
+    has_key = mask.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,15 +81,6 @@ def reference_attention(
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); returns (B, Hq, Nq, D).
     """
-    n_q, head_dim = q.shape[-2], q.shape[-1]
-    group = q.shape[1] // k.shape[1]
-    scale = head_dim ** -0.5 if scale is None else scale
-    mask = segment_mask(segment_ids, rule, doc_ids, num_queries=n_q)[:, None]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(softmax_dtype) * scale
-    has_key = mask.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
-    probs = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
-    return torch.matmul(probs.to(v.dtype), v)
+    group = q.shape[1] // v.shape[1]
+    probs = reference_probs(q, k, segment_ids, rule, doc_ids, scale)
+    return torch.matmul(probs.to(v.dtype), v.repeat_interleave(group, dim=1))

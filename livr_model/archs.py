@@ -129,6 +129,11 @@ def register_arch(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:
     return spec
 
 
+def tokenizer_of(processor):
+    """The tokenizer inside a processor (or the tokenizer itself when given one)."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def _config_of(model_or_config):
     config = getattr(model_or_config, "config", model_or_config)
     if not hasattr(config, "model_type"):

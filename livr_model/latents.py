@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .archs import tokenizer_of
+
 LATENT_TOKEN_FORMAT = "<|latent_{}|>"
 DEFAULT_NUM_LATENTS = 16
 DELTA_PARAMETER = "livr_latent_delta"
@@ -31,10 +33,6 @@ def latent_token_strings(k: int) -> List[str]:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive int (number of latent tokens); got {k!r}")
     return [LATENT_TOKEN_FORMAT.format(i) for i in range(k)]
-
-
-def _tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
 
 
 def _embedding_weight(model) -> torch.Tensor:
@@ -71,7 +69,7 @@ def add_latent_tokens(model, processor, k: int = DEFAULT_NUM_LATENTS, seed=None)
     tokenizer holding some but not all of them is an error.
     """
     strings = latent_token_strings(k)
-    tokenizer = _tokenizer_of(processor)
+    tokenizer = tokenizer_of(processor)
     if not hasattr(tokenizer, "add_tokens"):
         raise ValueError(f"processor must be a processor or tokenizer with add_tokens; got {type(processor).__name__}")
     vocab = tokenizer.get_vocab()

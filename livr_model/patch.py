@@ -25,11 +25,12 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from livr_kernels import AttentionRule, Segment, SegmentLayout, resolve_rule, segment_attention, segment_mask
+from livr_kernels import AttentionRule, Segment, SegmentLayout, resolve_rule, segment_attention
 from livr_kernels.attention import BACKENDS as KERNEL_BACKENDS
+from livr_kernels.reference import reference_probs
 
 from .archs import ArchSpec, get_arch
-from .segments import TokenIds, _as_id_tensor, build_segment_ids
+from .segment_ids import TokenIds, _as_id_tensor, build_segment_ids
 
 BACKEND_NAME = "livr"
 # Keyword argument carrying the per-forward state from the pre-hook down to every attention call.
@@ -70,20 +71,6 @@ class CachedKeys:
     doc_ids: Optional[torch.Tensor]
 
 
-def attention_probs(
-    query: torch.Tensor, key: torch.Tensor, layout: SegmentLayout, rule: AttentionRule, scale: float
-) -> torch.Tensor:
-    """Reference (dense) attention probabilities under ``rule``, (B, Hq, Nq, Nk) float32; rows with
-    no allowed key are 0."""
-    group = query.shape[1] // key.shape[1]
-    mask = segment_mask(layout.segment_ids, rule, layout.doc_ids, num_queries=query.shape[2])[:, None]
-    keys = key.repeat_interleave(group, dim=1).float()
-    scores = torch.matmul(query.float(), keys.transpose(-1, -2)) * scale
-    has_key = mask.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
-    return torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
-
-
 def livr_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -122,7 +109,7 @@ def livr_attention_forward(
     weights = None
     if state.capture is not None or kwargs.get("output_attentions"):
         with torch.no_grad():
-            weights = attention_probs(query, key, layout, state.rule, scale)
+            weights = reference_probs(query.float(), key.float(), layout.segment_ids, state.rule, layout.doc_ids, scale)
         if state.capture is not None:
             state.capture.weights.append(weights)
     return out.transpose(1, 2).contiguous(), weights

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from livr_model import checkpoint as ckpt
-from livr_model.cli import DEMO_SIZES, build_eval_parser, demo_config, resolve_train_config, train_main
-from livr_model.train import TrainConfig
+from livr_model.app import state as ckpt
+from livr_model.app.cli import build_eval_parser, resolve_train_config, train_main
+from livr_model.app.demo import DEMO_SIZES, demo_config
+from livr_model.app.config import TrainConfig
 
 
 def write_yaml(path, data):
@@ -95,7 +96,7 @@ def test_eval_parser():
 
 @pytest.mark.slow
 def test_demo_trains_evaluates_and_beats_chance(tmp_path, capsys):
-    from livr_model.cli import eval_main
+    from livr_model.app.cli import eval_main
 
     out = tmp_path / "demo"
     assert train_main(["--demo", "--demo-size", "small", "--output-dir", str(out), "--no-progress"]) == 0
@@ -121,8 +122,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_example_config_trains_on_the_example_jsonl(tmp_path, monkeypatch):
     """examples/tiny_counting.yaml with its JSONL files, on a tiny base saved like the demo's."""
-    from livr_model.cli import eval_main
-    from livr_model.tiny import build_tiny_model, build_tiny_processor, save_tiny
+    from livr_model.app.cli import eval_main
+    from livr_model.app.tiny import build_tiny_model, build_tiny_processor, save_tiny
 
     processor = build_tiny_processor(56)
     save_tiny(build_tiny_model(processor, text_hidden=64, vision_hidden=32, vision_depth=1), processor, tmp_path / "base")

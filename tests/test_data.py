@@ -8,22 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from livr_model.data import (
-    BLINK_SUBTASKS,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_TYPE,
-    PAPER_TASKS,
-    Example,
-    answer_text,
-    collate,
-    encode_example,
-    format_prompt,
-    load_blink,
-    load_jsonl,
-    make_synthetic_dataset,
-    save_jsonl,
-)
-from livr_model.tiny import IM_END, IM_START, build_tiny_processor
+from livr_model.app.data import BLINK_SUBTASKS, PAPER_TASKS, load_blink, load_jsonl, make_synthetic_dataset, save_jsonl
+from livr_model.prompts import IMAGE_TOKEN_TYPE, Example, answer_text, collate, encode_example, format_prompt
+from livr_model.segment_ids import IGNORE_INDEX
+from livr_model.app.tiny import IM_END, IM_START, build_tiny_processor
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +137,7 @@ def test_blink_offline_gives_a_clear_error(tmp_path):
     """Hub offline (and an empty cache): a RuntimeError that says why, without any download attempt."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     code = (
-        "from livr_model.data import load_blink\n"
+        "from livr_model.app.data.blink import load_blink\n"
         "try:\n"
         "    load_blink('Counting')\n"
         "except RuntimeError as error:\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from livr_model import checkpoint as ckpt
+from livr_model.app import state as ckpt
 from test_train import NUM_TRAIN
 
 WORLD_SIZE = 2
@@ -24,8 +24,9 @@ def _worker(out_dir: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import tiny_config, tiny_data, tiny_setup
 
-    import livr_model.train as train_module
-    from livr_model.train import train, trainable_state_dict
+    import livr_model.app.train as train_module
+    from livr_model.app.state import trainable_state_dict
+    from livr_model.app.train import train
 
     torch.set_num_threads(1)
     seen = []

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from livr_model.evaluate import (
+from livr_model.app.scoring import (
     EvalResult,
     extract_choice_letter,
     extract_number,
@@ -102,8 +102,9 @@ def test_format_table_lists_every_task_and_column():
 @pytest.fixture(scope="module")
 def patched_tiny():
     """An untrained tiny Qwen2.5-VL with 4 latent tokens, LoRA and the attention patch."""
-    from livr_model.tiny import build_tiny_model, build_tiny_processor
-    from livr_model.train import TrainConfig, build_trainable_model, make_encoder
+    from livr_model.app.tiny import build_tiny_model, build_tiny_processor
+    from livr_model.app.config import TrainConfig
+    from livr_model.app.models import build_trainable_model, make_encoder
 
     processor = build_tiny_processor(56)
     model = build_tiny_model(processor, seed=0, text_hidden=64, vision_hidden=32, vision_depth=1)
@@ -115,7 +116,7 @@ def patched_tiny():
 
 
 def _examples(task, n):
-    from livr_model.data import make_synthetic_dataset
+    from livr_model.app.data import make_synthetic_dataset
 
     return make_synthetic_dataset(task, n, seed=3, image_size=56)
 
@@ -167,7 +168,7 @@ def test_image_twice_doubles_the_image_tokens(patched_tiny):
 
 
 def test_likelihood_scores_do_not_depend_on_batching(patched_tiny):
-    from livr_model.evaluate import answer_logprobs, predict
+    from livr_model.app.predict import answer_logprobs, predict
 
     model, encoder = patched_tiny["model"], patched_tiny["encoder"]
     examples = _examples("counting", 2) + _examples("jigsaw", 1)
@@ -185,7 +186,8 @@ def test_likelihood_scores_do_not_depend_on_batching(patched_tiny):
 def test_latent_heatmap_follows_the_patch_grid(patched_tiny, tmp_path):
     from PIL import Image
 
-    from livr_model.evaluate import draw_heatmap, latent_image_attention
+    from livr_model.app.figures import draw_heatmap
+    from livr_model.app.probes import latent_image_attention
 
     model, handle, encoder = patched_tiny["model"], patched_tiny["handle"], patched_tiny["encoder"]
     jigsaw = _examples("jigsaw", 1)[0]
@@ -225,6 +227,6 @@ def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_pat
 
 
 def evaluate_model_quiet(model, handle, encoder, examples, out):
-    from livr_model.evaluate import evaluate_model
+    from livr_model.app.probes import evaluate_model
 
     return evaluate_model(model, handle, encoder, examples, method="generate", max_new_tokens=3, output_dir=out, verbose=False)

@@ -4,7 +4,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from livr_model.archs import get_arch
-from livr_model.data import IGNORE_INDEX, collate, encode_example, format_prompt, make_synthetic_dataset
+from livr_model.app.data.synthetic import make_synthetic_dataset
+from livr_model.prompts import collate, encode_example, format_prompt
+from livr_model.segment_ids import IGNORE_INDEX
 from livr_model.latents import (
     add_latent_tokens,
     latent_state_dict,
@@ -12,7 +14,7 @@ from livr_model.latents import (
     load_latent_state_dict,
     restrict_embedding_grad,
 )
-from livr_model.tiny import IM_END, IM_START, build_tiny_model, build_tiny_processor
+from livr_model.app.tiny import IM_END, IM_START, build_tiny_model, build_tiny_processor
 
 K = 4
 TRAIN_STEPS = 3

@@ -3,6 +3,7 @@ import torch
 
 from kernel_cases import livr_layout, packed_docs
 from livr_kernels import RULES, Segment, reference_attention, segment_mask
+from livr_kernels.reference import reference_probs
 
 
 def loop_mask(seg, rule, doc, n_q):
@@ -47,3 +48,20 @@ def test_empty_rows_are_zero_without_nan_gradient():
     out.sum().backward()
     assert torch.equal(out[0, :, -4:], torch.zeros(2, 4, 8))
     assert not torch.isnan(q.grad).any() and torch.equal(q.grad[0, :, -4:], torch.zeros(2, 4, 8))
+
+
+def test_reference_probs_are_the_masked_softmax():
+    """The probabilities the probes read: zero off the mask, rows summing to 1 (0 for PAD rows), and
+    the same attention as reference_attention when applied to V."""
+    seg = livr_layout(2, 19, pad=3)
+    q, k, v = torch.randn(2, 4, 19, 8, dtype=torch.float64), torch.randn(2, 2, 19, 8, dtype=torch.float64), \
+        torch.randn(2, 2, 19, 8, dtype=torch.float64)
+    probs = reference_probs(q, k, seg, "bottleneck")
+    mask = segment_mask(seg, "bottleneck")[:, None].expand_as(probs)
+    assert torch.equal(probs[~mask], torch.zeros_like(probs[~mask]))
+    has_key = mask.any(dim=-1)
+    torch.testing.assert_close(probs.sum(-1), has_key.to(probs.dtype))
+    scores = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5
+    want = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(probs[has_key], want[has_key])
+    torch.testing.assert_close(torch.matmul(probs, v.repeat_interleave(2, 1)), reference_attention(q, k, v, seg, "bottleneck"))

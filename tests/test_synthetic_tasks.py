@@ -4,16 +4,8 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
-from livr_model.data import (
-    BACKGROUND,
-    LETTERS,
-    MARKERS,
-    PALETTE,
-    REFERENCE_MARKER,
-    SYNTHETIC_TASKS,
-    Example,
-    make_synthetic_dataset,
-)
+from livr_model.app.data.synthetic import BACKGROUND, MARKERS, PALETTE, REFERENCE_MARKER, SYNTHETIC_TASKS, make_synthetic_dataset
+from livr_model.prompts import LETTERS, Example
 
 EXAMPLES_PER_TASK = 60
 SEEDS = (0, 7)

@@ -3,8 +3,9 @@ padding, save/load, and the demo base pretraining."""
 import pytest
 import torch
 
-from livr_model.data import SYNTHETIC_TASKS, collate, encode_example, make_synthetic_dataset
-from livr_model.tiny import (
+from livr_model.app.data.synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
+from livr_model.prompts import collate, encode_example
+from livr_model.app.tiny import (
     CHAT_TEMPLATE,
     IM_END,
     SPECIAL_TOKENS,

@@ -6,23 +6,15 @@ import math
 import pytest
 import torch
 
-from livr_model import checkpoint as ckpt
-from livr_model.data import make_synthetic_dataset
+from livr_model.app import state as ckpt
+from livr_model.app.data import make_synthetic_dataset
 from livr_model.patch import STATE_KWARG
-from livr_model.tiny import build_tiny_model, build_tiny_processor
-from livr_model.train import (
-    StageSchedule,
-    TrainConfig,
-    accumulation_groups,
-    answer_nll,
-    epoch_order,
-    load_trained,
-    rank_batches,
-    stage_plan,
-    steps_per_epoch,
-    train,
-    trainable_state_dict,
-)
+from livr_model.app.tiny import build_tiny_model, build_tiny_processor
+from livr_model.app.config import TrainConfig, stage_plan
+from livr_model.app.models import load_trained
+from livr_model.app.state import trainable_state_dict
+from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
+from livr_model.app.train import answer_nll, train
 
 IMAGE_SIZE = 28
 TEXT_HIDDEN = 64

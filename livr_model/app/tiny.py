@@ -20,7 +20,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .data import SYNTHETIC_TASKS, Example, answer_text, collate, encode_example, format_prompt, make_synthetic_dataset
+from livr_model.prompts import Example, answer_text, collate, encode_example, format_prompt
+
+from .data.synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
+from .schedule import warmup_cosine
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -230,10 +233,7 @@ def pretrain_demo_base(model, processor, examples: Sequence[Example], steps: int
     warmup = max(1, round(PRETRAIN_WARMUP_FRACTION * steps))
 
     def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return PRETRAIN_MIN_LR_FRACTION + (1 - PRETRAIN_MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine(step, steps, warmup, floor=PRETRAIN_MIN_LR_FRACTION)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(seed)

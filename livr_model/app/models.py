@@ -1,0 +1,129 @@
+"""Models of a run: loading the base, making it trainable for a mode, and reloading a trained run."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from livr_model.archs import get_arch
+from livr_model.latents import DELTA_PARAMETER, add_latent_tokens, load_latent_state_dict, restrict_embedding_grad
+from livr_model.modes import TRAIN_LATENT_ROWS
+from livr_model.patch import patch_attention
+from livr_model.prompts import PromptEncoder
+
+from .config import TrainConfig, stage_plan
+from .files import load_safetensors
+from .state import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
+from .tiny import TinyQwen2_5_VLProcessor, load_tiny
+
+TINY_PROCESSOR_CLASS = TinyQwen2_5_VLProcessor.__name__
+
+
+def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None):
+    """(model, processor) from a hub id or a local folder (including the demo's tiny base)."""
+    path = Path(name)
+    if path.is_dir() and TINY_PROCESSOR_CLASS in _read_text(path / "processor_config.json"):
+        return load_tiny(path)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def make_encoder(cfg: TrainConfig, model, processor, latent_token_ids: Sequence[int]) -> PromptEncoder:
+    """The prompt encoder of ``cfg.mode`` for ``model``."""
+    return PromptEncoder.for_model(cfg.mode, model, processor, latent_token_ids, cfg.latents, cfg.max_length)
+
+
+def build_trainable_model(cfg: TrainConfig, model, processor):
+    """Latent tokens (modes that add them), LoRA on the language model, everything else frozen,
+    and the LIVR attention patch. Returns (peft model, handle, latent token ids)."""
+    arch, mode = get_arch(model), cfg.mode_spec
+    latent_ids = ()
+    if mode.new_latents:
+        latent_ids = tuple(int(i) for i in add_latent_tokens(model, processor, k=cfg.latents, seed=cfg.seed))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=arch.lora_target_regex)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        peft_model = get_peft_model(model, lora)
+    if TRAIN_LATENT_ROWS in mode.trains:
+        restrict_embedding_grad(peft_model, latent_ids)
+    if cfg.gradient_checkpointing:
+        peft_model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    handle = patch_attention(peft_model, rule=stage_plan(cfg)[0].rule, latent_token_ids=latent_ids)
+    return peft_model, handle, latent_ids
+
+
+def trainable_summary(model, latent_token_ids: Sequence[int]) -> str:
+    """Trainable parameters by group: LoRA, latent embedding rows, anything else."""
+    lora = latent = other = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith(DELTA_PARAMETER):
+            latent += p.numel()
+        elif "lora_" in name:
+            lora += p.numel()
+        else:
+            other += p.numel()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = lora + latent + other
+    lines = [
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        f"  LoRA (language model attention + MLP): {lora:,}",
+        f"  latent embedding rows ({len(latent_token_ids)} tokens): {latent:,}",
+    ]
+    if other:
+        lines.append(f"  other: {other:,}")
+    return "\n".join(lines)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready to evaluate: the patched peft model and how to encode prompts for it."""
+
+    model: Any
+    processor: Any
+    handle: Any
+    encoder: Any
+    config: TrainConfig
+    checkpoint_dir: Path
+    latent_token_ids: tuple
+
+
+def load_trained(path, *, model=None, processor=None) -> LoadedRun:
+    """Rebuild a trained model from a checkpoint directory or a run's output directory (its
+    selected checkpoint): the base model named in the run config (or the one given), the latent
+    tokens, the LoRA adapter, and the attention patch under the run's evaluation rule."""
+    checkpoint_dir = resolve_checkpoint(path)
+    cfg = TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
+    if model is None or processor is None:
+        model, processor = load_model_and_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    latent_ids = ()
+    if cfg.mode_spec.new_latents:
+        additions = json.loads((checkpoint_dir / TOKENIZER_ADDITIONS).read_text())
+        latent_ids = tuple(int(i) for i in add_latent_tokens(model, processor, k=cfg.latents, seed=cfg.seed))
+        if list(latent_ids) != list(additions["ids"]):
+            raise ValueError(
+                f"the latent tokens got ids {list(latent_ids)} but the checkpoint was trained with {additions['ids']}: "
+                f"is {cfg.model!r} the same base model and tokenizer?"
+            )
+    peft_model = PeftModel.from_pretrained(model, str(checkpoint_dir))
+    if latent_ids:
+        load_latent_state_dict(peft_model, load_safetensors(checkpoint_dir / LATENT_WEIGHTS), list(latent_ids))
+    peft_model.eval()
+    handle = patch_attention(peft_model, rule=cfg.eval_rule, latent_token_ids=latent_ids)
+    encoder = make_encoder(cfg, peft_model, processor, latent_ids)
+    return LoadedRun(peft_model, processor, handle, encoder, cfg, checkpoint_dir, latent_ids)

@@ -1,0 +1,76 @@
+"""Learning-rate schedules and the data order of the training loop."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .config import TrainConfig
+
+# The first update of a stage must not have lr 0: warmup factor is (s + 1) / (W + 1).
+WARMUP_OFFSET = 1
+
+
+def warmup_cosine(step: int, total: int, warmup: int, *, warmup_extra: int = 0, floor: float = 0.0) -> float:
+    """LR factor of ``step`` in a phase of ``total`` steps: linear warmup ``(step + 1) / (warmup +
+    warmup_extra)`` over the first ``warmup`` steps, then cosine decay from 1 to ``floor``."""
+    if step < warmup:
+        return (step + 1) / (warmup + warmup_extra)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StageSchedule:
+    """LR factor per optimizer step: per stage, linear warmup over ``warmup_ratio`` of its steps then
+    cosine decay to 0, restarted at each stage boundary. A plain object (not a closure) so LambdaLR
+    can save it in its state dict."""
+
+    def __init__(self, stage_steps: Sequence[int], warmup_ratio: float):
+        if any(int(s) < 0 for s in stage_steps):
+            raise ValueError(f"stage_steps must be non-negative; got {list(stage_steps)}")
+        self.stage_steps = [int(s) for s in stage_steps]
+        self.warmup_ratio = float(warmup_ratio)
+
+    def locate(self, step: int) -> tuple:
+        """(stage index, step inside that stage) of a global optimizer step."""
+        start = 0
+        for index, n in enumerate(self.stage_steps):
+            if step < start + n:
+                return index, step - start
+            start += n
+        return len(self.stage_steps) - 1, step - (start - self.stage_steps[-1])
+
+    def __call__(self, step: int) -> float:
+        index, local = self.locate(step)
+        total = self.stage_steps[index]
+        if total <= 0:
+            return 0.0
+        return warmup_cosine(local, total, math.ceil(self.warmup_ratio * total), warmup_extra=WARMUP_OFFSET)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list:
+    """The example order of one epoch; depends only on (seed, epoch), never on global RNG state."""
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def rank_batches(order: Sequence[int], batch_size: int, world_size: int, rank: int) -> list:
+    """This rank's micro-batches of one epoch. A global micro-batch holds ``batch_size`` examples per
+    rank; the order wraps around so every rank gets the same number of micro-batches (DDP needs it)."""
+    if not order:
+        raise ValueError("order must hold at least one example")
+    global_batch = batch_size * world_size
+    num_micro = math.ceil(len(order) / global_batch)
+    padded = list(order) + [order[i % len(order)] for i in range(num_micro * global_batch - len(order))]
+    return [padded[m * global_batch + rank * batch_size: m * global_batch + (rank + 1) * batch_size] for m in range(num_micro)]
+
+
+def accumulation_groups(micro_batches: Sequence, grad_accum: int) -> list:
+    """Micro-batches grouped into optimizer steps; the last group of an epoch may be shorter."""
+    return [list(micro_batches[i:i + grad_accum]) for i in range(0, len(micro_batches), grad_accum)]
+
+
+def steps_per_epoch(num_examples: int, cfg: TrainConfig, world_size: int) -> int:
+    micro = math.ceil(num_examples / (cfg.batch_size * world_size))
+    return math.ceil(micro / cfg.grad_accum)
