@@ -1,10 +1,22 @@
-"""The run configuration: every setting of a training run, validated when it is built."""
+"""The run configuration: every setting of a training run, validated when it is built.
+
+Each field has one line in ``FIELD_CHECKS`` (its type and range); ``TrainConfig`` refuses any value
+that does not fit, naming the key, the value and what was expected. Nothing is converted silently:
+``'12'`` is not an epoch count and ``'false'`` is not a bool. Float fields take ints and floats
+(``lr: 1`` is 1.0) but not strings; ``load_yaml`` reads ``1e-3`` as a float (plain PyYAML reads it
+as a string).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
+import yaml
+
+from livr_kernels import RULES
 from livr_model.modes import Mode, Stage, get_mode
 
 EVAL_METHODS = ("generate", "likelihood")
@@ -14,10 +26,137 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SYNTHETIC_TRAIN = 1000
 DEFAULT_SYNTHETIC_VAL = 200
 DEFAULT_SYNTHETIC_IMAGE_SIZE = 56
+# numpy and python seeds must fit 32 bits.
+MAX_SEED = 2**32 - 1
 # Run-config keys that must match for --resume to continue a run exactly.
 RESUME_KEYS = ("model", "data", "val_data", "val_fraction", "mode", "latents", "stage_epochs", "sft_epochs", "lr",
                "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
                "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size")
+
+
+@dataclass(frozen=True)
+class Check:
+    """What one config field accepts.
+
+    ``kind``: "int", "float", "bool" or "str"; ``count`` > 0 makes it a list of that many.
+    ``low``/``high`` bound numbers (``low_open``/``high_open``: that bound itself is excluded); ``optional``
+    allows None; ``choices`` lists the allowed strings; ``nonempty`` refuses "".
+    """
+
+    kind: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    count: int = 0
+    choices: tuple = ()
+    nonempty: bool = False
+
+    def expected(self) -> str:
+        what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[self.kind]
+        if self.count:
+            what = f"a list of {self.count} " + {"int": "integers", "float": "numbers"}[self.kind]
+        if self.low is not None and self.high is not None:
+            what += f" in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            what += f" {'>' if self.low_open else '>='} {self.low}"
+        if self.choices:
+            what = f"one of {list(self.choices)}"
+        if self.nonempty:
+            what = "a non-empty string"
+        return what + (" or null" if self.optional else "")
+
+    def _scalar_ok(self, value: Any) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str) and (not self.nonempty or value != "") and (not self.choices or value in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` normalised (lists become tuples, ints in float fields floats), or a ValueError."""
+        if value is None and self.optional:
+            return None
+        if self.count:
+            ok = isinstance(value, (list, tuple)) and len(value) == self.count and all(self._scalar_ok(v) for v in value)
+        else:
+            ok = self._scalar_ok(value)
+        if not ok:
+            hint = ""
+            if isinstance(value, str) and self.kind == "float":
+                hint = " (write the number unquoted; livr's YAML loader reads 1e-3 as a number)"
+            raise ValueError(f"{name}: expected {self.expected()}; got {value!r} ({type(value).__name__}){hint}")
+        if self.count:
+            return tuple(float(v) if self.kind == "float" else v for v in value)
+        return float(value) if self.kind == "float" else value
+
+
+def _int(low=None, **kw) -> Check:
+    return Check("int", low=low, **kw)
+
+
+def _float(low=None, high=None, **kw) -> Check:
+    return Check("float", low=low, high=high, **kw)
+
+
+BOOL = Check("bool")
+
+# One line per TrainConfig field: adding a field is adding its line here.
+FIELD_CHECKS = {
+    "model": Check("str", nonempty=True),
+    "data": Check("str"),
+    "val_data": Check("str", optional=True),
+    "val_fraction": _float(0, 1, high_open=True),
+    # Checked against the registry in validate(): register_mode may add modes after this import.
+    "mode": Check("str", nonempty=True),
+    "latents": _int(1),
+    "stage_epochs": _int(0, count=2),
+    "sft_epochs": _int(1, optional=True),
+    "output_dir": Check("str", nonempty=True),
+    "lr": _float(0, low_open=True),
+    "weight_decay": _float(0),
+    "betas": _float(0, 1, high_open=True, count=2),
+    "adam_eps": _float(0, low_open=True),
+    "batch_size": _int(1),
+    "grad_accum": _int(1),
+    "warmup_ratio": _float(0, 1, high_open=True),
+    "max_grad_norm": _float(0, optional=True),
+    "reset_optimizer_per_stage": BOOL,
+    "lora_r": _int(1),
+    "lora_alpha": _int(1),
+    "lora_dropout": _float(0, 1, high_open=True),
+    "seed": _int(0, high=MAX_SEED),
+    "gradient_checkpointing": BOOL,
+    "bf16": BOOL,
+    "max_length": _int(1, optional=True),
+    "eval_method": Check("str", choices=EVAL_METHODS),
+    "eval_rule": Check("str", choices=tuple(RULES)),
+    "eval_batch_size": _int(1),
+    "max_new_tokens": _int(1),
+    "val_limit": _int(1, optional=True),
+    "save_steps": _int(1, optional=True),
+    "keep_checkpoints": _int(1),
+    "max_steps": _int(1, optional=True),
+    "resume": BOOL,
+    "overwrite": BOOL,
+    "allow_outside_paths": BOOL,
+    "synthetic_train_size": _int(1),
+    "synthetic_val_size": _int(1),
+    "synthetic_image_size": _int(1),
+    "trust_remote_code": BOOL,
+    "progress": BOOL,
+}
 
 
 @dataclass
@@ -58,6 +197,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_steps: Optional[int] = None
     resume: bool = False
+    # Start afresh in an output directory that holds another run (its checkpoints are deleted).
+    overwrite: bool = False
+    # JSONL image paths may be absolute or climb out of the data file's folder with "..".
+    allow_outside_paths: bool = False
     synthetic_train_size: int = DEFAULT_SYNTHETIC_TRAIN
     synthetic_val_size: int = DEFAULT_SYNTHETIC_VAL
     synthetic_image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE
@@ -65,35 +208,17 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.stage_epochs = tuple(int(e) for e in self.stage_epochs)
-        self.betas = tuple(float(b) for b in self.betas)
         self.validate()
 
     def validate(self) -> None:
+        """Check (and normalise) every field, then the rules that tie fields together."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, FIELD_CHECKS[f.name].check(f.name, getattr(self, f.name)))
         get_mode(self.mode)
-        if len(self.stage_epochs) != 2 or any(e < 0 for e in self.stage_epochs) or sum(self.stage_epochs) == 0:
-            raise ValueError(f"stage_epochs must be two non-negative epoch counts, not both 0; got {self.stage_epochs!r}")
-        if self.sft_epochs is not None and self.sft_epochs < 1:
-            raise ValueError(f"sft_epochs must be >= 1 or None; got {self.sft_epochs!r}")
-        if self.latents < 1:
-            raise ValueError(f"latents must be >= 1; got {self.latents!r}")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "keep_checkpoints", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two floats; got {self.betas!r}")
-        if self.eval_method not in EVAL_METHODS:
-            raise ValueError(f"eval_method must be one of {EVAL_METHODS}; got {self.eval_method!r}")
-        for name in ("save_steps", "max_steps", "val_limit"):
-            value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be >= 1 or None; got {value!r}")
+        if sum(self.stage_epochs) == 0:
+            raise ValueError(f"stage_epochs: the two epoch counts must not both be 0; got {list(self.stage_epochs)}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in output_dir, or replace it")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,9 +240,36 @@ class TrainConfig:
         return get_mode(self.mode)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: a key given twice is an error (plain PyYAML keeps the last
+    one silently), and ``1e-3`` is a float as in YAML 1.2 (PyYAML's YAML 1.1 rules need a dot)."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ValueError(f"key {key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` parsed with ``ConfigLoader``; errors name ``source``."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except (ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 def stage_plan(cfg: TrainConfig) -> list:
     """The stages a run goes through: its mode's rules with the configured epochs."""
     return cfg.mode_spec.stage_plan(cfg.stage_epochs, cfg.sft_epochs)
 
 
-__all__ = ["EVAL_METHODS", "RESUME_KEYS", "Stage", "TrainConfig", "stage_plan"]
+__all__ = ["EVAL_METHODS", "FIELD_CHECKS", "RESUME_KEYS", "Check", "ConfigLoader", "load_yaml", "Stage", "TrainConfig", "stage_plan"]
