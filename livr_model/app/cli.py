@@ -10,14 +10,12 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
-
 from livr_model.modes import MODES
 
-from .config import EVAL_METHODS, TrainConfig
+from .config import EVAL_METHODS, TrainConfig, load_yaml
 from .data import load_examples, prepare_data
 from .demo import DEMO_SIZES, demo_config, run_demo
-from .models import load_trained
+from .models import load_trained, read_run_config
 from .probes import evaluate_model
 from .train import train
 
@@ -36,9 +34,25 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "null", "") else int(text)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty path; got ''")
+    return text
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="livr-train",
+        prog="livr-train", allow_abbrev=False,
         description="Fine-tune a vision-language model with LIVR (latent tokens + two-stage visual bottleneck).",
     )
     p.add_argument("--config", type=Path, default=None, help="YAML file of TrainConfig keys; flags override it")
@@ -75,6 +89,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     _value_flag(p, "synthetic-val-size", int, f"validation examples per synthetic task (default {d.synthetic_val_size})")
     _value_flag(p, "synthetic-image-size", int, f"side of synthetic images in pixels (default {d.synthetic_image_size})")
     _bool_flag(p, "resume", "continue the run in --output-dir from its latest checkpoint")
+    _bool_flag(p, "overwrite", "start afresh in an --output-dir that holds another run (deletes its checkpoints)")
+    _bool_flag(p, "allow-outside-paths", "let JSONL image paths be absolute or climb out of the data folder with '..'")
     _bool_flag(p, "gradient-checkpointing", "recompute activations in backward to save memory")
     _bool_flag(p, "bf16", "bf16 autocast on CUDA (ignored on CPU)")
     _bool_flag(p, "reset-optimizer-per-stage", "fresh AdamW moments at the start of stage 2")
@@ -98,7 +114,7 @@ def load_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: {str(path)!r} is not a file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), f"--config {path}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"--config: {str(path)!r} must hold a mapping of TrainConfig keys, got {type(raw).__name__}")
     return _normalize_keys(raw, f"--config {path}")
@@ -131,42 +147,46 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def build_eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="livr-eval",
+        prog="livr-eval", allow_abbrev=False,
         description="Evaluate a livr-train run: accuracy per task and averaged, plus the LIVR probes.",
     )
     p.add_argument("--checkpoint", required=True, help="a run's --output-dir (its selected checkpoint) or one checkpoint directory")
     p.add_argument("--data", default=None, help="evaluation data: JSONL path, blink:<Subtask> or synthetic:<task>[,<task>] (default: the run's validation data)")
     p.add_argument("--method", choices=EVAL_METHODS, default="generate", help="generate (letter extraction) or likelihood (option scoring)")
     p.add_argument("--rule", default=None, help="attention rule for the main accuracy (default: the run's eval rule, standard)")
-    p.add_argument("--output-dir", default=None, help="where metrics.json and the heatmap go (default: <checkpoint>/eval)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples per task")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per batch")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's)")
+    p.add_argument("--output-dir", type=_nonempty, default=None, help="where metrics.json and the heatmap go (default: <checkpoint>/eval)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most this many examples per task")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per batch")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation length (default: the run's)")
     p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=True, help="run the probes (default on)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the base model's remote code; needed for runs trained with it (never taken from the checkpoint)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let JSONL image paths be absolute or climb out of the data folder with '..'")
     return p
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_eval_parser().parse_args(argv)
-    run = load_trained(args.checkpoint)
-    cfg = run.config
+    # The data first: a missing file is reported before the base model is loaded.
+    cfg = dataclasses.replace(read_run_config(args.checkpoint), allow_outside_paths=args.allow_outside_paths)
     if args.data:
         examples = load_examples(args.data, cfg, split="val")
     else:
         examples = prepare_data(cfg)[1]
+    run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
     if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1; got {args.limit}")
         seen, limited = {}, []
         for example in examples:
             seen[example.task] = seen.get(example.task, 0) + 1
             if seen[example.task] <= args.limit:
                 limited.append(example)
         examples = limited
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
+    output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
     evaluate_model(
         run.model, run.handle, run.encoder, examples, method=args.method, rule=args.rule or cfg.eval_rule,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or cfg.max_new_tokens, probes=args.probes,
+        batch_size=args.batch_size,
+        max_new_tokens=cfg.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens, probes=args.probes,
         output_dir=output_dir, extra={"checkpoint": str(run.checkpoint_dir)},
     )
     print(f"wrote {output_dir / 'metrics.json'}", flush=True)

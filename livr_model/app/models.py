@@ -103,14 +103,29 @@ class LoadedRun:
     latent_token_ids: tuple
 
 
-def load_trained(path, *, model=None, processor=None) -> LoadedRun:
+def read_run_config(path) -> TrainConfig:
+    """The TrainConfig saved with the checkpoint that ``path`` resolves to."""
+    return TrainConfig.from_dict(json.loads((resolve_checkpoint(path) / RUN_CONFIG_JSON).read_text()))
+
+
+def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = False) -> LoadedRun:
     """Rebuild a trained model from a checkpoint directory or a run's output directory (its
     selected checkpoint): the base model named in the run config (or the one given), the latent
-    tokens, the LoRA adapter, and the attention patch under the run's evaluation rule."""
+    tokens, the LoRA adapter, and the attention patch under the run's evaluation rule.
+
+    Remote model code runs only with the caller's own ``trust_remote_code=True``: a checkpoint's
+    run_config.json is a file anyone may have edited, so its setting is never taken as consent."""
     checkpoint_dir = resolve_checkpoint(path)
     cfg = TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
     if model is None or processor is None:
-        model, processor = load_model_and_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if cfg.trust_remote_code and not trust_remote_code:
+            raise ValueError(
+                f"the run in {str(checkpoint_dir)!r} was trained with trust_remote_code=True: its base model "
+                f"{cfg.model!r} runs Python code from its repository. livr does not take that permission from "
+                "the checkpoint's run_config.json (anyone could have written it); pass --trust-remote-code "
+                "(trust_remote_code=True) if you trust that code"
+            )
+        model, processor = load_model_and_processor(cfg.model, trust_remote_code=trust_remote_code)
     latent_ids = ()
     if cfg.mode_spec.new_latents:
         additions = json.loads((checkpoint_dir / TOKENIZER_ADDITIONS).read_text())
