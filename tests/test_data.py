@@ -94,7 +94,7 @@ def test_jsonl_accepts_blink_style_answers_and_image_root(tmp_path):
     path.parent.mkdir()
     write_jsonl(path, [
         {"images": ["a.png"], "question": "Q?", "choices": ["x", "y"], "answer": "(B)"},
-        {"images": ["a.png"], "question": "How many?", "answer": 3, "task": "count"},
+        {"images": ["a.png"], "question": "How many?", "answer": "3", "task": "count"},
         {"images": [], "question": "Text only?", "choices": ["x", "y"], "answer": "A"},
     ])
     first, second, third = load_jsonl(path, image_root=tmp_path)
