@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Dict
 
 from . import blink, jsonl, synthetic
+from .checks import DataWarning, warn_about_overlap
 from .blink import BLINK_SUBTASKS, PAPER_TASKS, load_blink
 from .jsonl import load_jsonl, save_jsonl
 from .synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
@@ -62,7 +63,14 @@ def load_examples(spec: str, cfg, *, split: str) -> list:
 
 def prepare_data(cfg) -> tuple:
     """(train, validation) examples. Without ``val_data`` a source that draws its own validation
-    set does so; other data hold out ``val_fraction`` (a fixed, seeded choice)."""
+    set does so; other data hold out ``val_fraction`` (a fixed, seeded choice). Duplicates and
+    validation examples that are also training examples are warned about (``DataWarning``)."""
+    train_examples, val_examples = _split_data(cfg)
+    warn_about_overlap(train_examples, val_examples, cfg.data, cfg.val_data)
+    return train_examples, val_examples
+
+
+def _split_data(cfg) -> tuple:
     train_examples = load_examples(cfg.data, cfg, split="train")
     if cfg.val_data:
         return train_examples, load_examples(cfg.val_data, cfg, split="val")
@@ -78,5 +86,5 @@ def prepare_data(cfg) -> tuple:
     return [e for i, e in enumerate(train_examples) if i not in held], [train_examples[i] for i in sorted(held)]
 
 
-__all__ = ["BLINK_SUBTASKS", "PAPER_TASKS", "SOURCES", "SYNTHETIC_TASKS", "DataSource", "load_blink", "load_examples",
+__all__ = ["BLINK_SUBTASKS", "PAPER_TASKS", "SOURCES", "SYNTHETIC_TASKS", "DataSource", "DataWarning", "load_blink", "load_examples",
            "load_jsonl", "make_synthetic_dataset", "prepare_data", "save_jsonl"]
