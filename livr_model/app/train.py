@@ -113,11 +113,12 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
-    if model is None or processor is None:
-        model, processor = load_model_and_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    # The data before the model: a missing data file is reported at once, not after hub retries.
     if train_examples is None:
         train_examples, loaded_val = prepare_data(cfg)
         val_examples = loaded_val if val_examples is None else val_examples
+    if model is None or processor is None:
+        model, processor = load_model_and_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     val_examples = list(val_examples or [])
     if not train_examples:
         raise ValueError("train_examples must hold at least one Example")
