@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from livr_model.app import state as ckpt
+from livr_model.app import checkpoints as ckpt
 from livr_model.app.cli import build_eval_parser, resolve_train_config, train_main
 from livr_model.app.demo import DEMO_SIZES, demo_config
 from livr_model.app.config import TrainConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from livr_model.app import state as ckpt
+from livr_model.app import checkpoints as ckpt
 from test_train import NUM_TRAIN
 
 WORLD_SIZE = 2

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from livr_model.app import state as ckpt
+from livr_model.app import checkpoints as ckpt
 from livr_model.app.data import make_synthetic_dataset
 from livr_model.patch import STATE_KWARG
 from livr_model.app.tiny import build_tiny_model, build_tiny_processor

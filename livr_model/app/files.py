@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -74,8 +75,16 @@ def atomic_torch_save(path, obj: Any) -> Path:
 
 
 def torch_load(path) -> Any:
-    # Our own files: optimizer state holds only tensors and plain containers.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A ``.pt`` file of tensors and plain containers; anything holding pickled objects (which
+    could run code when loaded) is refused, never unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"refusing to load {str(path)!r}: it holds pickled objects, not only tensors and plain values "
+            f"({first_line}). livr writes no such files and never unpickles code; was it replaced?"
+        ) from None
 
 
 def load_safetensors(path) -> dict:

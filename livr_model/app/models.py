@@ -18,7 +18,7 @@ from livr_model.prompts import PromptEncoder
 
 from .config import TrainConfig, stage_plan
 from .files import load_safetensors
-from .state import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
+from .checkpoints import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, require_complete, resolve_checkpoint
 from .tiny import TinyQwen2_5_VLProcessor, load_tiny
 
 TINY_PROCESSOR_CLASS = TinyQwen2_5_VLProcessor.__name__
@@ -105,7 +105,7 @@ class LoadedRun:
 
 def read_run_config(path) -> TrainConfig:
     """The TrainConfig saved with the checkpoint that ``path`` resolves to."""
-    return TrainConfig.from_dict(json.loads((resolve_checkpoint(path) / RUN_CONFIG_JSON).read_text()))
+    return TrainConfig.from_dict(json.loads((require_complete(resolve_checkpoint(path)) / RUN_CONFIG_JSON).read_text()))
 
 
 def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = False) -> LoadedRun:
@@ -115,7 +115,7 @@ def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = 
 
     Remote model code runs only with the caller's own ``trust_remote_code=True``: a checkpoint's
     run_config.json is a file anyone may have edited, so its setting is never taken as consent."""
-    checkpoint_dir = resolve_checkpoint(path)
+    checkpoint_dir = require_complete(resolve_checkpoint(path))
     cfg = TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
     if model is None or processor is None:
         if cfg.trust_remote_code and not trust_remote_code:

@@ -1,29 +1,13 @@
-"""Run state: the on-disk layout of a run, saving a checkpoint, and exact resume.
+"""Run state: saving a training checkpoint and exact resume (the on-disk layout, pointers and
+pruning are in ``checkpoints.py``).
 
-A run's output directory holds
-
-    run_config.yaml / run_config.json   the TrainConfig that produced it
-    checkpoints/step-00000040/          one directory per save
-        adapter_model.safetensors       LoRA weights (peft's own key names)
-        adapter_config.json             the peft LoraConfig
-        latents.safetensors             the K latent embedding rows and their token ids
-        tokenizer_additions.json        the latent token strings and ids
-        run_config.json                 the run's config (so a checkpoint stands alone)
-        training_state.pt               optimizer, scheduler, data position, best metric
-        rng_state_rank{R}.pt            python/numpy/torch RNG of process R
-        info.json                       step, epoch, stage, validation metric
-    latest.json                         pointer to the newest complete checkpoint (resume)
-    selected.json                       pointer to the checkpoint to evaluate: best validation
-                                        accuracy for a single-task run, the last one otherwise
-
-Every file is written to a temporary name, fsynced and renamed; a checkpoint directory is
-assembled under a temporary name and renamed into place only when complete, and the pointers
-are updated after that, so a crash at any moment leaves the previous checkpoint usable.
+``.pt`` files are read with ``torch.load(weights_only=True)``: tensors and plain containers
+only, never pickled objects (a planted file is refused, not run). RNG states are stored as
+tensors and plain values for that reason.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -36,32 +20,24 @@ from peft import get_peft_model_state_dict
 
 from livr_model.latents import DELTA_PARAMETER, STATE_EMBEDDINGS, STATE_TOKEN_IDS, latent_state_dict, latent_token_strings
 
+from .checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, INFO, LATENT_WEIGHTS, LATEST_POINTER,
+                          RNG_STATE_TEMPLATE, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, TRAINING_STATE, checkpoint_dir_name,
+                          prune_checkpoints, read_pointer, require_complete, write_checkpoint_dir, write_pointer,
+                          write_selected_pointer)
 from .config import RESUME_KEYS, TrainConfig
-from .files import (TMP_SUFFIX, fsync_dir, atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_json,
-                    atomic_write_text, torch_load)
+from .files import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, torch_load
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_POINTER = "latest.json"
-SELECTED_POINTER = "selected.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-LATENT_WEIGHTS = "latents.safetensors"
-TOKENIZER_ADDITIONS = "tokenizer_additions.json"
-RUN_CONFIG_JSON = "run_config.json"
-RUN_CONFIG_YAML = "run_config.yaml"
-TRAINING_STATE = "training_state.pt"
-RNG_STATE_TEMPLATE = "rng_state_rank{rank}.pt"
-INFO = "info.json"
-STEP_DIR_TEMPLATE = "step-{step:08d}"
-OLD_SUFFIX = ".old"
 # Each process stages its RNG state here until the main process assembles the checkpoint.
 RNG_STAGING_DIR = "rng-staging"
 
 
 def get_rng_state() -> dict:
+    """RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -71,7 +47,9 @@ def get_rng_state() -> dict:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state((saved["algorithm"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,6 +70,10 @@ class ResumeState:
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     history: list = field(default_factory=list)
+    # Step of the checkpoint to evaluate (selected.json's target), committed with every checkpoint.
+    selected_step: Optional[int] = None
+    # Content hashes of the training and validation data (``dataset_fingerprint``), checked on resume.
+    data_fingerprints: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +83,8 @@ class ResumeState:
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "history": list(self.history),
+            "selected_step": self.selected_step,
+            "data_fingerprints": dict(self.data_fingerprints),
         }
 
     @classmethod
@@ -112,109 +96,9 @@ class ResumeState:
             best_metric=d.get("best_metric"),
             best_step=d.get("best_step"),
             history=list(d.get("history", [])),
+            selected_step=d.get("selected_step"),
+            data_fingerprints=dict(d.get("data_fingerprints", {})),
         )
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return STEP_DIR_TEMPLATE.format(step=step)
-
-
-def write_checkpoint_dir(final_dir, files: Mapping[str, Any]) -> Path:
-    """Assemble a checkpoint directory atomically.
-
-    ``files`` maps a file name to bytes, str, or a callable that writes that file given its path.
-    Everything is written into ``<final_dir>.tmp`` and the directory is renamed into place at the
-    end; an existing directory of the same name is replaced (moved aside first, then deleted).
-    """
-    final_dir = Path(final_dir)
-    tmp_dir = final_dir.with_name(final_dir.name + TMP_SUFFIX)
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
-    for name, content in files.items():
-        target = tmp_dir / name
-        if callable(content):
-            content(target)
-        elif isinstance(content, bytes):
-            atomic_write_bytes(target, content)
-        elif isinstance(content, str):
-            atomic_write_text(target, content)
-        else:
-            raise ValueError(f"files[{name!r}] must be bytes, str or a callable writer; got {type(content).__name__}")
-    fsync_dir(tmp_dir)
-    old_dir = final_dir.with_name(final_dir.name + OLD_SUFFIX)
-    if final_dir.exists():
-        if old_dir.exists():
-            shutil.rmtree(old_dir)
-        os.replace(final_dir, old_dir)
-    os.replace(tmp_dir, final_dir)
-    fsync_dir(final_dir.parent)
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-    return final_dir
-
-
-def write_pointer(output_dir, pointer_name: str, checkpoint_dir, extra: Optional[dict] = None) -> Path:
-    output_dir = Path(output_dir)
-    rel = os.path.relpath(Path(checkpoint_dir), output_dir)
-    payload = {"path": rel}
-    payload.update(extra or {})
-    return atomic_write_json(output_dir / pointer_name, payload)
-
-
-def read_pointer(output_dir, pointer_name: str) -> Optional[Path]:
-    pointer = Path(output_dir) / pointer_name
-    if not pointer.is_file():
-        return None
-    rel = json.loads(pointer.read_text())["path"]
-    path = Path(output_dir) / rel
-    return path if path.is_dir() else None
-
-
-def resolve_checkpoint(path, prefer: str = SELECTED_POINTER) -> Path:
-    """A checkpoint directory from either itself or a run's output directory.
-
-    For an output directory the ``prefer`` pointer is followed (``selected.json`` by default, the
-    checkpoint to evaluate; ``latest.json`` for resuming), falling back to the other pointer.
-    """
-    path = Path(path)
-    if (path / INFO).is_file():
-        return path
-    for name in (prefer, LATEST_POINTER, SELECTED_POINTER):
-        found = read_pointer(path, name)
-        if found is not None:
-            return found
-    raise ValueError(
-        f"checkpoint: {str(path)!r} is neither a checkpoint directory (no {INFO}) nor a run output "
-        f"directory with {SELECTED_POINTER} or {LATEST_POINTER}"
-    )
-
-
-def list_checkpoints(output_dir) -> list:
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and (d / INFO).is_file() and not d.name.endswith((TMP_SUFFIX, OLD_SUFFIX))]
-    return sorted(dirs, key=lambda d: json.loads((d / INFO).read_text())["global_step"])
-
-
-def prune_checkpoints(output_dir, keep_last: int, protect=()) -> list:
-    """Delete all but the newest ``keep_last`` checkpoints, never those in ``protect``."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1; got {keep_last}")
-    protect = {Path(p).resolve() for p in protect if p is not None}
-    ckpts = list_checkpoints(output_dir)
-    removed = []
-    for d in ckpts[:-keep_last]:
-        if d.resolve() in protect:
-            continue
-        shutil.rmtree(d)
-        removed.append(d)
-    return removed
-
-
-def read_info(checkpoint_dir) -> dict:
-    return json.loads((Path(checkpoint_dir) / INFO).read_text())
 
 
 def is_fsdp(accelerator) -> bool:
@@ -261,6 +145,8 @@ def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, sc
     atomic_torch_save(staging / rng_name, get_rng_state())
     adapter, trainable, latent_rows = _trained_tensors(accelerator, model, latent_ids)
     accelerator.wait_for_everyone()
+    if select:
+        state.selected_step = state.global_step
     if accelerator.is_main_process:
         unwrapped = unwrap(accelerator, model)
         peft_config = unwrapped.peft_config["default"].to_dict()
@@ -276,6 +162,7 @@ def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, sc
         info = {
             "global_step": state.global_step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             "stage": stage.name, "rule": stage.rule, "val_accuracy": val_metric, "mode": cfg.mode,
+            "selected_step": state.selected_step,
         }
         files = {
             ADAPTER_WEIGHTS: lambda p: atomic_save_safetensors(p, adapter, {"format": "pt"}),
@@ -293,22 +180,25 @@ def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, sc
             files[staged.name] = lambda p, staged=staged: atomic_write_bytes(p, staged.read_bytes())
         write_checkpoint_dir(final_dir, files)
         shutil.rmtree(staging, ignore_errors=True)
+        # The commit point: from here on this checkpoint, and the selection its info.json records, hold.
         write_pointer(output_dir, LATEST_POINTER, final_dir, {"global_step": state.global_step})
-        if select:
-            write_pointer(output_dir, SELECTED_POINTER, final_dir,
-                               {"global_step": state.global_step, "val_accuracy": val_metric})
-        prune_checkpoints(output_dir, cfg.keep_checkpoints,
-                               protect=[read_pointer(output_dir, SELECTED_POINTER), final_dir])
+        selected = write_selected_pointer(output_dir)
+        prune_checkpoints(output_dir, cfg.keep_checkpoints, protect=[selected, final_dir])
     accelerator.wait_for_everyone()
     return final_dir
 
 
-def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler) -> Optional[ResumeState]:
+def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler,
+                data_fingerprints: Optional[Mapping[str, str]] = None) -> Optional[ResumeState]:
+    """The state of the run in ``cfg.output_dir`` loaded into model, optimizer and scheduler, or
+    None when it has no checkpoint yet. Refuses changed settings and, when ``data_fingerprints``
+    are given, changed data."""
     latest = read_pointer(cfg.output_dir, LATEST_POINTER)
     if latest is None:
         if accelerator.is_main_process:
             print(f"--resume: no checkpoint in {cfg.output_dir}; starting a new run", flush=True)
         return None
+    require_complete(latest)
     saved = json.loads((latest / RUN_CONFIG_JSON).read_text())
     current = cfg.to_dict()
     diffs = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
@@ -318,6 +208,13 @@ def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler) -> O
             f"(saved {[saved.get(k) for k in diffs]}, now {[current.get(k) for k in diffs]}); an exact resume needs the same ones"
         )
     training = torch_load(latest / TRAINING_STATE)
+    saved_data = training["resume"].get("data_fingerprints", {})
+    for name, fingerprint in (data_fingerprints or {}).items():
+        if saved_data.get(name) != fingerprint:
+            raise ValueError(
+                f"--resume: the {name} data differ from the data the run in {cfg.output_dir} was trained on "
+                "(reordered, cut, extended or relabelled examples, or changed images); an exact resume needs the same data"
+            )
     if is_fsdp(accelerator) or training["optimizer"] is None:
         raise ValueError(
             "--resume: exact resume (optimizer state included) is supported for single-process and DDP runs, not FSDP; "
@@ -342,6 +239,8 @@ def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler) -> O
     set_rng_state(torch_load(latest / RNG_STATE_TEMPLATE.format(rank=accelerator.process_index)))
     state = ResumeState.from_dict(training["resume"])
     if accelerator.is_main_process:
+        # A crash between the two pointer writes of the last save left selected.json behind.
+        write_selected_pointer(cfg.output_dir)
         print(f"resuming from {latest} (step {state.global_step}, epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
     return state
 

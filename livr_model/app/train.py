@@ -28,10 +28,12 @@ from livr_model.segment_ids import IGNORE_INDEX
 from .callbacks import Callback, RunContext, StepInfo, default_callbacks
 from .config import TrainConfig, stage_plan
 from .data import prepare_data
+from .data.fingerprint import dataset_fingerprint
 from .files import atomic_write_json, atomic_write_yaml
 from .models import build_trainable_model, load_model_and_processor, make_encoder, trainable_summary
 from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
-from .state import RUN_CONFIG_JSON, RUN_CONFIG_YAML, SELECTED_POINTER, ResumeState, load_resume, read_pointer, unwrap
+from .checkpoints import RUN_CONFIG_JSON, RUN_CONFIG_YAML, claim_output_dir, selected_from_latest
+from .state import ResumeState, load_resume, unwrap
 
 # Encoded examples are cached in memory while their total size stays under this budget.
 ENCODE_CACHE_BYTES = 2 << 30
@@ -112,6 +114,8 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
     state. Returns (run context, encoded training set, stage plan, processor, training examples)."""
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
+    claim_output_dir(cfg, main)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     # The data before the model: a missing data file is reported at once, not after hub retries.
     if train_examples is None:
@@ -143,12 +147,15 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    fingerprints = {"training": dataset_fingerprint(train_examples), "validation": dataset_fingerprint(val_examples)}
+    state = load_resume(accelerator, cfg, model, optimizer, scheduler, fingerprints) if cfg.resume else None
+    state = state or ResumeState(data_fingerprints=fingerprints)
+    # Only now: a refused resume leaves the run's own config files untouched.
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(output_dir / RUN_CONFIG_YAML, cfg.to_dict())
         atomic_write_json(output_dir / RUN_CONFIG_JSON, cfg.to_dict())
-    state = (load_resume(accelerator, cfg, model, optimizer, scheduler) if cfg.resume else None) or ResumeState()
     run = RunContext(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, handle=handle,
                      encoder=encoder, latent_ids=latent_ids, state=state, val_examples=val_examples,
                      single_task=not _is_multitask(train_examples))
@@ -237,6 +244,6 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
     handle.set_rule(cfg.eval_rule)
     return TrainResult(
         model=unwrap(accelerator, run.model), processor=processor, handle=handle, encoder=run.encoder,
-        latent_token_ids=run.latent_ids, state=state, selected_checkpoint=read_pointer(Path(cfg.output_dir), SELECTED_POINTER),
+        latent_token_ids=run.latent_ids, state=state, selected_checkpoint=selected_from_latest(cfg.output_dir),
         train_examples=list(train_examples), val_examples=run.val_examples, accelerator=accelerator,
     )
