@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -n 2 --timeout 900
 
 demo: $(STAMP)
-	$(BIN)/livr-train --demo --output-dir demo_out
+	$(BIN)/livr-train --demo --output-dir demo_out --overwrite
 
 compile-check: $(STAMP)
 	$(BIN)/python -m livr_kernels.compile_check

@@ -105,3 +105,12 @@ def test_train_flags_are_not_abbreviated(argv, capsys):
     with pytest.raises(SystemExit):
         build_train_parser().parse_args(argv)
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_safety_flags_reach_the_config():
+    cfg, _ = resolve_train_config(["--overwrite", "--allow-outside-paths"])
+    assert cfg.overwrite and cfg.allow_outside_paths
+    defaults, _ = resolve_train_config([])
+    assert not defaults.overwrite and not defaults.allow_outside_paths and not defaults.trust_remote_code
+    args = build_eval_parser().parse_args(["--checkpoint", "run"])
+    assert not args.trust_remote_code and not args.allow_outside_paths
