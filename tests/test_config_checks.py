@@ -114,3 +114,8 @@ def test_safety_flags_reach_the_config():
     assert not defaults.overwrite and not defaults.allow_outside_paths and not defaults.trust_remote_code
     args = build_eval_parser().parse_args(["--checkpoint", "run"])
     assert not args.trust_remote_code and not args.allow_outside_paths
+
+
+def test_yaml_merge_key_override_is_not_a_duplicate():
+    loaded = config_module.load_yaml("base: &base\n  lr: 1.0e-4\n  seed: 1\nrun:\n  <<: *base\n  seed: 2\n", "merge")
+    assert loaded["run"] == {"lr": 1e-4, "seed": 2}

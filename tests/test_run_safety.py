@@ -191,3 +191,13 @@ def test_loaders_refuse_an_incomplete_checkpoint_by_name(tmp_path):
         load_trained(checkpoint)
     with pytest.raises(ValueError, match="is incomplete"):
         run(tmp_path, resume=True)
+
+
+def test_resume_of_a_checkpoint_without_data_fingerprint_is_refused(tmp_path):
+    run(tmp_path, max_steps=1)
+    path = latest(tmp_path) / ckpt.TRAINING_STATE
+    training = torch.load(path, weights_only=True)
+    del training["resume"]["data_fingerprints"]
+    torch.save(training, path)
+    with pytest.raises(ValueError, match="records no data fingerprint"):
+        run(tmp_path, resume=True)

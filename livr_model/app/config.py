@@ -71,7 +71,7 @@ class Check:
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "str":
-            return isinstance(value, str) and (not self.nonempty or value != "") and (not self.choices or value in self.choices)
+            return isinstance(value, str) and (not self.nonempty or value.strip() != "") and (not self.choices or value in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -213,6 +213,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Check (and normalise) every field, then the rules that tie fields together."""
         for f in dataclasses.fields(self):
+            if f.name not in FIELD_CHECKS:
+                raise TypeError(f"TrainConfig.{f.name} has no line in FIELD_CHECKS (livr_model/app/config.py): add its type and range")
             setattr(self, f.name, FIELD_CHECKS[f.name].check(f.name, getattr(self, f.name)))
         get_mode(self.mode)
         if sum(self.stage_epochs) == 0:
@@ -245,9 +247,11 @@ class ConfigLoader(yaml.SafeLoader):
     one silently), and ``1e-3`` is a float as in YAML 1.2 (PyYAML's YAML 1.1 rules need a dot)."""
 
     def construct_mapping(self, node, deep=False):
-        self.flatten_mapping(node)
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # "<<: *defaults" then an explicit key is an override, not a duplicate.
+                continue
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise ValueError(f"key {key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})")

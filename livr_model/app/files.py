@@ -83,7 +83,9 @@ def torch_load(path) -> Any:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"refusing to load {str(path)!r}: it holds pickled objects, not only tensors and plain values "
-            f"({first_line}). livr writes no such files and never unpickles code; was it replaced?"
+            f"({first_line}). livr never unpickles objects from files (unpickling can run code): if this "
+            "checkpoint was written by this livr, the file was replaced; an older livr's checkpoint cannot "
+            "be resumed, but its adapter and latent rows (safetensors) still load for evaluation"
         ) from None
 
 

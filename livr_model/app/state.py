@@ -209,6 +209,9 @@ def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler,
         )
     training = torch_load(latest / TRAINING_STATE)
     saved_data = training["resume"].get("data_fingerprints", {})
+    if data_fingerprints and not saved_data:
+        raise ValueError(f"--resume: the checkpoint {str(latest)!r} records no data fingerprint (an older livr wrote it), "
+                         "so livr cannot check that the data are the same; start a new run")
     for name, fingerprint in (data_fingerprints or {}).items():
         if saved_data.get(name) != fingerprint:
             raise ValueError(
