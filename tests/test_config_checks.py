@@ -92,6 +92,7 @@ def test_bad_flags_are_named(argv):
         (["--limit", "-1"], "argument --limit: expected an integer >= 1; got '-1'"),
         (["--output-dir", ""], "argument --output-dir: expected a non-empty path"),
         (["--batch", "2"], "unrecognized arguments: --batch 2"),
+        (["--rule", "bottlenek"], "argument --rule: invalid choice: 'bottlenek'"),
     ],
 )
 def test_eval_flags_refuse_bad_values(argv, message, capsys):

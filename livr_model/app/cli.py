@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
+from livr_kernels import RULES
 from livr_model.modes import MODES
 
 from .config import EVAL_METHODS, TrainConfig, load_yaml
@@ -153,7 +154,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run's --output-dir (its selected checkpoint) or one checkpoint directory")
     p.add_argument("--data", default=None, help="evaluation data: JSONL path, blink:<Subtask> or synthetic:<task>[,<task>] (default: the run's validation data)")
     p.add_argument("--method", choices=EVAL_METHODS, default="generate", help="generate (letter extraction) or likelihood (option scoring)")
-    p.add_argument("--rule", default=None, help="attention rule for the main accuracy (default: the run's eval rule, standard)")
+    p.add_argument("--rule", default=None, choices=tuple(RULES), help="attention rule for the main accuracy (default: the run's eval rule, standard)")
     p.add_argument("--output-dir", type=_nonempty, default=None, help="where metrics.json and the heatmap go (default: <checkpoint>/eval)")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most this many examples per task")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per batch")

@@ -26,13 +26,13 @@ from accelerate.utils import set_seed
 from livr_model.segment_ids import IGNORE_INDEX
 
 from .callbacks import Callback, RunContext, StepInfo, default_callbacks
+from .checkpoints import RUN_CONFIG_JSON, RUN_CONFIG_YAML, claim_output_dir, selected_from_latest
 from .config import TrainConfig, stage_plan
 from .data import prepare_data
 from .data.fingerprint import dataset_fingerprint
 from .files import atomic_write_json, atomic_write_yaml
 from .models import build_trainable_model, load_model_and_processor, make_encoder, trainable_summary
 from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
-from .checkpoints import RUN_CONFIG_JSON, RUN_CONFIG_YAML, claim_output_dir, selected_from_latest
 from .state import ResumeState, load_resume, unwrap
 
 # Encoded examples are cached in memory while their total size stays under this budget.
