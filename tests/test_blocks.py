@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from kernel_cases import livr_layout, packed_docs
 from livr_kernels import RULES, SegmentLayout, segment_mask
-from livr_kernels.blocks import TILE_EMPTY, TILE_FULL, summarize_blocks
+from livr_kernels.blocks import PAST_END, TILE_EMPTY, TILE_FULL, summarize_blocks
 
 
 def check_tiles(seg, doc, rule, bm, bn, n_q):
@@ -55,7 +55,8 @@ def test_summaries():
     seg = torch.tensor([[0, 1, 1, 4, 2, 3, 4]])
     doc = torch.tensor([[0, 0, 1, 9, 1, 1, 9]])
     s = summarize_blocks(seg, doc, 4)
-    assert s.kinds.tolist() == [[0b10011, 0b11100]]
+    # The second block runs one position past the end.
+    assert s.kinds.tolist() == [[0b10011, 0b11100 | (1 << PAST_END)]]
     assert s.doc_min.tolist() == [[0, 1]] and s.doc_max.tolist() == [[1, 1]]
 
 
