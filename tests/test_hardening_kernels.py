@@ -7,7 +7,7 @@ import torch
 from transformers import StaticCache
 
 from kernel_cases import livr_layout, random_qkv
-from livr_kernels import AttentionRule, KernelConfig, Segment, SegmentLayout, reference_attention, segment_attention
+from livr_kernels import AttentionRule, KernelConfig, reference_attention, segment_attention
 from livr_model import patch_attention
 from tiny_models import TINY_TOKENS, BatchSpec, SampleLayout, build_tiny_model, make_batch, prompt_only
 
