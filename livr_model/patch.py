@@ -368,7 +368,8 @@ class LivrAttentionHandle:
                 segment_ids = user_segment_ids
                 if attention_mask is not None:
                     segment_ids = segment_ids.masked_fill(self._padding(attention_mask, batch, past, total), int(Segment.PAD))
-                return SegmentLayout(segment_ids, self._full_doc_ids(user_doc_ids, past, batch, new_len))
+                docs = self._full_doc_ids(user_doc_ids, getattr(cache, CACHE_ATTR, None) if past else None, batch, new_len, past)
+                return SegmentLayout(segment_ids, docs)
             if length == new_len:
                 new_ids, validate = user_segment_ids, True
             elif not (past and length <= past):
@@ -424,8 +425,14 @@ class LivrAttentionHandle:
         cached = torch.zeros(batch, past, dtype=torch.bool, device=padding.device)
         return torch.cat([cached, padding], dim=1)
 
-    def _full_doc_ids(self, user_doc_ids, past: int, batch: int, new_len: int):
+    @staticmethod
+    def _full_doc_ids(user_doc_ids, cached: Optional[SegmentLayout], batch: int, new_len: int, past: int):
+        """Document ids for segment ids given over every key: the user's, or the cached keys' ones
+        continued (tokens added to a cache continue the last cached token's document)."""
         if user_doc_ids is None:
+            if isinstance(cached, SegmentLayout) and cached.has_docs and tuple(cached.shape) == (batch, past):
+                raw = cached.raw_doc_ids
+                return torch.cat([raw, raw[:, -1:].expand(batch, new_len)], dim=1)
             return None
         _check_2d("doc_ids", user_doc_ids, batch)
         if user_doc_ids.shape[1] != past + new_len:
@@ -451,13 +458,6 @@ class LivrAttentionHandle:
             f"ids are known; got {length}"
         )
 
-    @staticmethod
-    def _device(kwargs) -> torch.device:
-        for name in ("input_ids", "inputs_embeds", "attention_mask"):
-            if isinstance(kwargs.get(name), torch.Tensor):
-                return kwargs[name].device
-        return torch.device("cpu")
-
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"LivrAttentionHandle({type(self.model).__name__}, rule={self._rule.name!r}, {state})"
@@ -482,6 +482,10 @@ def patch_attention(
     ``latent_token_ids``: the ids of the K latent tokens (within the embedding table). ``doc_ids``:
     optional callable ``fn(forward_kwargs) -> (B, N) document ids`` for packed sequences (a forward
     may also pass ``doc_ids=`` itself). ``kernel_backend``: passed to ``segment_attention``.
+
+    A forward may pass ``segment_ids=`` as a (B, N) tensor (range-checked: one read-back from the
+    device) or as a prebuilt ``livr_kernels.SegmentLayout`` (used as is, padding already PAD, no
+    read-back: the way to keep a training step free of host-device synchronisation).
 
     Every forward then derives segment kinds from ``input_ids``, ``labels`` and ``attention_mask``
     (or takes ``segment_ids=(B, N)`` from the caller) and applies the rule; the returned handle
