@@ -19,6 +19,7 @@ from livr_kernels import blocks
 from livr_kernels.attention import kernel_tiles
 from livr_kernels.config import default_config
 from livr_model import patch_attention
+from livr_model.patch import CACHE_ATTR
 from tiny_models import TINY_TOKENS, BatchSpec, SampleLayout, build_tiny_model, make_batch, prompt_only, text_position_ids
 
 # Ops (non-view aten calls) for the forward, dK/dV and dQ schedules of one layout, layout included.
@@ -310,3 +311,34 @@ def test_cuda_patched_model_never_syncs_in_livr_code():
         _step(model, batch, segment_ids=prebuilt)
     ours = [message for message, stack in found if _livr_caller(stack) is not None]
     assert ours == []
+
+
+class _FilledCache:
+    """A KV cache after a patched prefill: its length and the layout the patch stored on it."""
+
+    def __init__(self, length, layout):
+        self.length = length
+        setattr(self, CACHE_ATTR, layout)
+
+    def get_seq_length(self):
+        return self.length
+
+
+def test_decode_step_keeps_cached_documents_when_kinds_cover_every_key():
+    _, handle = _tiny("reference")
+    batch = _batch()
+    n = batch["input_ids"].shape[1]
+    docs = (torch.arange(n) >= n // 2).long().expand(2, n) * 2**40
+    segments = handle.build_segment_ids(batch["input_ids"], attention_mask=batch["attention_mask"])
+    cache = _FilledCache(n, SegmentLayout(segments, docs))
+    step = {
+        "input_ids": torch.full((2, 1), 7),
+        "attention_mask": torch.ones(2, n + 1, dtype=torch.long),
+        "cache": cache,
+    }
+    all_kinds = torch.cat([segments, torch.full((2, 1), 3)], 1)
+    continued = handle._layout_for(step, all_kinds, None)
+    explicit = handle._layout_for(step, all_kinds, torch.cat([docs, docs[:, -1:]], 1))
+    assert continued.has_docs and torch.equal(continued.doc_ids, explicit.doc_ids)
+    extended = handle._layout_for(step, None, None)
+    assert torch.equal(extended.doc_ids, explicit.doc_ids) and torch.equal(extended.segment_ids, explicit.segment_ids)
