@@ -46,8 +46,10 @@ _INT32_MIN = torch.iinfo(torch.int32).min
 # coarse tile of W fine tiles sums to 0 (all empty), W (all full), or anything else (partial).
 _PARTIAL_WEIGHT = 1 << 10
 _FINE_WEIGHT = {TILE_EMPTY: 0, TILE_FULL: 1, TILE_PARTIAL: _PARTIAL_WEIGHT}
-# Position classes of fine tiles are cached per shape (training repeats a handful of lengths).
+# Position classes of fine tiles are cached per shape (training repeats a handful of lengths), a few
+# tables of at most this many entries (8 MiB each): larger ones cost more memory than their 3 ops.
 _POSITION_CACHE_SIZE = 4
+_POSITION_CACHE_MAX_ENTRIES = 1 << 20
 
 # (block_m, block_n, by_key): one kernel's tile shape; by_key lists query blocks per key block.
 TileShape = Tuple[int, int, bool]
@@ -162,21 +164,23 @@ class _DeviceTables:
         return self._keys[key]
 
     def positions(self, rows: int, cols: int, g: int, offset: int, device: torch.device) -> torch.Tensor:
-        """(rows, cols) int32 position class of fine tiles: FULL where every key precedes every query,
+        """(rows, cols) int64 position class of fine tiles: FULL where every key precedes every query,
         EMPTY where every key follows every query, else PARTIAL (queries start at ``offset``)."""
         # Tile (i, j) holds queries offset + [i g, i g + g) and keys [j g, j g + g).
         last_full = (offset + 1) // g - 1  # largest j - i with the whole key block <= the first query
         last_live = (offset + g - 1) // g  # largest j - i with a key <= the last query
         # Keyed by the diagonals, not the offset, so decode steps reuse one table for g steps.
         key = (rows, cols, last_full, last_live, device)
-        if key not in self._positions:
+        if key in self._positions:
+            return self._positions[key]
+        classes = torch.full((rows, cols), TILE_FULL, dtype=torch.int64, device=device).tril_(last_full)
+        for diagonal in range(last_full + 1, last_live + 1):
+            classes.diagonal(diagonal).fill_(TILE_PARTIAL)
+        if rows * cols <= _POSITION_CACHE_MAX_ENTRIES:
             if len(self._positions) >= _POSITION_CACHE_SIZE:
                 self._positions.pop(next(iter(self._positions)))
-            classes = torch.full((rows, cols), TILE_FULL, dtype=torch.int32, device=device).tril_(last_full)
-            for diagonal in range(last_full + 1, last_live + 1):
-                classes.diagonal(diagonal).fill_(TILE_PARTIAL)
             self._positions[key] = classes
-        return self._positions[key]
+        return classes
 
 
 _TABLES = _DeviceTables()
@@ -202,13 +206,13 @@ def _rule_table(rule: AttentionRule) -> torch.Tensor:
 
 
 def _document_classes(q: BlockSummary, k: BlockSummary) -> torch.Tensor:
-    """(B, Pq, Pk) int32: EMPTY where the blocks' document ranges are disjoint, FULL where both hold
+    """(B, Pq, Pk) int64: EMPTY where the blocks' document ranges are disjoint, FULL where both hold
     one and the same document, else PARTIAL."""
     q_min, q_max = q.doc_min[:, :, None], q.doc_max[:, :, None]
     k_min, k_max = k.doc_min[:, None, :], k.doc_max[:, None, :]
     overlap = (q_max >= k_min) & (k_max >= q_min)
     same = torch.maximum(q_max, k_max) == torch.minimum(q_min, k_min)
-    return overlap.to(torch.int32) + same
+    return overlap.to(torch.int64) + same
 
 
 def fine_weights(q: BlockSummary, k: BlockSummary, rule: AttentionRule, offset: int) -> torch.Tensor:
