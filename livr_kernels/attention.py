@@ -1,12 +1,14 @@
 """The public ``segment_attention``: argument checks, backend choice and the autograd Function."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
-from .blocks import SegmentLayout
+from .blocks import SegmentLayout, TileShape
 from .config import MAX_HEAD_DIM, KernelConfig, default_config
 from .reference import reference_attention
 from .segments import AttentionRule, RuleLike, resolve_rule
@@ -20,11 +22,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def kernel_tiles(config: KernelConfig, backward: bool = True) -> Dict[str, TileShape]:
+    """The tile shapes the kernels walk: forward, and dK/dV (by key block) and dQ for the backward."""
+    tiles = {"forward": (config.fwd_block_m, config.fwd_block_n, False)}
+    if backward:
+        tiles["dkv"] = (config.dkv_block_m, config.dkv_block_n, True)
+        tiles["dq"] = (config.dq_block_m, config.dq_block_n, False)
+    return tiles
+
+
 class SegmentAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: SegmentLayout, rule: AttentionRule, scale: float, config: KernelConfig):
         from .forward import segment_attention_fwd
 
+        # Every schedule this call will need, from one classification; the wrappers then find them cached.
+        layout.schedules(rule, kernel_tiles(config, backward=any(ctx.needs_input_grad[:3])), q.shape[2])
         o, lse = segment_attention_fwd(q, k, v, layout, rule, scale, config)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.rule, ctx.scale, ctx.config = layout, rule, scale, config
@@ -64,10 +77,11 @@ def segment_attention(
     rule = resolve_rule(rule)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if config is not None and not isinstance(config, KernelConfig):
+        raise ValueError(f"config must be None or a livr_kernels.KernelConfig; got {type(config).__name__}")
     layout = _as_layout(segment_ids, doc_ids)
     _check_qkv(q, k, v, layout)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
@@ -88,7 +102,15 @@ def segment_attention(
     if config is None:
         capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
         config = default_config(q.shape[-1], capability, q.dtype)
-    return SegmentAttentionFunction.apply(q, k, v, layout, rule, float(scale), config)
+    return SegmentAttentionFunction.apply(q, k, v, layout, rule, scale, config)
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.device.type == "cpu":
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number (or None for head_dim ** -0.5); got {scale!r}")
+    return float(scale)
 
 
 def _as_layout(segment_ids, doc_ids) -> SegmentLayout:
@@ -108,6 +130,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Segmen
         raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
     batch, hq, n_q, head_dim = q.shape
     _, hkv, n_k, _ = k.shape
+    if head_dim == 0:
+        raise ValueError(f"q, k and v need a head dim of at least 1; got shape {tuple(q.shape)}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(
             f"k/v must be (batch={batch}, heads, seq_len, head_dim={head_dim}) like q; got {tuple(k.shape)}"

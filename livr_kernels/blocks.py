@@ -1,169 +1,59 @@
-"""Per-block summaries of a segment layout and the classification of attention tiles.
+"""``SegmentLayout``: a batch's segment (and document) ids with their block summaries and tile
+schedules cached, built once and shared by every layer; ``TileMask`` to inspect a classification.
 
-Nothing here builds an N x N mask. Every block of ``block_size`` tokens is summarised by three
-int32 numbers: a bit mask of the segment kinds present, and the smallest and largest document
-id (O(N) in all). From a query block's and a key block's summaries (plus their positions) a tile is
-
-* EMPTY: no (query, key) pair in it is allowed: never visited, K and V never loaded;
-* FULL: every pair is allowed: computed without any mask arithmetic;
-* PARTIAL: anything else: the mask is computed from the per-token ids.
-
-A ``TileSchedule`` lists, per query block (or per key block, for dK/dV), the full and the partial
-tiles to visit, like FlexAttention's BlockMask: the kernels run one branch-free loop over each
-list, which the compiler can software-pipeline. It takes (N/BM) x (N/BN) int32 per list and batch
-row, e.g. 0.25 MiB at N = 16k with 128 x 64 tiles, against 256 MiB for a dense boolean mask, and is
-built once per layout, rule and tile shape, then shared by every layer and head.
+The summaries, the classification and the schedules themselves live in ``tiles.py``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+import math
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import triton
 
 from .segments import NUM_SEGMENTS, AttentionRule, RuleLike, Segment, resolve_rule
-
-TILE_EMPTY = 0
-TILE_PARTIAL = 1
-TILE_FULL = 2
-TILE_NAMES = {TILE_EMPTY: "empty", TILE_PARTIAL: "partial", TILE_FULL: "full"}
-
-# Kind value for positions past the end of the sequence while blocks are summarised.
-_OUT_OF_RANGE = NUM_SEGMENTS
-_INT32_MAX = torch.iinfo(torch.int32).max
-_INT32_MIN = torch.iinfo(torch.int32).min
-_KIND_BITS = (1 << NUM_SEGMENTS) - 1
-
-
-@dataclass(frozen=True)
-class BlockSummary:
-    """Per-block summaries at one block size, each (B, num_blocks) int32.
-
-    ``kinds``: bit k set when the block holds a token of kind k. ``doc_min`` / ``doc_max``: the
-    document-id range of its non-PAD tokens (INT32_MAX / INT32_MIN when it has none).
-    """
-
-    block_size: int
-    kinds: torch.Tensor
-    doc_min: torch.Tensor
-    doc_max: torch.Tensor
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kinds.shape[-1]
-
-
-def summarize_blocks(
-    segment_ids: torch.Tensor, doc_ids: Optional[torch.Tensor], block_size: int
-) -> BlockSummary:
-    """O(N) summaries on the ids' device; ``segment_ids`` and ``doc_ids`` are (B, N)."""
-    batch, n = segment_ids.shape
-    num_blocks = triton.cdiv(n, block_size)
-    tail = num_blocks * block_size - n
-    seg = torch.nn.functional.pad(segment_ids.long(), (0, tail), value=_OUT_OF_RANGE)
-    seg = seg.view(batch, num_blocks, block_size)
-    present = torch.nn.functional.one_hot(seg, NUM_SEGMENTS + 1)[..., :NUM_SEGMENTS].any(dim=2)
-    weights = 1 << torch.arange(NUM_SEGMENTS, device=seg.device)
-    kinds = (present.long() * weights).sum(-1).to(torch.int32)
-    if doc_ids is None:
-        doc_min = torch.zeros(batch, num_blocks, dtype=torch.int32, device=seg.device)
-        doc_max = doc_min
-    else:
-        doc = torch.nn.functional.pad(doc_ids.long(), (0, tail)).view(batch, num_blocks, block_size)
-        live = seg < int(Segment.PAD)
-        doc_min = torch.where(live, doc, _INT32_MAX).amin(dim=2).to(torch.int32)
-        doc_max = torch.where(live, doc, _INT32_MIN).amax(dim=2).to(torch.int32)
-    return BlockSummary(block_size, kinds.contiguous(), doc_min.contiguous(), doc_max.contiguous())
-
-
-@dataclass(frozen=True)
-class TileSchedule:
-    """Tiles to visit per row block: ``*_count`` (B, R) and ``*_index`` (B, R, C) int32, ascending.
-
-    Rows are query blocks (forward, dQ) or key blocks (dK/dV, built from the transposed classes).
-    Only the first ``count`` entries of an index row are meaningful.
-    """
-
-    full_count: torch.Tensor
-    full_index: torch.Tensor
-    partial_count: torch.Tensor
-    partial_index: torch.Tensor
-
-    @classmethod
-    def from_classes(cls, classes: torch.Tensor) -> "TileSchedule":
-        def listing(selected):
-            count = selected.sum(-1, dtype=torch.int32)
-            # A stable sort puts the selected columns first, in ascending order.
-            index = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-            return count.contiguous(), index.contiguous()
-
-        full_count, full_index = listing(classes == TILE_FULL)
-        partial_count, partial_index = listing(classes == TILE_PARTIAL)
-        return cls(full_count, full_index, partial_count, partial_index)
-
-
-def classify_tiles(
-    q_summary: BlockSummary,
-    k_summary: BlockSummary,
-    rule: AttentionRule,
-    num_queries: int,
-    num_keys: int,
-    has_docs: bool,
-) -> torch.Tensor:
-    """Classes of every tile: (B, num_q_blocks, num_k_blocks) int8 of TILE_EMPTY / TILE_PARTIAL / TILE_FULL.
-
-    Out-of-range positions count as nothing; a block that runs past the end is never FULL, so the
-    kernels only need bounds masks on partial tiles.
-    """
-    device = q_summary.kinds.device
-    bm, bn = q_summary.block_size, k_summary.block_size
-    offset = num_keys - num_queries
-    q_start = torch.arange(q_summary.num_blocks, device=device) * bm
-    k_start = torch.arange(k_summary.num_blocks, device=device) * bn
-    q_lo = (offset + q_start)[:, None]
-    q_hi = (offset + torch.clamp(q_start + bm, max=num_queries) - 1)[:, None]
-    k_lo = k_start[None, :]
-    k_hi = (torch.clamp(k_start + bn, max=num_keys) - 1)[None, :]
-    q_edge = (q_start + bm > num_queries)[:, None]
-    k_edge = (k_start + bn > num_keys)[None, :]
-
-    qk = q_summary.kinds.long()[:, :, None]
-    kk = k_summary.kinds.long()[:, None, :]
-    kind_any = torch.zeros(qk.shape[0], qk.shape[1], kk.shape[2], dtype=torch.bool, device=device)
-    kind_all = torch.ones_like(kind_any)
-    for kind, row in enumerate(rule.row_bits):
-        present = ((qk >> kind) & 1).bool()
-        seen = row & kk
-        kind_any |= present & (seen != 0)
-        kind_all &= ~present | (seen == kk)
-    empty = (k_lo > q_hi)[None] | ~kind_any
-    full = (k_hi <= q_lo)[None] & kind_all & ~q_edge[None] & ~k_edge[None]
-    if has_docs:
-        qmin, qmax = q_summary.doc_min[:, :, None], q_summary.doc_max[:, :, None]
-        kmin, kmax = k_summary.doc_min[:, None, :], k_summary.doc_max[:, None, :]
-        empty |= (qmax < kmin) | (kmax < qmin)
-        full &= (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
-    classes = torch.full(empty.shape, TILE_PARTIAL, dtype=torch.int8, device=device)
-    classes[full] = TILE_FULL
-    classes[empty] = TILE_EMPTY
-    return classes
+from .tiles import (  # noqa: F401  (re-exported: the historical home of these names)
+    PAST_END,
+    TILE_EMPTY,
+    TILE_FULL,
+    TILE_NAMES,
+    TILE_PARTIAL,
+    BlockSummary,
+    TileSchedule,
+    TileShape,
+    coarse_classes,
+    coarse_schedule,
+    concat_summaries,
+    fine_weights,
+    summarize_blocks,
+    summary_prefix,
+)
 
 
 class SegmentLayout:
-    """Validated segment ids (and optional document ids) with cached per-block summaries.
+    """Segment ids (and optional document ids) with cached per-block summaries and tile schedules.
 
-    Build it once per batch and pass it as ``segment_ids`` to every attention layer: the O(N)
-    summaries are then computed once per block size, not once per layer.
+    Build it once per batch and pass it as ``segment_ids`` to every attention layer: summaries and
+    schedules are then computed once, not once per layer.
+
+    ``validate=True`` checks the ids, including their value range (which reads one number back
+    from the device: do it where ids are built, once per batch). ``validate=False`` skips the range
+    check, for ids livr built itself. Document ids are relabelled densely per row (equal ids stay
+    equal), so any integer ids work, int64 hashes included.
     """
 
     def __init__(self, segment_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, *, validate: bool = True):
-        if validate:
-            _check_ids(segment_ids, doc_ids)
+        _check_segment_ids(segment_ids, check_range=validate)
+        if doc_ids is not None:
+            _check_doc_ids(doc_ids, segment_ids)
+        self._segment_ids64 = segment_ids.to(torch.int64)
         self.segment_ids = segment_ids.to(torch.int32).contiguous()
-        self.doc_ids = None if doc_ids is None else doc_ids.to(torch.int32).contiguous()
-        self._summaries: Dict[Tuple[int, int], BlockSummary] = {}
+        self.doc_ids = None if doc_ids is None else dense_doc_ids(doc_ids)
+        self._raw_doc_ids = doc_ids
+        self._summaries: Dict[Tuple[int, int, int], BlockSummary] = {}
         self._schedules: Dict[tuple, TileSchedule] = {}
+        # Key summaries of a layout this one extends: (summary, blocks of it that are complete) per block size.
+        self._prefix: Dict[int, Tuple[BlockSummary, int]] = {}
 
     @property
     def shape(self) -> torch.Size:
@@ -177,25 +67,88 @@ class SegmentLayout:
     def has_docs(self) -> bool:
         return self.doc_ids is not None
 
-    def summary(self, block_size: int, num_queries: Optional[int] = None) -> BlockSummary:
+    def extend(self, segment_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, *, validate: bool = True) -> "SegmentLayout":
+        """This layout with ``segment_ids`` (B, M) appended: a decode step with a KV cache. Summaries
+        of the complete key blocks carry over, so a step costs O(M + block) work, not O(N).
+
+        Without ``doc_ids`` the new tokens continue the last token's document; with them, (B, M)
+        ids in the same numbering as this layout's original document ids."""
+        _check_segment_ids(segment_ids, check_range=validate, batch=self.shape[0])
+        if doc_ids is not None:
+            _check_doc_ids(doc_ids, segment_ids)
+        n_old = self.shape[1]
+        new = SegmentLayout.__new__(SegmentLayout)
+        new._segment_ids64 = torch.cat([self._segment_ids64, segment_ids.to(torch.int64)], 1)
+        new.segment_ids = torch.cat([self.segment_ids, segment_ids.to(torch.int32)], 1)
+        new.doc_ids, new._raw_doc_ids = self._extended_docs(segment_ids.shape[1], doc_ids)
+        new._summaries, new._schedules = {}, {}
+        new._prefix = dict(self._prefix)
+        for (block_size, offset, _), summary in self._summaries.items():
+            if offset == 0:
+                new._prefix[block_size] = (summary, n_old // block_size)
+        return new
+
+    def _extended_docs(self, m: int, doc_ids: Optional[torch.Tensor]):
+        batch = self.shape[0]
+        if doc_ids is None:
+            if not self.has_docs:
+                return None, None
+            last = self.doc_ids[:, -1:].expand(batch, m)
+            raw = self.raw_doc_ids
+            return torch.cat([self.doc_ids, last], 1), torch.cat([raw, raw[:, -1:].expand(batch, m)], 1)
+        if not self.has_docs:
+            raise ValueError("doc_ids for new tokens need a layout that has document ids")
+        raw = torch.cat([self.raw_doc_ids, doc_ids.to(self.raw_doc_ids.dtype)], 1)
+        return dense_doc_ids(raw), raw
+
+    @property
+    def raw_doc_ids(self) -> Optional[torch.Tensor]:
+        """The document ids as given (before relabelling), for extending the layout."""
+        return self._raw_doc_ids
+
+    def summary(self, block_size: int, num_queries: Optional[int] = None, num_blocks: Optional[int] = None) -> BlockSummary:
         """Summaries of key blocks, or of query blocks when ``num_queries`` (the last Nq positions) is given."""
         n = self.segment_ids.shape[1]
         offset = 0 if num_queries is None else n - num_queries
-        key = (block_size, offset)
+        num_blocks = triton.cdiv(n - offset, block_size) if num_blocks is None else num_blocks
+        key = (block_size, offset, num_blocks)
         if key not in self._summaries:
             doc = None if self.doc_ids is None else self.doc_ids[:, offset:]
-            self._summaries[key] = summarize_blocks(self.segment_ids[:, offset:], doc, block_size)
+            prefix = self._prefix.get(block_size) if offset == 0 else None
+            if prefix is not None and prefix[1] > 0:
+                head, done = prefix
+                start = done * block_size
+                tail_doc = None if doc is None else doc[:, start:]
+                tail = summarize_blocks(self._segment_ids64[:, start:], tail_doc, block_size, num_blocks - done)
+                self._summaries[key] = concat_summaries(summary_prefix(head, done), tail)
+            else:
+                self._summaries[key] = summarize_blocks(self._segment_ids64[:, offset:], doc, block_size, num_blocks)
         return self._summaries[key]
+
+    def fine_weights(self, rule: AttentionRule, g: int, num_queries: int, padded_to: int = 1) -> torch.Tensor:
+        """Fine-tile weights at granularity ``g``, with rows and columns padded (as EMPTY) so the
+        queries and keys cover a multiple of ``padded_to`` tokens."""
+        n = self.shape[1]
+        rows = triton.cdiv(num_queries, padded_to) * padded_to // g
+        cols = triton.cdiv(n, padded_to) * padded_to // g
+        return fine_weights(self.summary(g, num_queries, rows), self.summary(g, None, cols), rule, n - num_queries)
+
+    def schedules(self, rule: RuleLike, tiles: Mapping[str, TileShape], num_queries: int) -> Dict[str, TileSchedule]:
+        """The tile lists for several kernels' tile shapes, all from one fine classification."""
+        rule = resolve_rule(rule)
+        keys = {name: (rule.bits, bm, bn, num_queries, by_key) for name, (bm, bn, by_key) in tiles.items()}
+        missing = {name: tiles[name] for name, key in keys.items() if key not in self._schedules}
+        if missing:
+            sizes = [size for bm, bn, _ in missing.values() for size in (bm, bn)]
+            g, span = math.gcd(*sizes), math.lcm(*sizes)
+            weights = self.fine_weights(rule, g, num_queries, span)
+            for name, (bm, bn, by_key) in missing.items():
+                self._schedules[keys[name]] = coarse_schedule(weights, g, bm, bn, num_queries, self.shape[1], by_key)
+        return {name: self._schedules[key] for name, key in keys.items()}
 
     def schedule(self, rule: AttentionRule, block_m: int, block_n: int, num_queries: int, by_key: bool = False) -> TileSchedule:
         """The cached tile lists for one rule and tile shape; ``by_key`` lists query blocks per key block."""
-        key = (rule.bits, block_m, block_n, num_queries, by_key)
-        if key not in self._schedules:
-            classes = TileMask(self, rule, block_m, block_n, num_queries).to_dense()
-            if by_key:
-                classes = classes.transpose(1, 2)
-            self._schedules[key] = TileSchedule.from_classes(classes)
-        return self._schedules[key]
+        return self.schedules(rule, {"tiles": (block_m, block_n, by_key)}, num_queries)["tiles"]
 
     def tile_mask(self, rule: RuleLike, block_m: int = 128, block_n: int = 64, num_queries: Optional[int] = None) -> "TileMask":
         n = self.segment_ids.shape[1]
@@ -206,27 +159,43 @@ class SegmentLayout:
         return f"SegmentLayout(batch={self.shape[0]}, seq_len={self.shape[1]}, docs={self.has_docs})"
 
 
-def _check_ids(segment_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> None:
+def dense_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) int32: per row, each id's rank among the row's distinct ids. Attention compares
+    documents by equality within a row, so this changes nothing but keeps int64 ids (2**32, say)
+    from wrapping when the kernels read them as int32. No host-device synchronisation."""
+    if doc_ids.shape[1] == 0:
+        return doc_ids.to(torch.int32)
+    values, order = torch.sort(doc_ids, dim=1)
+    ranks = torch.nn.functional.pad((values[:, 1:] != values[:, :-1]).cumsum(1, dtype=torch.int32), (1, 0))
+    return torch.empty_like(ranks).scatter_(1, order, ranks)
+
+
+def _check_segment_ids(segment_ids, *, check_range: bool, batch: Optional[int] = None) -> None:
     if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2:
         raise ValueError(f"segment_ids must be a (batch, seq_len) integer tensor; got {_describe(segment_ids)}")
+    if batch is not None and segment_ids.shape[0] != batch:
+        raise ValueError(f"segment_ids must have batch size {batch}; got {_describe(segment_ids)}")
     if segment_ids.dtype.is_floating_point or segment_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise ValueError(f"segment_ids must have an integer dtype; got {segment_ids.dtype}")
-    if segment_ids.numel():
-        lo, hi = int(segment_ids.min()), int(segment_ids.max())
+    if check_range and segment_ids.numel():
+        # One read-back for both bounds.
+        lo, hi = torch.stack(torch.aminmax(segment_ids)).tolist()
         if lo < 0 or hi >= NUM_SEGMENTS:
             raise ValueError(
                 f"segment_ids values must lie in 0..{NUM_SEGMENTS - 1} "
                 f"({', '.join(f'{s.name}={int(s)}' for s in Segment)}); got values in {lo}..{hi}"
             )
-    if doc_ids is not None:
-        if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != segment_ids.shape:
-            raise ValueError(
-                f"doc_ids must have the shape of segment_ids {tuple(segment_ids.shape)}; got {_describe(doc_ids)}"
-            )
-        if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
-            raise ValueError(f"doc_ids must have an integer dtype; got {doc_ids.dtype}")
-        if doc_ids.device != segment_ids.device:
-            raise ValueError(f"doc_ids is on {doc_ids.device} but segment_ids is on {segment_ids.device}")
+
+
+def _check_doc_ids(doc_ids, segment_ids: torch.Tensor) -> None:
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != segment_ids.shape:
+        raise ValueError(
+            f"doc_ids must have the shape of segment_ids {tuple(segment_ids.shape)}; got {_describe(doc_ids)}"
+        )
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"doc_ids must have an integer dtype; got {doc_ids.dtype}")
+    if doc_ids.device != segment_ids.device:
+        raise ValueError(f"doc_ids is on {doc_ids.device} but segment_ids is on {segment_ids.device}")
 
 
 def _describe(x) -> str:
@@ -250,14 +219,10 @@ class TileMask:
     def to_dense(self) -> torch.Tensor:
         """(B, num_q_blocks, num_k_blocks) int8 of TILE_EMPTY / TILE_PARTIAL / TILE_FULL."""
         if self._classes is None:
-            self._classes = classify_tiles(
-                self.layout.summary(self.block_m, self.num_queries),
-                self.layout.summary(self.block_n),
-                self.rule,
-                self.num_queries,
-                self.num_keys,
-                self.layout.has_docs,
-            )
+            g = math.gcd(self.block_m, self.block_n)
+            span = math.lcm(self.block_m, self.block_n)
+            weights = self.layout.fine_weights(self.rule, g, self.num_queries, span)
+            self._classes = coarse_classes(weights, g, self.block_m, self.block_n, self.num_queries, self.num_keys)
         return self._classes
 
     def counts(self) -> Dict[str, int]:

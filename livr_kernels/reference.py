@@ -61,7 +61,7 @@ def reference_probs(
     mask = segment_mask(segment_ids, rule, doc_ids, num_queries=n_q)[:, None]
     k = k.repeat_interleave(group, dim=1)
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(softmax_dtype) * scale
+    scores = torch.matmul(q.to(softmax_dtype), k.to(softmax_dtype).transpose(-1, -2)) * scale
     has_key = mask.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
     return torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
@@ -76,8 +76,10 @@ def reference_attention(
     doc_ids: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Attention with the segment mask, computed densely in the inputs' dtype (softmax in fp32 or
-    wider). Rows with no allowed key give exactly 0 and zero gradient.
+    """Attention with the segment mask, computed densely. Scores and softmax run in fp32 (or
+    float64 for float64 inputs), as the kernels and SDPA do, so fp16 scores cannot overflow; the
+    probabilities are then rounded to the inputs' dtype for the product with V. Rows with no
+    allowed key give exactly 0 and zero gradient.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); returns (B, Hq, Nq, D).
     """

@@ -7,9 +7,11 @@ say which kinds may talk to each other.
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Union
 
+import numpy as np
 import torch
 
 
@@ -36,17 +38,24 @@ class AttentionRule:
     allowed: tuple
 
     def __post_init__(self):
-        rows = tuple(tuple(bool(x) for x in row) for row in self.allowed)
-        if len(rows) != NUM_SEGMENTS or any(len(r) != NUM_SEGMENTS for r in rows):
-            raise ValueError(
-                f"AttentionRule.allowed must be a {NUM_SEGMENTS}x{NUM_SEGMENTS} table "
-                f"indexed [query kind][key kind]; got {self.allowed!r}"
-            )
+        shape_error = ValueError(
+            f"AttentionRule.allowed must be a {NUM_SEGMENTS}x{NUM_SEGMENTS} table "
+            f"indexed [query kind][key kind]; got {self.allowed!r}"
+        )
+        if isinstance(self.allowed, (str, bytes)) or not isinstance(self.allowed, Iterable):
+            raise shape_error
+        rows = [list(row) if isinstance(row, Iterable) and not isinstance(row, (str, bytes)) else None for row in self.allowed]
+        if len(rows) != NUM_SEGMENTS or any(r is None or len(r) != NUM_SEGMENTS for r in rows):
+            raise shape_error
+        rows = tuple(tuple(_table_entry(x, q, k) for k, x in enumerate(row)) for q, row in enumerate(rows))
         pad = int(Segment.PAD)
         rows = tuple(
             tuple(v and q != pad and k != pad for k, v in enumerate(row)) for q, row in enumerate(rows)
         )
         object.__setattr__(self, "allowed", rows)
+        # Device copies of the table, made once per device: a host-to-device copy per forward would
+        # make the host wait for the GPU.
+        object.__setattr__(self, "_tables", {})
 
     @classmethod
     def from_blocked(cls, name: str, blocked: Iterable[tuple] = ()) -> "AttentionRule":
@@ -70,7 +79,11 @@ class AttentionRule:
         return sum(bits << (q * NUM_SEGMENTS) for q, bits in enumerate(self.row_bits))
 
     def table(self, device=None) -> torch.Tensor:
-        return torch.tensor(self.allowed, dtype=torch.bool, device=device)
+        """The (5, 5) bool table on ``device``, cached per device (do not modify it in place)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = torch.tensor(self.allowed, dtype=torch.bool, device=device)
+        return self._tables[device]
 
     def __repr__(self) -> str:
         names = [s.name[:3] for s in Segment]
@@ -78,6 +91,21 @@ class AttentionRule:
         for s, row in zip(Segment, self.allowed):
             lines.append(f"  {s.name:<6} " + "  ".join(" x " if v else " . " for v in row))
         return "\n".join(lines)
+
+
+def _table_entry(value, q: int, k: int) -> bool:
+    """One table entry as a bool: Python/numpy/torch bools and the integers 0 and 1 only, so that a
+    string such as ``"False"`` (truthy) cannot silently allow a pair."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(int(value))
+    raise ValueError(
+        f"AttentionRule.allowed[{q}][{k}] ({Segment(q).name} query, {Segment(k).name} key) must be a bool "
+        f"or 0/1; got {value!r} ({type(value).__name__})"
+    )
 
 
 STANDARD = AttentionRule.from_blocked("standard")

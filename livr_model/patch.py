@@ -11,32 +11,36 @@ How it plugs in, using only transformers' extension points:
   (or a user-given ``segment_ids=``) into a ``SegmentLayout`` built once per forward, and passes it
   down as a keyword argument: transformers forwards extra keyword arguments to every attention call,
   and gradient checkpointing replays a layer with the same arguments;
-* with a KV cache the kinds of the cached keys ride on the cache object, so decode steps know
-  them; tokens added to a non-empty cache (generated tokens) are ANSWER.
+* with a KV cache the layout of the cached keys rides on the cache object, so decode steps extend
+  it (its per-block summaries too) instead of rebuilding it; tokens added to a non-empty cache
+  (generated tokens) are ANSWER.
+
+The per-forward path never makes the host wait for the GPU: ids are derived with device-side
+ops from id tables cached per device, and only ids a user passes as a tensor are range-checked
+(one read-back; pass a prebuilt ``SegmentLayout`` to skip it).
 """
 from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from livr_kernels import AttentionRule, Segment, SegmentLayout, resolve_rule, segment_attention
+from livr_kernels import AttentionRule, SegmentLayout, resolve_rule, segment_attention
 from livr_kernels.attention import BACKENDS as KERNEL_BACKENDS
 from livr_kernels.reference import reference_probs
 
 from .archs import ArchSpec, get_arch
-from .segment_ids import TokenIds, _as_id_tensor, build_segment_ids
+from .forward_layout import check_2d, layout_for_forward, remember_keys
+from .segment_ids import TokenIds, _as_id_tensor, build_segment_ids, segment_kinds
 
 BACKEND_NAME = "livr"
 # Keyword argument carrying the per-forward state from the pre-hook down to every attention call.
 STATE_KWARG = "livr_state"
-# Attribute set on a KV cache object: the segment (and document) ids of the keys it holds.
-CACHE_ATTR = "_livr_keys"
 # Attribute set on a patched model, pointing at its handle.
 HANDLE_ATTR = "_livr_handle"
 
@@ -65,10 +69,6 @@ class ForwardState:
     capture: Optional[AttentionCapture] = None
 
 
-@dataclass(frozen=True)
-class CachedKeys:
-    segment_ids: torch.Tensor
-    doc_ids: Optional[torch.Tensor]
 
 
 def livr_attention_forward(
@@ -104,10 +104,10 @@ def livr_attention_forward(
             f"segment ids cover {tuple(layout.shape)} (batch, keys) but this layer attends over "
             f"({key.shape[0]}, {key.shape[2]}) keys; static or sliding caches are not supported, use the default DynamicCache"
         )
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = segment_attention(query, key, value, layout, rule=state.rule, scale=scale, backend=state.kernel_backend)
+    out = segment_attention(query, key, value, layout, rule=state.rule, scale=scaling, backend=state.kernel_backend)
     weights = None
     if state.capture is not None or kwargs.get("output_attentions"):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         with torch.no_grad():
             weights = reference_probs(query.float(), key.float(), layout.segment_ids, state.rule, layout.doc_ids, scale)
         if state.capture is not None:
@@ -139,15 +139,6 @@ def _unwrap(model) -> torch.nn.Module:
     return inner
 
 
-def _check_2d(name: str, tensor, batch: int) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.shape[0] != batch:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be a (batch={batch}, seq_len) tensor; got {shape}")
-    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-        raise ValueError(f"{name} must have an integer dtype; got {tensor.dtype}")
-    return tensor
-
-
 class LivrAttentionHandle:
     """Returned by ``patch_attention``: switch rules, capture attention, undo the patch."""
 
@@ -171,7 +162,9 @@ class LivrAttentionHandle:
         self._doc_ids_fn = doc_ids
         self.kernel_backend = kernel_backend
         self._capture: Optional[AttentionCapture] = None
-        self._segment_override: Optional[torch.Tensor] = None
+        self._segment_override: Optional[Union[torch.Tensor, SegmentLayout]] = None
+        # (image ids, latent ids) per device, copied once: a copy per forward would wait for the GPU.
+        self._id_tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         text_config = spec.text_config(model.config)
         self._text_config = text_config
         self._original_implementation = text_config._attn_implementation
@@ -200,8 +193,16 @@ class LivrAttentionHandle:
     def active(self) -> bool:
         return bool(self._hooks)
 
+    def _check_active(self, what: str) -> None:
+        if not self._hooks:
+            raise RuntimeError(
+                f"{what} on a removed LivrAttentionHandle has no effect: the model runs its own attention "
+                "since handle.remove(); call patch_attention(model, ...) again for a new handle"
+            )
+
     def set_rule(self, rule: Union[str, AttentionRule]) -> AttentionRule:
         """Switch the rule for the following forwards (e.g. ``"standard"`` for stage 2)."""
+        self._check_active("set_rule")
         self._rule = resolve_rule(rule)
         return self._rule
 
@@ -220,6 +221,7 @@ class LivrAttentionHandle:
     def capture_attention(self) -> Iterator[AttentionCapture]:
         """Record the dense attention probabilities of each forward run inside the block (the latest
         forward's, one tensor per text layer). Reference math, O(N^2) memory: probes and eval only."""
+        self._check_active("capture_attention")
         capture = AttentionCapture()
         previous, self._capture = self._capture, capture
         try:
@@ -228,14 +230,17 @@ class LivrAttentionHandle:
             self._capture = previous
 
     @contextmanager
-    def use_segment_ids(self, segment_ids: torch.Tensor) -> Iterator[None]:
-        """Inside the block, forwards that get no ``segment_ids=`` use these (B, N) kinds.
+    def use_segment_ids(self, segment_ids: Union[torch.Tensor, SegmentLayout]) -> Iterator[None]:
+        """Inside the block, forwards that get no ``segment_ids=`` use these (B, N) kinds (or this
+        prebuilt ``SegmentLayout``).
 
         This is how custom kinds reach ``model.generate``, which refuses unknown keyword arguments:
         give the prompt's kinds (repeated per beam when beam searching); decode steps then reuse
         the cached keys' kinds and mark generated tokens ANSWER."""
-        batch = segment_ids.shape[0] if isinstance(segment_ids, torch.Tensor) else -1
-        _check_2d("segment_ids", segment_ids, batch)
+        self._check_active("use_segment_ids")
+        if not isinstance(segment_ids, SegmentLayout):
+            batch = segment_ids.shape[0] if isinstance(segment_ids, torch.Tensor) else -1
+            check_2d("segment_ids", segment_ids, batch)
         previous, self._segment_override = self._segment_override, segment_ids
         try:
             yield
@@ -278,7 +283,7 @@ class LivrAttentionHandle:
         kwargs[STATE_KWARG] = ForwardState(layout, self._rule, self.kernel_backend, capture)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
-            _remember_keys(cache, layout)
+            remember_keys(cache, layout)
         return args, kwargs
 
     def _post_forward(self, module, args, kwargs, output):
@@ -290,117 +295,32 @@ class LivrAttentionHandle:
         if cache is None:
             cache = getattr(output, "past_key_values", None)
         if cache is not None:
-            _remember_keys(cache, state.layout)
+            remember_keys(cache, state.layout)
         return output
 
     def _layout_for(self, kwargs: dict, user_segment_ids, user_doc_ids) -> SegmentLayout:
-        input_ids = kwargs.get("input_ids")
-        inputs_embeds = kwargs.get("inputs_embeds")
-        attention_mask = kwargs.get("attention_mask")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if input_ids is not None:
-            batch, new_len = input_ids.shape[:2]
-        elif inputs_embeds is not None:
-            batch, new_len = inputs_embeds.shape[:2]
-        else:
-            raise ValueError("a patched model needs input_ids or inputs_embeds")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        total = past + new_len
-        cached = getattr(cache, CACHE_ATTR, None) if past else None
+        return layout_for_forward(
+            kwargs, user_segment_ids, user_doc_ids, lambda: self._derived_ids(kwargs, kwargs.get("input_ids"))
+        )
 
-        segment_ids = None
-        if user_segment_ids is not None:
-            _check_2d("segment_ids", user_segment_ids, batch)
-            if user_segment_ids.shape[1] == total:
-                segment_ids = user_segment_ids.long()
-            elif user_segment_ids.shape[1] == new_len:
-                new_ids = user_segment_ids.long()
-            elif past and user_segment_ids.shape[1] <= past:
-                # The prompt's kinds, offered again at a decode step (use_segment_ids around generate):
-                # they are already in the cache, and the new tokens are ANSWER.
-                new_ids = None
-            else:
-                raise ValueError(
-                    f"segment_ids must cover the new tokens ({new_len}) or all keys ({total}); got {user_segment_ids.shape[1]}"
-                )
-        else:
-            new_ids = None
-        if segment_ids is None:
-            if new_ids is None:
-                if past:
-                    new_ids = torch.full((batch, new_len), int(Segment.ANSWER), dtype=torch.long, device=self._device(kwargs))
-                elif input_ids is None:
-                    raise ValueError(
-                        "cannot derive segment ids from inputs_embeds alone: pass input_ids, or segment_ids=(batch, seq_len) "
-                        "with a livr_kernels.Segment kind per token"
-                    )
-                else:
-                    labels = kwargs.get("labels")
-                    if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
-                        raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
-                    new_ids = self.build_segment_ids(input_ids, labels=labels)
-            if past:
-                if cached is None or tuple(cached.segment_ids.shape) != (batch, past):
-                    raise ValueError(
-                        f"the KV cache holds {past} tokens whose segment kinds are unknown (it was not filled by this patched "
-                        f"model); pass segment_ids=(batch, {total}) covering every key"
-                    )
-                segment_ids = torch.cat([cached.segment_ids.to(new_ids.device), new_ids], dim=1)
-            else:
-                segment_ids = new_ids
-
-        if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-                raise ValueError(
-                    f"a patched model takes a 2-D padding attention_mask (batch, seq_len); got {shape}. The LIVR mask "
-                    "comes from segment ids; pass segment_ids= for custom kinds"
-                )
-            padding = attention_mask.to(segment_ids.device) == 0
-            if padding.shape[1] == new_len and past:
-                padding = torch.cat([torch.zeros(batch, past, dtype=torch.bool, device=padding.device), padding], dim=1)
-            if tuple(padding.shape) != (batch, total):
-                raise ValueError(f"attention_mask must be (batch={batch}, {total}) here; got {tuple(attention_mask.shape)}")
-            segment_ids = segment_ids.masked_fill(padding, int(Segment.PAD))
-
-        doc_ids = self._doc_ids_for(user_doc_ids, cached, batch, new_len, past)
-        return SegmentLayout(segment_ids, doc_ids)
-
-    def _doc_ids_for(self, user_doc_ids, cached: Optional[CachedKeys], batch: int, new_len: int, past: int):
-        total = past + new_len
-        cached_docs = None if cached is None else cached.doc_ids
-        if user_doc_ids is not None:
-            _check_2d("doc_ids", user_doc_ids, batch)
-            length = user_doc_ids.shape[1]
-            if length == total:
-                return user_doc_ids.long()
-            if length == new_len and past and cached_docs is not None:
-                return torch.cat([cached_docs, user_doc_ids.long().to(cached_docs.device)], dim=1)
-            if not (past and length <= past and cached_docs is not None):
-                raise ValueError(
-                    f"doc_ids must cover all keys ({total}), or the new tokens ({new_len}) of a cache whose document "
-                    f"ids are known; got {length}"
-                )
-        if past and cached_docs is not None:
-            # Tokens added to a cache continue the document of the last cached token.
-            return torch.cat([cached_docs, cached_docs[:, -1:].expand(batch, new_len)], dim=1)
-        return None
-
-    @staticmethod
-    def _device(kwargs) -> torch.device:
-        for name in ("input_ids", "inputs_embeds", "attention_mask"):
-            if isinstance(kwargs.get(name), torch.Tensor):
-                return kwargs[name].device
-        return torch.device("cpu")
+    def _derived_ids(self, kwargs: dict, input_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError(
+                "cannot derive segment ids from inputs_embeds alone: pass input_ids, or segment_ids=(batch, seq_len) "
+                "with a livr_kernels.Segment kind per token"
+            )
+        labels = kwargs.get("labels")
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+        device = input_ids.device
+        if device not in self._id_tables:
+            self._id_tables[device] = (self._image_ids.to(device), self._latent_ids.to(device))
+        image, latent = self._id_tables[device]
+        return segment_kinds(input_ids, image, latent, labels)
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"LivrAttentionHandle({type(self.model).__name__}, rule={self._rule.name!r}, {state})"
-
-
-def _remember_keys(cache, layout: SegmentLayout) -> None:
-    docs = None if layout.doc_ids is None else layout.doc_ids.long()
-    setattr(cache, CACHE_ATTR, CachedKeys(layout.segment_ids.long(), docs))
 
 
 def patch_attention(
@@ -418,6 +338,10 @@ def patch_attention(
     ``latent_token_ids``: the ids of the K latent tokens (within the embedding table). ``doc_ids``:
     optional callable ``fn(forward_kwargs) -> (B, N) document ids`` for packed sequences (a forward
     may also pass ``doc_ids=`` itself). ``kernel_backend``: passed to ``segment_attention``.
+
+    A forward may pass ``segment_ids=`` as a (B, N) tensor (range-checked: one read-back from the
+    device) or as a prebuilt ``livr_kernels.SegmentLayout`` (used as is, padding already PAD, no
+    read-back: the way to keep a training step free of host-device synchronisation).
 
     Every forward then derives segment kinds from ``input_ids``, ``labels`` and ``attention_mask``
     (or takes ``segment_ids=(B, N)`` from the caller) and applies the rule; the returned handle

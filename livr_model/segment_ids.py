@@ -58,17 +58,33 @@ def build_segment_ids(
         raise ValueError(f"input_ids must have an integer dtype; got {input_ids.dtype}")
     _check_like("labels", labels, input_ids)
     _check_like("attention_mask", attention_mask, input_ids)
-    image = _as_id_tensor("image_token_ids", image_token_ids, input_ids.device)
-    latent = _as_id_tensor("latent_token_ids", latent_token_ids, input_ids.device)
+    image = _as_id_tensor("image_token_ids", image_token_ids, "cpu")
+    latent = _as_id_tensor("latent_token_ids", latent_token_ids, "cpu")
     overlap = set(image.tolist()) & set(latent.tolist())
     if overlap:
         raise ValueError(f"latent_token_ids and image_token_ids must be disjoint; both contain {sorted(overlap)}")
+    return segment_kinds(input_ids, image.to(input_ids.device), latent.to(input_ids.device), labels, attention_mask)
 
+
+def segment_kinds(
+    input_ids: torch.Tensor,
+    image_token_ids: torch.Tensor,
+    latent_token_ids: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``build_segment_ids`` without its checks, for id tensors already on ``input_ids``' device:
+    only device work, so the host never waits for the GPU (the per-forward path of a patched model)."""
     segment_ids = torch.full_like(input_ids, int(Segment.TEXT), dtype=torch.long)
     if labels is not None:
-        segment_ids[labels != IGNORE_INDEX] = int(Segment.ANSWER)
-    segment_ids[torch.isin(input_ids, latent)] = int(Segment.LATENT)
-    segment_ids[torch.isin(input_ids, image)] = int(Segment.IMAGE)
+        segment_ids = segment_ids.masked_fill(labels != IGNORE_INDEX, int(Segment.ANSWER))
+    segment_ids = segment_ids.masked_fill(_is_any(input_ids, latent_token_ids), int(Segment.LATENT))
+    segment_ids = segment_ids.masked_fill(_is_any(input_ids, image_token_ids), int(Segment.IMAGE))
     if attention_mask is not None:
-        segment_ids[attention_mask == 0] = int(Segment.PAD)
+        segment_ids = segment_ids.masked_fill(attention_mask == 0, int(Segment.PAD))
     return segment_ids
+
+
+def _is_any(input_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    # Not torch.isin: for a few elements it sorts through torch.unique, which reads a size back from the GPU.
+    return (input_ids[..., None] == token_ids).any(-1)

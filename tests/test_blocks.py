@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from kernel_cases import livr_layout, packed_docs
 from livr_kernels import RULES, SegmentLayout, segment_mask
-from livr_kernels.blocks import TILE_EMPTY, TILE_FULL, summarize_blocks
+from livr_kernels.blocks import PAST_END, TILE_EMPTY, TILE_FULL, TILE_PARTIAL, summarize_blocks
 
 
 def check_tiles(seg, doc, rule, bm, bn, n_q):
@@ -55,7 +55,8 @@ def test_summaries():
     seg = torch.tensor([[0, 1, 1, 4, 2, 3, 4]])
     doc = torch.tensor([[0, 0, 1, 9, 1, 1, 9]])
     s = summarize_blocks(seg, doc, 4)
-    assert s.kinds.tolist() == [[0b10011, 0b11100]]
+    # The second block runs one position past the end.
+    assert s.kinds.tolist() == [[0b10011, 0b11100 | (1 << PAST_END)]]
     assert s.doc_min.tolist() == [[0, 1]] and s.doc_max.tolist() == [[1, 1]]
 
 
@@ -71,3 +72,24 @@ def test_tile_mask_repr_counts_and_sparsity():
     assert "bottleneck" in text and "empty=" in text and "#" in text and "." in text
     standard = SegmentLayout(seg).tile_mask("standard", 32, 32)
     assert standard.counts()["empty"] == 64 - 36
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    n_q_fraction=st.floats(0.0, 1.0),
+    bm=st.sampled_from([8, 16, 32, 64]),
+    bn=st.sampled_from([8, 16, 32, 64]),
+)
+def test_causal_tiles_are_classified_exactly(n, n_q_fraction, bm, bn):
+    # All TEXT under "standard": only position decides, so every tile's class is exact, not just sound.
+    n_q = max(1, round(n * n_q_fraction))
+    seg = torch.zeros(1, n, dtype=torch.long)
+    classes = SegmentLayout(seg).tile_mask("standard", bm, bn, num_queries=n_q).to_dense()[0]
+    mask = segment_mask(seg, "standard", num_queries=n_q)[0]
+    for i in range(classes.shape[0]):
+        for j in range(classes.shape[1]):
+            tile = mask[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            whole = tile.shape == (bm, bn)
+            want = TILE_EMPTY if not tile.any() else TILE_FULL if tile.all() and whole else TILE_PARTIAL
+            assert int(classes[i, j]) == want, (i, j)
