@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from layouts import LAYOUT_NAMES, LIVR_SPEC, SMALL_SPEC, Layout, LayoutSpec, allowed_pairs, make_layout
 from livr_kernels import Segment, SegmentLayout, resolve_rule, segment_attention, segment_mask
+from livr_kernels.attention import kernel_tiles
 from livr_kernels.config import default_config
 from livr_kernels.segments import NUM_SEGMENTS
 
@@ -272,20 +273,13 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def livr_tiles(mode: str):
-    """(block_m, block_n, by_key) of every kernel ``mode`` launches, from the package's default config."""
-    config = default_config(SHAPE.head_dim, torch.cuda.get_device_capability() if CUDA else None)
-    tiles = [(config.fwd_block_m, config.fwd_block_n, False)]
-    if mode == "fwd_bwd":
-        tiles += [(config.dkv_block_m, config.dkv_block_n, True), (config.dq_block_m, config.dq_block_n, False)]
-    return tiles
-
-
 def build_livr_schedules(case: Case, mode: str):
-    """A fresh SegmentLayout and the tile lists of every kernel ``mode`` launches."""
+    """A fresh SegmentLayout and the tile lists of every kernel ``mode`` launches, from one
+    classification, exactly as ``segment_attention`` builds them."""
     layout = SegmentLayout(case.segment_ids, case.doc_ids)
-    n = case.segment_ids.shape[1]
-    return [layout.schedule(resolve_rule(RULE), bm, bn, n, by_key=by_key) for bm, bn, by_key in livr_tiles(mode)]
+    config = default_config(SHAPE.head_dim, torch.cuda.get_device_capability() if CUDA else None, SHAPE.dtype)
+    tiles = kernel_tiles(config, backward=mode == "fwd_bwd")
+    return list(layout.schedules(resolve_rule(RULE), tiles, case.segment_ids.shape[1]).values())
 
 
 def _nbytes(*tensors) -> int:
