@@ -1,0 +1,207 @@
+"""What every builder shares: split assignment by source image, balanced answer letters, image
+loading with named errors, and the writer of BLINK-format JSONL files.
+
+A build directory holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one object per line, the
+format ``livr_model.data.load_jsonl`` reads, plus the fields ``split``, ``sources`` and ``meta``),
+their images under ``images/<split>/`` (PNG, paths relative to the JSONL file), ``splits.json``
+(the split of every source image) and ``manifest.json`` (task, seed, sizes, letter counts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from livr_model.data import LETTERS, Example
+
+SPLITS = ("train", "val", "test")
+DEFAULT_SIZE = 1000
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+# How far the split fractions may sum away from 1 (they are typed by hand).
+FRACTION_TOLERANCE = 1e-6
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MANIFEST_NAME = "manifest.json"
+SPLITS_NAME = "splits.json"
+
+
+class BuildError(ValueError):
+    """A source the builders cannot use; the message names the file and the entry."""
+
+
+@dataclass
+class Built:
+    """One generated question before it is written: PIL images, the question, lettered choices,
+    the answer letter, the ids of the source images it was made from, and what was drawn."""
+
+    images: list
+    question: str
+    choices: List[str]
+    answer: str
+    task: str
+    sources: List[str]
+    meta: dict = field(default_factory=dict)
+
+    def validated(self) -> "Built":
+        # The library's own schema check: a bad letter or empty choice fails here, not at training.
+        Example(images=self.images, question=self.question, choices=self.choices, answer=self.answer, task=self.task)
+        return self
+
+
+def parse_fractions(text) -> Tuple[float, float, float]:
+    """``"0.8,0.1,0.1"`` -> train, val, test fractions (non-negative, summing to 1, train > 0)."""
+    if isinstance(text, str):
+        parts = [part.strip() for part in text.split(",")]
+        try:
+            values = tuple(float(part) for part in parts)
+        except ValueError:
+            raise BuildError(f"splits must be three numbers 'train,val,test' such as 0.8,0.1,0.1; got {text!r}") from None
+    else:
+        values = tuple(float(value) for value in text)
+    if len(values) != len(SPLITS):
+        raise BuildError(f"splits must give {len(SPLITS)} fractions (train,val,test); got {text!r}")
+    if any(value < 0 for value in values) or abs(sum(values) - 1.0) > FRACTION_TOLERANCE:
+        raise BuildError(f"splits must be non-negative fractions summing to 1; got {text!r}")
+    if values[0] <= 0:
+        raise BuildError(f"splits must give the train split a positive fraction; got {text!r}")
+    return values
+
+
+def split_sizes(size: int, fractions: Sequence[float]) -> Dict[str, int]:
+    """``size`` is the number of TRAINING examples (the paper's 1k per task); val and test get the
+    same ratio to train as their fractions: 1000 with 0.8,0.1,0.1 -> 1000 / 125 / 125."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise BuildError(f"size must be a positive int (training examples per task); got {size!r}")
+    train = fractions[0]
+    return {name: (size if name == "train" else round(size * fraction / train)) for name, fraction in zip(SPLITS, fractions)}
+
+
+def assign_splits(ids: Iterable[str], fractions: Sequence[float], seed: int, minimum: int = 1) -> Dict[str, str]:
+    """Every source image id -> its split. Images are shuffled with the seed and cut by the
+    fractions, so no source image is in two splits; each split with a positive fraction gets at
+    least ``minimum`` images (tasks that pair two photos of a split need two)."""
+    ordered = sorted(set(ids))
+    wanted = [name for name, fraction in zip(SPLITS, fractions) if fraction > 0]
+    if len(ordered) < minimum * len(wanted):
+        raise BuildError(f"the source has {len(ordered)} usable image(s); splits {wanted} need at least "
+                         f"{minimum * len(wanted)} ({minimum} each)")
+    random.Random(f"livr-data-splits-{seed}").shuffle(ordered)
+    counts = {name: max(minimum, round(fraction * len(ordered))) if fraction > 0 else 0
+              for name, fraction in zip(SPLITS, fractions)}
+    counts["train"] = len(ordered) - counts["val"] - counts["test"]
+    if counts["train"] < minimum:
+        raise BuildError(f"the source has {len(ordered)} usable image(s): too few to give every split {minimum}")
+    split_of, start = {}, 0
+    for name in SPLITS:
+        for image_id in ordered[start:start + counts[name]]:
+            split_of[image_id] = name
+        start += counts[name]
+    return split_of
+
+
+def balanced_positions(n: int, num_choices: int, rng: random.Random) -> List[int]:
+    """``n`` answer positions, each of the ``num_choices`` letters used n/num_choices times (+-1), in random order."""
+    positions = [index % num_choices for index in range(n)]
+    rng.shuffle(positions)
+    return positions
+
+
+def split_rng(task: str, seed: int, split: str) -> random.Random:
+    return random.Random(f"livr-data-{task}-{seed}-{split}")
+
+
+def load_image(path: Path, where: str, max_side: Optional[int] = None) -> Image.Image:
+    """An RGB copy of the image at ``path``, its longer side shrunk to ``max_side`` when given.
+    ``where`` names the annotation entry that points at it, for the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise BuildError(f"image {str(path)!r} not found ({where})")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as error:
+        raise BuildError(f"image {str(path)!r} cannot be read ({where}): {error}") from None
+    if max_side is not None and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC)
+    return image
+
+
+def list_images(folder) -> List[Path]:
+    """Image files under ``folder`` (recursively, sorted), by extension."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BuildError(f"source must be an existing image folder; {str(folder)!r} is not a directory")
+    paths = sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise BuildError(f"image folder {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def letter_counts(examples: Sequence[Built]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for example in examples:
+        counts[example.answer] = counts.get(example.answer, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_build(out_dir, task: str, by_split: Dict[str, List[Built]], split_of: Dict[str, str],
+                requested: Dict[str, int], settings: dict) -> dict:
+    """Write the JSONL files, images, ``splits.json`` and ``manifest.json``; return the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        examples = by_split.get(split, [])
+        image_dir = out_dir / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{split}.jsonl"
+        partial = path.with_suffix(".jsonl.partial")
+        with open(partial, "w", encoding="utf-8") as handle:
+            for index, example in enumerate(examples):
+                names = []
+                for image_index, image in enumerate(example.images):
+                    image_path = image_dir / f"{index:06d}_{image_index}.png"
+                    image.save(image_path)
+                    names.append(os.path.relpath(image_path, out_dir))
+                record = {"images": names, "question": example.question, "choices": example.choices,
+                          "answer": example.answer, "task": example.task, "split": split,
+                          "sources": example.sources, "meta": example.meta}
+                handle.write(json.dumps(record) + "\n")
+        # Renamed only when complete: a crashed build leaves no truncated split behind.
+        os.replace(partial, path)
+    with open(out_dir / SPLITS_NAME, "w", encoding="utf-8") as handle:
+        json.dump({"task": task, "seed": settings.get("seed"), "images": dict(sorted(split_of.items()))}, handle, indent=1)
+    manifest = {
+        "task": task,
+        **settings,
+        "requested": requested,
+        "written": {split: len(by_split.get(split, [])) for split in SPLITS},
+        "source_images": {split: sum(1 for value in split_of.values() if value == split) for split in SPLITS},
+        "answer_letters": {split: letter_counts(by_split.get(split, [])) for split in SPLITS},
+    }
+    with open(out_dir / MANIFEST_NAME, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    return manifest
+
+
+IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep",
+                     "skis": "skis", "scissors": "scissors"}
+
+
+def plural(name: str) -> str:
+    """English plural of a category name ("bus" -> "buses", "person" -> "people")."""
+    if name in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[name]
+    if name.endswith(("s", "x", "ch", "sh")):
+        return name + "es"
+    if name.endswith("y") and len(name) > 1 and name[-2] not in "aeiou":
+        return name[:-1] + "ies"
+    return name + "s"
+
+
+def letter(position: int) -> str:
+    return LETTERS[position]

@@ -1,0 +1,160 @@
+"""Visual prompts drawn on images as BLINK draws them (red circles with letter labels, labelled
+boxes) and the geometry the builders need (homographies, box overlap).
+
+Coordinates are continuous pixel coordinates: pixel (i, j) covers [i, i+1) x [j, j+1), so its
+centre is (i + 0.5, j + 0.5). PIL's PERSPECTIVE transform samples output pixel centres the same
+way, which is what lets a warped point land within a pixel of ``apply_homography``'s answer.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+# The ring is drawn in a colour of its own and the label on a darker red box, so the two never mix.
+MARK_COLOR = (255, 0, 0)
+LABEL_FILL = (190, 0, 0)
+LABEL_TEXT = (255, 255, 255)
+RADIUS_FRACTION = 0.02
+MIN_RADIUS = 5
+RING_WIDTH_DIVISOR = 3
+FONT_PER_RADIUS = 1.6
+MIN_FONT = 10
+LABEL_PADDING = 2
+BOX_WIDTH_FRACTION = 0.006
+MIN_BOX_WIDTH = 2
+# Corners of a random homography move by up to this fraction of the image side.
+HOMOGRAPHY_JITTER = 0.15
+BRIGHTNESS_RANGE = (0.7, 1.3)
+CONTRAST_RANGE = (0.8, 1.2)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def marker_radius(size: Tuple[int, int]) -> int:
+    return max(MIN_RADIUS, round(min(size) * RADIUS_FRACTION))
+
+
+def mark_extent(size: Tuple[int, int]) -> int:
+    """How far from its centre a point mark (ring and label box) can reach, in pixels."""
+    radius = marker_radius(size)
+    label = round(radius * FONT_PER_RADIUS) * 3 + 2 * LABEL_PADDING
+    return 2 * radius + label
+
+
+def point_spacing(size: Tuple[int, int]) -> int:
+    """The distance marked points keep from each other so no label covers another point's ring."""
+    return mark_extent(size) + 2 * marker_radius(size)
+
+
+def point_margin(size: Tuple[int, int]) -> int:
+    """The distance a marked point keeps from the border so its whole ring is visible."""
+    return 2 * marker_radius(size)
+
+
+def _label(draw: ImageDraw.ImageDraw, anchor: Tuple[float, float], text: str, font, bounds: Tuple[int, int],
+           prefer_left: bool = False) -> None:
+    """A white label on a dark red box whose nearest corner sits at ``anchor``."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    width, height = right - left + 2 * LABEL_PADDING, bottom - top + 2 * LABEL_PADDING
+    x, y = anchor
+    x0 = x - width if prefer_left or x + width > bounds[0] else x
+    y0 = y - height if y - height >= 0 else y
+    x0 = min(max(0, x0), bounds[0] - width)
+    draw.rectangle((x0, y0, x0 + width - 1, y0 + height - 1), fill=LABEL_FILL)
+    draw.text((x0 + LABEL_PADDING - left, y0 + LABEL_PADDING - top), text, fill=LABEL_TEXT, font=font)
+
+
+def draw_point(image: Image.Image, point: Sequence[float], label: str) -> None:
+    """A red ring centred on ``point`` (continuous coordinates) and ``label`` beside it, up-right
+    (up-left near the right border), kept clear of the ring."""
+    draw = ImageDraw.Draw(image)
+    radius = marker_radius(image.size)
+    width = max(2, radius // RING_WIDTH_DIVISOR)
+    # Centred on the pixel holding the point: the ring's centre is within half a pixel of it per axis.
+    x, y = math.floor(point[0]), math.floor(point[1])
+    draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=MARK_COLOR, width=width)
+    gap = radius + width + LABEL_PADDING
+    font = _font(max(MIN_FONT, round(radius * FONT_PER_RADIUS)))
+    near_right = x + gap + mark_extent(image.size) > image.width
+    _label(draw, (x - gap if near_right else x + gap, y - gap), label, font, image.size, prefer_left=near_right)
+
+
+def draw_box(image: Image.Image, box: Sequence[float], label: str) -> Tuple[int, int, int, int]:
+    """The outline of ``box`` = (x, y, width, height), COCO style, with ``label`` at its top-left
+    corner; returns the outline's pixel rectangle (inclusive)."""
+    draw = ImageDraw.Draw(image)
+    x, y, w, h = box
+    rect = (round(x), round(y), round(x + w) - 1, round(y + h) - 1)
+    width = max(MIN_BOX_WIDTH, round(min(image.size) * BOX_WIDTH_FRACTION))
+    draw.rectangle(rect, outline=MARK_COLOR, width=width)
+    font = _font(max(MIN_FONT, round(marker_radius(image.size) * FONT_PER_RADIUS)))
+    _label(draw, (rect[0], rect[1]), label, font, image.size)
+    return rect
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x, y, width, height) boxes."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def homography_from_points(src: Sequence[Sequence[float]], dst: Sequence[Sequence[float]]) -> np.ndarray:
+    """The 3x3 matrix H (H[2, 2] = 1) mapping the four ``src`` points onto the four ``dst`` points."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs.extend([u, v])
+    solution = np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64))
+    return np.append(solution, 1.0).reshape(3, 3)
+
+
+def apply_homography(matrix: np.ndarray, points) -> np.ndarray:
+    """Map (N, 2) continuous points through ``matrix``."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    mapped = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ np.asarray(matrix, dtype=np.float64).T
+    return mapped[:, :2] / mapped[:, 2:3]
+
+
+def random_homography(size: Tuple[int, int], rng: random.Random, jitter: float = HOMOGRAPHY_JITTER) -> np.ndarray:
+    """A random view change: each image corner moves by up to ``jitter`` of the image side."""
+    width, height = size
+    corners = [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)]
+    moved = [(x + rng.uniform(-jitter, jitter) * width, y + rng.uniform(-jitter, jitter) * height) for x, y in corners]
+    return homography_from_points(corners, moved)
+
+
+def warp(image: Image.Image, matrix: np.ndarray) -> Image.Image:
+    """``image`` seen through ``matrix`` (source -> output), same size, black where nothing maps."""
+    inverse = np.linalg.inv(matrix)
+    inverse = inverse / inverse[2, 2]
+    return image.transform(image.size, Image.Transform.PERSPECTIVE, tuple(inverse.flatten()[:8]),
+                           resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+
+
+def relight(image: Image.Image, rng: random.Random) -> Tuple[Image.Image, dict]:
+    """A lighting change: random brightness and contrast factors (returned for the record)."""
+    brightness = rng.uniform(*BRIGHTNESS_RANGE)
+    contrast = rng.uniform(*CONTRAST_RANGE)
+    image = ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(brightness)).enhance(contrast)
+    return image, {"brightness": round(brightness, 4), "contrast": round(contrast, 4)}
+
+
+def inside(point: Sequence[float], size: Tuple[int, int], margin: float) -> bool:
+    return margin <= point[0] <= size[0] - margin and margin <= point[1] <= size[1] - margin
+
+
+def far_from(point: Sequence[float], others: List[Sequence[float]], distance: float) -> bool:
+    return all((point[0] - o[0]) ** 2 + (point[1] - o[1]) ** 2 >= distance ** 2 for o in others)

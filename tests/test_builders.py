@@ -1,0 +1,441 @@
+"""livr-data builders, on fixture sources made here: splits disjoint by source image, balanced
+letters, determinism, geometric truth of every task, named errors, and the CLI."""
+import json
+from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from livr_model.app.data.builders import TASKS, build, resolve_task
+from livr_model.app.data.builders.common import BuildError, assign_splits, plural
+from livr_model.app.data.builders.image_folder import augment
+from livr_model.app.data.builders.marks import MARK_COLOR, apply_homography, point_spacing
+from livr_model.app.data_cli import main
+from livr_model.data import LETTERS, load_jsonl
+
+SPLITS = ("train", "val", "test")
+# Brightness 1.3 then contrast 1.2 keep a red of 150 below 255.
+MAX_PHOTO_RED = 150
+
+
+def photo_folder(root: Path, count=12, size=(120, 96), seed=0) -> Path:
+    """Smooth random colour fields whose red stays low enough that no relighting makes it the
+    marks' pure red."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        small = rng.integers(0, 250, (5, 6, 3)).astype(np.uint8)
+        array = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)).copy()
+        array[..., 0] = np.minimum(array[..., 0], MAX_PHOTO_RED)
+        Image.fromarray(array).save(root / f"photo_{index:02d}.png")
+    return root
+
+
+def gradient_folder(root: Path, count=6, side=240) -> Path:
+    """Red = x, green = y: a pixel's colour says where in the photo it came from (bilinear
+    sampling of a linear ramp is exact), so a warped point can be traced back without the builder."""
+    root.mkdir(parents=True, exist_ok=True)
+    ramp = np.arange(side, dtype=np.uint8)
+    for index in range(count):
+        array = np.zeros((side, side, 3), np.uint8)
+        array[..., 0] = ramp[None, :]
+        array[..., 1] = ramp[:, None]
+        array[..., 2] = 20 + 10 * index
+        Image.fromarray(array).save(root / f"ramp_{index}.png")
+    return root
+
+
+def rows_of(out: Path, split: str):
+    with open(out / f"{split}.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def image_of(out: Path, row, index) -> Image.Image:
+    return Image.open(out / row["images"][index]).convert("RGB")
+
+
+def answer_index(row) -> int:
+    return LETTERS.index(row["answer"])
+
+
+def assert_balanced(rows, num_choices, slack=1):
+    counts = Counter(row["answer"] for row in rows)
+    expected = len(rows) / num_choices
+    for position in range(num_choices):
+        got = counts.get(LETTERS[position], 0)
+        assert abs(got - expected) <= slack, f"letter {LETTERS[position]}: {got} of {len(rows)}, expected about {expected:.1f}"
+
+
+def ring_centres(image: Image.Image):
+    """Centres (continuous coordinates) of the connected pure-red rings."""
+    mask = np.all(np.asarray(image) == MARK_COLOR, axis=-1)
+    seen = np.zeros_like(mask)
+    centres = []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        queue, pixels = deque([(y, x)]), []
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            pixels.append((cy, cx))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = cy + dy, cx + dx
+                    if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        pixels = np.array(pixels, dtype=np.float64)
+        centres.append((pixels[:, 1].mean() + 0.5, pixels[:, 0].mean() + 0.5))
+    return centres
+
+
+def nearest(point, centres):
+    return min(np.hypot(point[0] - c[0], point[1] - c[1]) for c in centres)
+
+
+COCO_CATEGORIES = [{"id": 1, "name": "dog"}, {"id": 2, "name": "bus"}, {"id": 3, "name": "person"}]
+COCO_SIZE = (160, 120)
+
+
+def coco_fixture(root: Path, count=30, seed=0):
+    """Images with random numbers of coloured rectangles per category, and their COCO file: one
+    'person' in most images (the localization objects), a crowd 'person' in image 1 and a tiny
+    one in image 2 (neither countable)."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        array = np.full((COCO_SIZE[1], COCO_SIZE[0], 3), 200, np.uint8)
+        for category in (1, 2):
+            for _ in range(int(rng.integers(1, 7))):
+                w, h = int(rng.integers(12, 30)), int(rng.integers(12, 30))
+                x, y = int(rng.integers(0, COCO_SIZE[0] - w)), int(rng.integers(0, COCO_SIZE[1] - h))
+                array[y:y + h, x:x + w] = (40 * category, 90, 250 - 60 * category)
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        if image_id > 2:
+            w, h = int(rng.integers(25, 50)), int(rng.integers(25, 50))
+            x, y = int(rng.integers(0, COCO_SIZE[0] - w)), int(rng.integers(0, COCO_SIZE[1] - h))
+            array[y:y + h, x:x + w] = (250, 200, 40)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 3,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        if image_id == 1:
+            annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": 3,
+                                "bbox": [5, 5, 60, 60], "area": 3600, "iscrowd": 1})
+        if image_id == 2:
+            annotations.append({"id": len(annotations) + 1, "image_id": 2, "category_id": 3,
+                                "bbox": [5, 5, 2, 2], "area": 4, "iscrowd": 0})
+        Image.fromarray(array).save(images_dir / f"{image_id:012d}.jpg", quality=95)
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": COCO_SIZE[0], "height": COCO_SIZE[1]})
+    path = root / "instances_fixture.json"
+    data = {"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}
+    path.write_text(json.dumps(data))
+    return path, images_dir, data
+
+
+SPAIR_SIZE = (200, 160)
+SPAIR_KEYPOINTS = [(20, 20), (100, 25), (180, 20), (20, 140), (100, 135), (180, 140), (60, 80), (140, 80)]
+
+
+def spair_fixture(root: Path, count=16, seed=0):
+    """A SPair-71k-like root: JPEGImages/car/*.jpg and PairAnnotation/trn/*.json over all pairs of
+    consecutive images; keypoints jittered per image."""
+    rng = np.random.default_rng(seed)
+    (root / "JPEGImages" / "car").mkdir(parents=True, exist_ok=True)
+    pair_dir = root / "PairAnnotation" / "trn"
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    keypoints = {}
+    for index in range(count):
+        photo_folder(root / "tmp", count=1, size=SPAIR_SIZE, seed=seed + index)
+        name = f"{index:04d}.jpg"
+        Image.open(root / "tmp" / "photo_00.png").save(root / "JPEGImages" / "car" / name, quality=95)
+        keypoints[name] = [[x + int(rng.integers(-6, 7)), y + int(rng.integers(-6, 7))] for x, y in SPAIR_KEYPOINTS]
+    names = sorted(keypoints)
+    for pair_id, (src, trg) in enumerate(zip(names, names[1:] + names[:1])):
+        pair = {"pair_id": pair_id, "src_imname": src, "trg_imname": trg, "category": "car",
+                "src_kps": keypoints[src], "trg_kps": keypoints[trg], "kps_ids": list(range(len(SPAIR_KEYPOINTS)))}
+        (pair_dir / f"{pair_id:06d}-{src[:-4]}-{trg[:-4]}:car.json").write_text(json.dumps(pair))
+    return root, keypoints
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return coco_fixture(tmp_path_factory.mktemp("coco"))
+
+
+@pytest.fixture(scope="module")
+def spair(tmp_path_factory):
+    return spair_fixture(tmp_path_factory.mktemp("spair"))
+
+
+def build_from(task, fixture_sources, out, **kwargs):
+    photos, coco, spair = fixture_sources
+    spec = resolve_task(task)
+    if spec.source_kind == "coco":
+        return build(task, coco[0], out, images=coco[1], **kwargs)
+    if spec.source_kind == "spair":
+        return build(task, spair[0], out, **kwargs)
+    return build(task, photos, out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, photos, coco, spair):
+    """Every task built once (size 16, seed 3), shared by the structural tests."""
+    out = {}
+    for task in TASKS:
+        folder = tmp_path_factory.mktemp(task.lower())
+        out[task] = (folder, build_from(task, (photos, coco, spair), folder, size=16, seed=3))
+    return out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_splits_are_disjoint_by_source_image(built, task):
+    out, manifest = built[task]
+    recorded = json.loads((out / "splits.json").read_text())["images"]
+    seen = {}
+    for split in SPLITS:
+        for row in rows_of(out, split):
+            assert row["split"] == split
+            for source in row["sources"]:
+                assert recorded[source] == split, f"{source} recorded in {recorded[source]} but used in {split}"
+                seen.setdefault(source, set()).add(split)
+    assert all(len(splits) == 1 for splits in seen.values())
+    assert manifest["written"]["train"] == 16 and manifest["written"]["val"] >= 1
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answer_letters_are_balanced_and_rows_load(built, task):
+    out, _ = built[task]
+    rows = rows_of(out, "train")
+    num_choices = len(rows[0]["choices"])
+    assert_balanced(rows, num_choices)
+    examples = load_jsonl(out / "train.jsonl")
+    assert len(examples) == len(rows) and all(e.task == task for e in examples)
+    assert {len(e.images) for e in examples} == {len(rows[0]["images"])}
+
+
+def test_the_balance_check_catches_an_always_A_builder():
+    rows = [{"answer": "A"} for _ in range(16)]
+    with pytest.raises(AssertionError, match="letter A: 16 of 16"):
+        assert_balanced(rows, 4)
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path, photos):
+    first = build("jigsaw", photos, tmp_path / "a", size=6, seed=5)
+    second = build("Jigsaw", photos, tmp_path / "b", size=6, seed=5)
+    build("jigsaw", photos, tmp_path / "c", size=6, seed=6)
+    assert first == second
+    for split in SPLITS:
+        assert (tmp_path / "a" / f"{split}.jsonl").read_text() == (tmp_path / "b" / f"{split}.jsonl").read_text()
+    names = sorted(p.name for p in (tmp_path / "a" / "images" / "train").iterdir())
+    assert len(names) == 6 * 3
+    for name in names:
+        assert (tmp_path / "a" / "images" / "train" / name).read_bytes() == (tmp_path / "b" / "images" / "train" / name).read_bytes()
+    assert (tmp_path / "a" / "train.jsonl").read_text() != (tmp_path / "c" / "train.jsonl").read_text()
+
+
+def test_counting_answer_is_the_number_of_annotated_instances(built, coco):
+    _, _, data = coco
+    truth = Counter((a["image_id"], a["category_id"]) for a in data["annotations"])
+    crowded = {(a["image_id"], a["category_id"]) for a in data["annotations"] if a["iscrowd"]}
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    out, _ = built["Counting"]
+    for split in SPLITS:
+        for row in rows_of(out, split):
+            key = (row["meta"]["image_id"], row["meta"]["category_id"])
+            assert key not in crowded
+            assert int(row["choices"][answer_index(row)]) == truth[key]
+            assert plural(names[key[1]]) in row["question"]
+            assert [int(c) for c in row["choices"]] == list(range(int(row["choices"][0]), int(row["choices"][0]) + 4))
+            assert image_of(out, row, 0).size == COCO_SIZE
+    assert {"image_id": 2, "category_id": 3} not in [
+        {k: row["meta"][k] for k in ("image_id", "category_id")} for row in rows_of(out, "train")]
+
+
+def test_object_localization_marks_the_annotated_box(built, coco):
+    _, _, data = coco
+    out, _ = built["Object_Localization"]
+    for row in rows_of(out, "train"):
+        annotation = data["annotations"][row["meta"]["annotation_index"]]
+        boxes = row["meta"]["boxes"]
+        assert boxes[answer_index(row)] == pytest.approx(annotation["bbox"])
+        wrong = boxes[1 - answer_index(row)]
+        x, y, w, h = annotation["bbox"]
+        ix = max(0, min(x + w, wrong[0] + wrong[2]) - max(x, wrong[0]))
+        iy = max(0, min(y + h, wrong[1] + wrong[3]) - max(y, wrong[1]))
+        assert ix * iy / (w * h + wrong[2] * wrong[3] - ix * iy) < 0.5
+        # The true box's bottom edge is drawn in the mark colour (labels sit at the top).
+        array = np.asarray(image_of(out, row, 0))
+        bottom = array[y + h - 1, x + 1:x + w - 1]
+        assert np.mean(np.all(bottom == MARK_COLOR, axis=-1)) > 0.5
+        same = [a for a in data["annotations"] if a["image_id"] == annotation["image_id"] and a["category_id"] == annotation["category_id"]]
+        assert len(same) == 1
+
+
+def test_jigsaw_correct_piece_restores_the_photo_exactly(built, photos):
+    out, _ = built["Jigsaw"]
+    for split in SPLITS:
+        for row in rows_of(out, split):
+            puzzle = image_of(out, row, 0)
+            original = Image.open(photos / row["sources"][0]).convert("RGB")
+            for option in (0, 1):
+                piece = image_of(out, row, 1 + option)
+                whole = puzzle.copy()
+                whole.paste(piece, (puzzle.width - piece.width, puzzle.height - piece.height))
+                restores = np.array_equal(np.asarray(whole), np.asarray(original))
+                assert restores == (option == answer_index(row)), (row, option)
+
+
+def test_visual_similarity_correct_candidate_is_the_augmented_reference(built, photos):
+    out, _ = built["Visual_Similarity"]
+    for row in rows_of(out, "train"):
+        reference = Image.open(photos / row["sources"][0]).convert("RGB")
+        assert np.array_equal(np.asarray(image_of(out, row, 0)), np.asarray(reference))
+        correct = answer_index(row)
+        params = row["meta"]["augmentations"][correct]
+        assert row["meta"]["candidate_sources"][correct] == row["sources"][0]
+        assert row["meta"]["candidate_sources"][1 - correct] != row["sources"][0]
+        remade = augment(reference, params, reference.size)
+        assert np.array_equal(np.asarray(image_of(out, row, 1 + correct)), np.asarray(remade))
+
+
+def _check_point_rows(out, rows):
+    """Every circled point is drawn where the row says (its ring's centre within half a pixel per
+    axis); returns (row, ring centres in the order of the row's points, A first)."""
+    found = []
+    for row in rows:
+        first, second = image_of(out, row, 0), image_of(out, row, 1)
+        ref_rings = ring_centres(first)
+        assert len(ref_rings) == 1
+        assert nearest(row["meta"]["reference"], ref_rings) < 0.75
+        rings = ring_centres(second)
+        assert len(rings) == 4
+        ordered = []
+        for point in row["meta"]["points"]:
+            centre = min(rings, key=lambda c: np.hypot(point[0] - c[0], point[1] - c[1]))
+            assert np.hypot(point[0] - centre[0], point[1] - centre[1]) < 0.75
+            ordered.append(centre)
+        found.append((row, ordered))
+    return found
+
+
+def test_visual_correspondence_answer_is_where_the_homography_sends_ref(tmp_path):
+    folder = gradient_folder(tmp_path / "ramps")
+    out = tmp_path / "vc"
+    build("visual_correspondence", folder, out, size=8, seed=2, lighting=False)
+    rows = rows_of(out, "train")
+    assert_balanced(rows, 4)
+    for row, rings in _check_point_rows(out, rows):
+        matrix = np.array(row["meta"]["homography"])
+        reference = row["meta"]["reference"]
+        marked = rings[answer_index(row)]
+        assert np.hypot(*(apply_homography(matrix, [reference])[0] - marked)) < 1.0
+        # Independent of the recorded matrix: the warped ramp's colour at the centre of each ring
+        # says where that pixel came from; only the correct ring's comes from the REF point (up to
+        # the ring's half-pixel placement, magnified by the warp, and the colour's rounding).
+        second = np.asarray(image_of(out, row, 1)).astype(np.float64)
+        for index, centre in enumerate(rings):
+            red, green = second[int(centre[1]), int(centre[0]), :2]
+            distance = np.hypot(red + 0.5 - reference[0], green + 0.5 - reference[1])
+            if index == answer_index(row):
+                assert distance < 1.75, (row["meta"], distance)
+            else:
+                assert distance > point_spacing((240, 240)) / 2
+
+
+def test_visual_correspondence_default_build_changes_lighting(built):
+    out, manifest = built["Visual_Correspondence"]
+    assert manifest["lighting"] is True
+    rows = rows_of(out, "train")
+    assert all(row["meta"]["lighting"]["brightness"] != 1.0 for row in rows)
+    for row, rings in _check_point_rows(out, rows):
+        target = apply_homography(np.array(row["meta"]["homography"]), [row["meta"]["reference"]])[0]
+        assert np.hypot(*(target - rings[answer_index(row)])) < 1.0
+
+
+def test_semantic_correspondence_answer_is_the_matching_keypoint(built, spair):
+    _, keypoints = spair
+    out, manifest = built["Semantic_Correspondence"]
+    for row, rings in _check_point_rows(out, rows_of(out, "train")):
+        src, trg = (name.split("/", 1)[1] for name in row["sources"])
+        ref = ring_centres(image_of(out, row, 0))[0]
+        k = int(np.argmin([np.hypot(ref[0] - x, ref[1] - y) for x, y in keypoints[src]]))
+        assert np.hypot(ref[0] - keypoints[src][k][0], ref[1] - keypoints[src][k][1]) < 0.75
+        marked = rings[answer_index(row)]
+        assert np.hypot(marked[0] - keypoints[trg][k][0], marked[1] - keypoints[trg][k][1]) < 0.75
+        assert "cars" in row["question"]
+
+
+def test_assign_splits_keeps_fractions_and_minimum():
+    ids = [f"img{i}" for i in range(100)]
+    split_of = assign_splits(ids, (0.8, 0.1, 0.1), seed=0)
+    assert Counter(split_of.values()) == {"train": 80, "val": 10, "test": 10}
+    assert Counter(assign_splits(ids[:6], (0.8, 0.1, 0.1), seed=0, minimum=2).values()) == {"train": 2, "val": 2, "test": 2}
+    with pytest.raises(BuildError, match="need at least 6"):
+        assign_splits(ids[:5], (0.8, 0.1, 0.1), seed=0, minimum=2)
+
+
+def test_coco_errors_name_the_file_and_entry(tmp_path, coco):
+    path, images_dir, data = coco
+    bad = json.loads(json.dumps(data))
+    bad["annotations"][3]["bbox"] = [1, 2, 0, 5]
+    bad_path = tmp_path / "instances_bad.json"
+    bad_path.write_text(json.dumps(bad))
+    with pytest.raises(BuildError, match=r"instances_bad\.json: annotations\[3\].*bbox"):
+        build("counting", bad_path, tmp_path / "out", images=images_dir, size=4)
+    with pytest.raises(BuildError, match="missing.json.*does not exist"):
+        build("counting", tmp_path / "missing.json", tmp_path / "out", images=images_dir, size=4)
+    empty_images = tmp_path / "no_images"
+    empty_images.mkdir()
+    with pytest.raises(BuildError, match=r"000000000\d\d\d\.jpg' not found \(images\[\d+\] id \d+"):
+        build("counting", path, tmp_path / "out", images=empty_images, size=4)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"images": [\n{"id": 1,\n')
+    with pytest.raises(BuildError, match=r"truncated\.json:3: not valid JSON"):
+        build("object_localization", truncated, tmp_path / "out", images=images_dir, size=4)
+
+
+def test_spair_and_folder_errors_name_the_file(tmp_path, spair):
+    root, _ = spair
+    broken = tmp_path / "broken"
+    (broken / "PairAnnotation" / "val").mkdir(parents=True)
+    (broken / "JPEGImages").mkdir()
+    pair = {"src_imname": "a.jpg", "trg_imname": "b.jpg", "category": "car", "src_kps": [[1, 2]]}
+    (broken / "PairAnnotation" / "val" / "7:car.json").write_text(json.dumps(pair))
+    with pytest.raises(BuildError, match=r"7:car\.json: missing key\(s\) \['trg_kps'\]"):
+        build("semantic_correspondence", broken, tmp_path / "out", size=4)
+    pair["trg_kps"] = [[1, "x"]]
+    (broken / "PairAnnotation" / "val" / "7:car.json").write_text(json.dumps(pair))
+    with pytest.raises(BuildError, match=r"7:car\.json: 'trg_kps' must be a list of \[x, y\]"):
+        build("semantic_correspondence", broken, tmp_path / "out", size=4)
+    with pytest.raises(BuildError, match="holds no images"):
+        build("jigsaw", broken / "JPEGImages", tmp_path / "out", size=4)
+    with pytest.raises(BuildError, match="task must be one of"):
+        build("depth", root, tmp_path / "out")
+
+
+def test_cli_builds_and_reports_errors(tmp_path, photos, capsys):
+    code = main(["build", "visual_similarity", "--source", str(photos), "--out", str(tmp_path / "vs"),
+                 "--size", "4", "--seed", "1", "--splits", "0.6,0.2,0.2"])
+    assert code == 0
+    assert "Visual_Similarity" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "vs" / "manifest.json").read_text())
+    assert manifest["fractions"] == [0.6, 0.2, 0.2] and manifest["written"]["train"] == 4
+    code = main(["build", "counting", "--source", str(tmp_path / "nope.json"), "--images", str(photos),
+                 "--out", str(tmp_path / "c")])
+    assert code == 2
+    assert "nope.json" in capsys.readouterr().err
+    assert main(["build", "jigsaw", "--source", str(photos), "--out", str(tmp_path / "j"), "--splits", "0.5,0.6,0"]) == 2
+    assert "summing to 1" in capsys.readouterr().err
+    assert main(["tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert all(task in listing for task in TASKS)
