@@ -1,5 +1,6 @@
 """livr-data builders, on fixture sources made here: splits disjoint by source image, balanced
 letters, determinism, geometric truth of every task, named errors, and the CLI."""
+import itertools
 import json
 from collections import Counter, deque
 from pathlib import Path
@@ -11,7 +12,8 @@ from PIL import Image
 from livr_model.app.data.builders import TASKS, build, resolve_task
 from livr_model.app.data.builders.common import BuildError, assign_splits, plural
 from livr_model.app.data.builders.image_folder import augment
-from livr_model.app.data.builders.marks import MARK_COLOR, apply_homography, point_spacing
+from livr_model.app.data.builders.marks import (LABEL_FILL, MARK_COLOR, apply_homography, box_label_rect, point_spacing,
+                                                rects_overlap)
 from livr_model.app.data_cli import main
 from livr_model.data import LETTERS, load_jsonl
 
@@ -68,9 +70,9 @@ def assert_balanced(rows, num_choices, slack=1):
         assert abs(got - expected) <= slack, f"letter {LETTERS[position]}: {got} of {len(rows)}, expected about {expected:.1f}"
 
 
-def ring_centres(image: Image.Image):
-    """Centres (continuous coordinates) of the connected pure-red rings."""
-    mask = np.all(np.asarray(image) == MARK_COLOR, axis=-1)
+def ring_centres(image: Image.Image, color=MARK_COLOR):
+    """Centres (continuous coordinates) of the connected regions of ``color`` (the rings)."""
+    mask = np.all(np.asarray(image) == color, axis=-1)
     seen = np.zeros_like(mask)
     centres = []
     for y, x in zip(*np.nonzero(mask)):
@@ -141,9 +143,9 @@ SPAIR_SIZE = (200, 160)
 SPAIR_KEYPOINTS = [(20, 20), (100, 25), (180, 20), (20, 140), (100, 135), (180, 140), (60, 80), (140, 80)]
 
 
-def spair_fixture(root: Path, count=16, seed=0):
-    """A SPair-71k-like root: JPEGImages/car/*.jpg and PairAnnotation/trn/*.json over all pairs of
-    consecutive images; keypoints jittered per image."""
+def spair_fixture(root: Path, count=10, seed=0):
+    """A SPair-71k-like root: JPEGImages/car/*.jpg and PairAnnotation/trn/*.json for every pair of
+    images (as SPair pairs images within a category); keypoints jittered per image."""
     rng = np.random.default_rng(seed)
     (root / "JPEGImages" / "car").mkdir(parents=True, exist_ok=True)
     pair_dir = root / "PairAnnotation" / "trn"
@@ -155,7 +157,7 @@ def spair_fixture(root: Path, count=16, seed=0):
         Image.open(root / "tmp" / "photo_00.png").save(root / "JPEGImages" / "car" / name, quality=95)
         keypoints[name] = [[x + int(rng.integers(-6, 7)), y + int(rng.integers(-6, 7))] for x, y in SPAIR_KEYPOINTS]
     names = sorted(keypoints)
-    for pair_id, (src, trg) in enumerate(zip(names, names[1:] + names[:1])):
+    for pair_id, (src, trg) in enumerate(itertools.combinations(names, 2)):
         pair = {"pair_id": pair_id, "src_imname": src, "trg_imname": trg, "category": "car",
                 "src_kps": keypoints[src], "trg_kps": keypoints[trg], "kps_ids": list(range(len(SPAIR_KEYPOINTS)))}
         (pair_dir / f"{pair_id:06d}-{src[:-4]}-{trg[:-4]}:car.json").write_text(json.dumps(pair))
@@ -273,8 +275,14 @@ def test_object_localization_marks_the_annotated_box(built, coco):
         ix = max(0, min(x + w, wrong[0] + wrong[2]) - max(x, wrong[0]))
         iy = max(0, min(y + h, wrong[1] + wrong[3]) - max(y, wrong[1]))
         assert ix * iy / (w * h + wrong[2] * wrong[3] - ix * iy) < 0.5
-        # The true box's bottom edge is drawn in the mark colour (labels sit at the top).
+        # Two separate labels, so neither covers the other's letter; each is drawn where computed
+        # (its padding is label colour, or outline where a box edge crosses it).
         array = np.asarray(image_of(out, row, 0))
+        rects = [box_label_rect(COCO_SIZE, box, LETTERS[index]) for index, box in enumerate(boxes)]
+        assert not rects_overlap(*rects)
+        for x0, y0, x1, y1 in rects:
+            border = np.concatenate([array[y0:y1 + 1, x0], array[y0:y1 + 1, x1], array[y0, x0:x1 + 1], array[y1, x0:x1 + 1]])
+            assert all(tuple(pixel) in (LABEL_FILL, MARK_COLOR) for pixel in border)
         bottom = array[y + h - 1, x + 1:x + w - 1]
         assert np.mean(np.all(bottom == MARK_COLOR, axis=-1)) > 0.5
         same = [a for a in data["annotations"] if a["image_id"] == annotation["image_id"] and a["category_id"] == annotation["category_id"]]
@@ -375,11 +383,45 @@ def test_semantic_correspondence_answer_is_the_matching_keypoint(built, spair):
         assert "cars" in row["question"]
 
 
-def test_assign_splits_keeps_fractions_and_minimum():
-    ids = [f"img{i}" for i in range(100)]
+def test_max_side_shrinks_sources_and_scales_their_geometry(tmp_path, coco, spair):
+    path, images_dir, data = coco
+    out = tmp_path / "loc"
+    build("object_localization", path, out, images=images_dir, size=4, seed=0, max_side=80)
+    scale = 80 / COCO_SIZE[0]
+    for row in rows_of(out, "train"):
+        assert image_of(out, row, 0).size == (80, 60)
+        bbox = data["annotations"][row["meta"]["annotation_index"]]["bbox"]
+        assert row["meta"]["boxes"][answer_index(row)] == pytest.approx([v * scale for v in bbox])
+    root, keypoints = spair
+    out = tmp_path / "sc"
+    build("semantic_correspondence", root, out, size=4, seed=0, max_side=100)
+    scale = 100 / SPAIR_SIZE[0]
+    for row in rows_of(out, "train"):
+        trg = row["sources"][1].split("/", 1)[1]
+        k = row["meta"]["candidate_keypoints"][answer_index(row)]
+        assert image_of(out, row, 1).size == (100, 80)
+        assert row["meta"]["points"][answer_index(row)] == pytest.approx([v * scale for v in keypoints[trg][k]], abs=1e-3)
+    with pytest.raises(BuildError, match="max_side must be an int >= 64"):
+        build("jigsaw", root, tmp_path / "x", max_side=10)
+
+
+def test_assign_splits_follows_fractions_and_is_the_same_for_every_pool():
+    ids = [f"img{i}" for i in range(2000)]
     split_of = assign_splits(ids, (0.8, 0.1, 0.1), seed=0)
-    assert Counter(split_of.values()) == {"train": 80, "val": 10, "test": 10}
-    assert Counter(assign_splits(ids[:6], (0.8, 0.1, 0.1), seed=0, minimum=2).values()) == {"train": 2, "val": 2, "test": 2}
+    counts = Counter(split_of.values())
+    # Binomial spread: 5 standard deviations.
+    assert abs(counts["train"] - 1600) < 5 * (2000 * 0.8 * 0.2) ** 0.5
+    assert abs(counts["val"] - 200) < 5 * (2000 * 0.1 * 0.9) ** 0.5
+    # Another task's pool sharing half the images puts each shared image in the same split.
+    subset = assign_splits(ids[::2] + [f"other{i}" for i in range(500)], (0.8, 0.1, 0.1), seed=0)
+    assert all(subset[i] == split_of[i] for i in ids[::2])
+    assert assign_splits(ids, (0.8, 0.1, 0.1), seed=1) != split_of
+
+
+def test_assign_splits_gives_small_pools_their_minimum():
+    ids = [f"img{i}" for i in range(6)]
+    assert Counter(assign_splits(ids, (0.8, 0.1, 0.1), seed=0, minimum=2).values()) == {"train": 2, "val": 2, "test": 2}
+    assert Counter(assign_splits(ids[:3], (0.5, 0.5, 0.0), seed=4).values()) in ({"train": 2, "val": 1}, {"train": 1, "val": 2})
     with pytest.raises(BuildError, match="need at least 6"):
         assign_splits(ids[:5], (0.8, 0.1, 0.1), seed=0, minimum=2)
 

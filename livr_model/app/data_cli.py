@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from .data.builders import BUILDERS, TASKS, build
-from .data.builders.common import DEFAULT_SIZE, SPLITS, BuildError
+from .data.builders.common import DEFAULT_MAX_SIDE, DEFAULT_SIZE, SPLITS, BuildError
 
 EXIT_USAGE = 2
 
@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"training questions (default {DEFAULT_SIZE}); val and test follow the split ratio")
     builder.add_argument("--seed", type=int, default=0, help="seed for splits, sampling and drawing (default 0)")
     builder.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions of the SOURCE IMAGES")
-    builder.add_argument("--max-side", type=int, default=None, help="shrink source images to this longer side first")
+    builder.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                         help=f"shrink source images to this longer side first (default {DEFAULT_MAX_SIDE}; 0 keeps them)")
     builder.add_argument("--no-lighting", action="store_true",
                          help="Visual_Correspondence: keep the second image's colours (geometry only)")
     return parser
@@ -51,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         manifest = build(args.task, args.source, args.out, images=args.images, size=args.size, seed=args.seed,
-                         fractions=args.splits, max_side=args.max_side, lighting=not args.no_lighting)
+                         fractions=args.splits, max_side=args.max_side or None, lighting=not args.no_lighting)
     except BuildError as error:
         print(f"livr-data: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 from . import coco, image_folder, spair
-from .common import (DEFAULT_FRACTIONS, DEFAULT_SIZE, SPLITS, BuildError, assign_splits, parse_fractions, split_rng,
+from .common import (DEFAULT_FRACTIONS, DEFAULT_MAX_SIDE, DEFAULT_SIZE, SPLITS, BuildError, assign_splits, parse_fractions, split_rng,
                      split_sizes, write_build)
 
 
@@ -63,7 +63,7 @@ BUILDERS: Dict[str, BuilderSpec] = {
                     "which augmented candidate comes from the reference photo (any image folder)", min_per_split=2),
         BuilderSpec("Semantic_Correspondence", "spair", spair.SpairSource, lambda s: s.image_ids(),
                     spair.build_semantic_correspondence,
-                    "which circled keypoint matches the reference keypoint (SPair-71k pair annotations)"),
+                    "which circled keypoint matches the reference keypoint (SPair-71k pair annotations)", min_per_split=2),
     )
 }
 TASKS = tuple(BUILDERS)
@@ -87,10 +87,12 @@ def open_source(spec: BuilderSpec, source, images=None, max_side: Optional[int] 
 
 
 def build(task: str, source, out_dir, *, images=None, size: int = DEFAULT_SIZE, seed: int = 0,
-          fractions: Sequence[float] = DEFAULT_FRACTIONS, max_side: Optional[int] = None, lighting: bool = True) -> dict:
+          fractions: Sequence[float] = DEFAULT_FRACTIONS, max_side: Optional[int] = DEFAULT_MAX_SIDE,
+          lighting: bool = True) -> dict:
     """Build ``task`` from ``source`` into ``out_dir``; returns the manifest written there.
 
     ``size`` counts training questions; val and test get sizes in the ratio of ``fractions``.
+    Source images are shrunk to ``max_side`` (longer side) first; ``None`` keeps them as they are.
     A split may come out smaller than asked when the source runs out of distinct questions (COCO
     pairs and objects are used once each); the manifest records asked and written counts.
     """

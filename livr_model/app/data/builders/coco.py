@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .common import Built, BuildError, balanced_positions, letter, load_image, plural
-from .marks import box_iou, draw_box
+from .marks import box_iou, box_label_rect, draw_box, rects_overlap
 
 COUNT_CHOICES = 4
 MAX_COUNT = 10
@@ -162,17 +162,20 @@ def build_counting(source: CocoSource, image_ids: List[str], n: int, rng: random
     return examples
 
 
-def _distractor_box(bbox, size, rng: random.Random) -> Optional[Tuple[float, float, float, float]]:
-    """A box shifted and rescaled from ``bbox``, inside the image, overlapping it only partly."""
+def _distractor_box(bbox, size, rng: random.Random, labels: Tuple[str, str]) -> Optional[Tuple[float, float, float, float]]:
+    """A box shifted and rescaled from ``bbox``, inside the image, overlapping it only partly, whose
+    label (``labels[1]``) stays clear of the true box's (``labels[0]``)."""
     x, y, w, h = bbox
     low, high = DISTRACTOR_IOU_RANGE
+    true_label = box_label_rect(size, bbox, labels[0])
     for _ in range(DISTRACTOR_TRIES):
         nw, nh = w * rng.uniform(*DISTRACTOR_SCALE_RANGE), h * rng.uniform(*DISTRACTOR_SCALE_RANGE)
         nx = x + rng.choice((-1, 1)) * rng.uniform(*DISTRACTOR_SHIFT_RANGE) * w
         ny = y + rng.choice((-1, 1)) * rng.uniform(*DISTRACTOR_SHIFT_RANGE) * h
         nx, ny = min(max(0.0, nx), size[0] - nw), min(max(0.0, ny), size[1] - nh)
         candidate = (nx, ny, nw, nh)
-        if nx >= 0 and ny >= 0 and low <= box_iou(candidate, bbox) < high:
+        if (nx >= 0 and ny >= 0 and low <= box_iou(candidate, bbox) < high
+                and not rects_overlap(true_label, box_label_rect(size, candidate, labels[1]))):
             return candidate
     return None
 
@@ -187,7 +190,7 @@ def build_localization(source: CocoSource, image_ids: List[str], n: int, rng: ra
     for (image_id, instance), position in zip(pool, positions):
         image, scale = source.load(image_id)
         truth = tuple(v * scale for v in instance.bbox)
-        wrong = _distractor_box(truth, image.size, rng)
+        wrong = _distractor_box(truth, image.size, rng, (letter(position), letter(1 - position)))
         if wrong is None:
             continue
         boxes = [truth, wrong] if position == 0 else [wrong, truth]

@@ -8,6 +8,7 @@ their images under ``images/<split>/`` (PNG, paths relative to the JSONL file), 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,9 +23,14 @@ from livr_model.data import LETTERS, Example
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZE = 1000
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+# Source photos are shrunk to this longer side before use: BLINK-sized images, and a 1k-question
+# build of 12-megapixel photos would otherwise write gigabytes of PNG. None keeps the originals.
+DEFAULT_MAX_SIDE = 1024
 # How far the split fractions may sum away from 1 (they are typed by hand).
 FRACTION_TOLERANCE = 1e-6
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Hex digits of the split hash read as a fraction (60 bits: far finer than any split).
+HASH_DIGITS = 15
 MANIFEST_NAME = "manifest.json"
 SPLITS_NAME = "splits.json"
 
@@ -80,26 +86,42 @@ def split_sizes(size: int, fractions: Sequence[float]) -> Dict[str, int]:
     return {name: (size if name == "train" else round(size * fraction / train)) for name, fraction in zip(SPLITS, fractions)}
 
 
+def split_key(image_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the image id and the seed alone."""
+    digest = hashlib.sha256(f"livr-data-splits-{seed}-{image_id}".encode("utf-8")).hexdigest()
+    return int(digest[:HASH_DIGITS], 16) / 16 ** HASH_DIGITS
+
+
 def assign_splits(ids: Iterable[str], fractions: Sequence[float], seed: int, minimum: int = 1) -> Dict[str, str]:
-    """Every source image id -> its split. Images are shuffled with the seed and cut by the
-    fractions, so no source image is in two splits; each split with a positive fraction gets at
-    least ``minimum`` images (tasks that pair two photos of a split need two)."""
-    ordered = sorted(set(ids))
+    """Every source image id -> its split, so no source image is in two splits.
+
+    An image's split depends only on its id and the seed (its ``split_key`` against the cumulative
+    fractions): two tasks built from overlapping sources with the same seed put a shared image in
+    the same split, so multi-task training never sees another task's test images. Only when a
+    split would get fewer than ``minimum`` images (tiny sources; tasks that pair two photos of a
+    split need two) are the images nearest its range moved into it from the largest split."""
+    keys = {image_id: split_key(image_id, seed) for image_id in set(ids)}
     wanted = [name for name, fraction in zip(SPLITS, fractions) if fraction > 0]
-    if len(ordered) < minimum * len(wanted):
-        raise BuildError(f"the source has {len(ordered)} usable image(s); splits {wanted} need at least "
+    if len(keys) < minimum * len(wanted):
+        raise BuildError(f"the source has {len(keys)} usable image(s); splits {wanted} need at least "
                          f"{minimum * len(wanted)} ({minimum} each)")
-    random.Random(f"livr-data-splits-{seed}").shuffle(ordered)
-    counts = {name: max(minimum, round(fraction * len(ordered))) if fraction > 0 else 0
-              for name, fraction in zip(SPLITS, fractions)}
-    counts["train"] = len(ordered) - counts["val"] - counts["test"]
-    if counts["train"] < minimum:
-        raise BuildError(f"the source has {len(ordered)} usable image(s): too few to give every split {minimum}")
-    split_of, start = {}, 0
-    for name in SPLITS:
-        for image_id in ordered[start:start + counts[name]]:
-            split_of[image_id] = name
-        start += counts[name]
+    bounds, low = {}, 0.0
+    for name, fraction in zip(SPLITS, fractions):
+        bounds[name] = (low, low + fraction)
+        low += fraction
+    split_of = {}
+    for image_id, key in keys.items():
+        split_of[image_id] = next((name for name in wanted if key < bounds[name][1]), wanted[-1])
+    for name in wanted:
+        members = sorted(i for i, split in split_of.items() if split == name)
+        while len(members) < minimum:
+            counts = {other: sum(1 for v in split_of.values() if v == other) for other in wanted if other != name}
+            donor = max(counts, key=lambda other: (counts[other], other))
+            low, high = bounds[name]
+            moved = min((i for i, split in split_of.items() if split == donor),
+                        key=lambda i: (min(abs(keys[i] - low), abs(keys[i] - high)), i))
+            split_of[moved] = name
+            members.append(moved)
     return split_of
 
 

@@ -60,17 +60,46 @@ def point_margin(size: Tuple[int, int]) -> int:
     return 2 * marker_radius(size)
 
 
-def _label(draw: ImageDraw.ImageDraw, anchor: Tuple[float, float], text: str, font, bounds: Tuple[int, int],
-           prefer_left: bool = False) -> None:
-    """A white label on a dark red box whose nearest corner sits at ``anchor``."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+def _label_rect(anchor: Tuple[float, float], text: str, font, bounds: Tuple[int, int],
+                prefer_left: bool = False) -> Tuple[Tuple[int, int, int, int], Tuple[int, int]]:
+    """Where a label goes: its box (inclusive pixels, nearest corner at ``anchor``, above it when
+    there is room, kept inside the image) and the text origin."""
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
     width, height = right - left + 2 * LABEL_PADDING, bottom - top + 2 * LABEL_PADDING
     x, y = anchor
     x0 = x - width if prefer_left or x + width > bounds[0] else x
     y0 = y - height if y - height >= 0 else y
-    x0 = min(max(0, x0), bounds[0] - width)
-    draw.rectangle((x0, y0, x0 + width - 1, y0 + height - 1), fill=LABEL_FILL)
-    draw.text((x0 + LABEL_PADDING - left, y0 + LABEL_PADDING - top), text, fill=LABEL_TEXT, font=font)
+    x0 = int(min(max(0, x0), bounds[0] - width))
+    y0 = int(y0)
+    return (x0, y0, x0 + width - 1, y0 + height - 1), (x0 + LABEL_PADDING - left, y0 + LABEL_PADDING - top)
+
+
+def _label(draw: ImageDraw.ImageDraw, anchor: Tuple[float, float], text: str, font, bounds: Tuple[int, int],
+           prefer_left: bool = False) -> None:
+    """A white label on a dark red box whose nearest corner sits at ``anchor``."""
+    rect, origin = _label_rect(anchor, text, font, bounds, prefer_left)
+    draw.rectangle(rect, fill=LABEL_FILL)
+    draw.text(origin, text, fill=LABEL_TEXT, font=font)
+
+
+def _box_font(size: Tuple[int, int]):
+    return _font(max(MIN_FONT, round(marker_radius(size) * FONT_PER_RADIUS)))
+
+
+def _box_rect(box: Sequence[float]) -> Tuple[int, int, int, int]:
+    x, y, w, h = box
+    return round(x), round(y), round(x + w) - 1, round(y + h) - 1
+
+
+def box_label_rect(size: Tuple[int, int], box: Sequence[float], label: str) -> Tuple[int, int, int, int]:
+    """The pixel rectangle ``draw_box`` gives ``label`` for ``box`` on an image of ``size``."""
+    rect = _box_rect(box)
+    return _label_rect((rect[0], rect[1]), label, _box_font(size), size)[0]
+
+
+def rects_overlap(a: Sequence[int], b: Sequence[int], gap: int = LABEL_PADDING) -> bool:
+    """Whether two inclusive pixel rectangles come closer than ``gap`` pixels."""
+    return not (a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1])
 
 
 def draw_point(image: Image.Image, point: Sequence[float], label: str) -> None:
@@ -92,12 +121,10 @@ def draw_box(image: Image.Image, box: Sequence[float], label: str) -> Tuple[int,
     """The outline of ``box`` = (x, y, width, height), COCO style, with ``label`` at its top-left
     corner; returns the outline's pixel rectangle (inclusive)."""
     draw = ImageDraw.Draw(image)
-    x, y, w, h = box
-    rect = (round(x), round(y), round(x + w) - 1, round(y + h) - 1)
+    rect = _box_rect(box)
     width = max(MIN_BOX_WIDTH, round(min(image.size) * BOX_WIDTH_FRACTION))
     draw.rectangle(rect, outline=MARK_COLOR, width=width)
-    font = _font(max(MIN_FONT, round(marker_radius(image.size) * FONT_PER_RADIUS)))
-    _label(draw, (rect[0], rect[1]), label, font, image.size)
+    _label(draw, (rect[0], rect[1]), label, _box_font(image.size), image.size)
     return rect
 
 
