@@ -472,6 +472,13 @@ def test_cli_builds_and_reports_errors(tmp_path, photos, capsys):
     assert "Visual_Similarity" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "vs" / "manifest.json").read_text())
     assert manifest["fractions"] == [0.6, 0.2, 0.2] and manifest["written"]["train"] == 4
+    assert main(["build", "jigsaw", "--source", str(photos), "--out", str(tmp_path / "jpg"), "--size", "2",
+                 "--image-format", "jpg", "--max-side", "0"]) == 0
+    row = rows_of(tmp_path / "jpg", "train")[0]
+    assert all(name.endswith(".jpg") for name in row["images"])
+    assert Image.open(tmp_path / "jpg" / row["images"][0]).format == "JPEG"
+    assert len(load_jsonl(tmp_path / "jpg" / "train.jsonl")) == 2
+    capsys.readouterr()
     code = main(["build", "counting", "--source", str(tmp_path / "nope.json"), "--images", str(photos),
                  "--out", str(tmp_path / "c")])
     assert code == 2

@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from .data.builders import BUILDERS, TASKS, build
-from .data.builders.common import DEFAULT_MAX_SIDE, DEFAULT_SIZE, SPLITS, BuildError
+from .data.builders.common import DEFAULT_MAX_SIDE, DEFAULT_SIZE, IMAGE_FORMATS, SPLITS, BuildError
 
 EXIT_USAGE = 2
 
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     builder.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions of the SOURCE IMAGES")
     builder.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                          help=f"shrink source images to this longer side first (default {DEFAULT_MAX_SIDE}; 0 keeps them)")
+    builder.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="png",
+                         help="png (lossless, default) or jpg (quality 95, several times smaller)")
     builder.add_argument("--no-lighting", action="store_true",
                          help="Visual_Correspondence: keep the second image's colours (geometry only)")
     return parser
@@ -52,7 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         manifest = build(args.task, args.source, args.out, images=args.images, size=args.size, seed=args.seed,
-                         fractions=args.splits, max_side=args.max_side or None, lighting=not args.no_lighting)
+                         fractions=args.splits, max_side=args.max_side or None, lighting=not args.no_lighting,
+                         image_format=args.image_format)
     except BuildError as error:
         print(f"livr-data: error: {error}", file=sys.stderr)
         return EXIT_USAGE

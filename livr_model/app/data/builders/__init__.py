@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 from . import coco, image_folder, spair
-from .common import (DEFAULT_FRACTIONS, DEFAULT_MAX_SIDE, DEFAULT_SIZE, SPLITS, BuildError, assign_splits, parse_fractions, split_rng,
+from .common import (DEFAULT_FRACTIONS, DEFAULT_MAX_SIDE, DEFAULT_SIZE, IMAGE_FORMATS, SPLITS, BuildError, assign_splits, parse_fractions, split_rng,
                      split_sizes, write_build)
 
 
@@ -88,15 +88,18 @@ def open_source(spec: BuilderSpec, source, images=None, max_side: Optional[int] 
 
 def build(task: str, source, out_dir, *, images=None, size: int = DEFAULT_SIZE, seed: int = 0,
           fractions: Sequence[float] = DEFAULT_FRACTIONS, max_side: Optional[int] = DEFAULT_MAX_SIDE,
-          lighting: bool = True) -> dict:
+          lighting: bool = True, image_format: str = "png") -> dict:
     """Build ``task`` from ``source`` into ``out_dir``; returns the manifest written there.
 
     ``size`` counts training questions; val and test get sizes in the ratio of ``fractions``.
     Source images are shrunk to ``max_side`` (longer side) first; ``None`` keeps them as they are.
+    ``image_format``: ``png`` (lossless: marks keep their exact colours) or ``jpg`` (smaller).
     A split may come out smaller than asked when the source runs out of distinct questions (COCO
     pairs and objects are used once each); the manifest records asked and written counts.
     """
     spec = resolve_task(task)
+    if image_format not in IMAGE_FORMATS:
+        raise BuildError(f"image_format must be one of {sorted(IMAGE_FORMATS)}; got {image_format!r}")
     fractions = parse_fractions(fractions)
     sizes = split_sizes(size, fractions)
     if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < image_folder.MIN_SOURCE_SIDE):
@@ -118,4 +121,5 @@ def build(task: str, source, out_dir, *, images=None, size: int = DEFAULT_SIZE, 
                 "images": None if images is None else str(images), "max_side": max_side}
     if spec.task == "Visual_Correspondence":
         settings["lighting"] = lighting
-    return write_build(out_dir, spec.task, by_split, split_of, sizes, settings)
+    settings["image_format"] = image_format
+    return write_build(out_dir, spec.task, by_split, split_of, sizes, settings, image_format)
