@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .common import Built, BuildError, balanced_positions, letter, load_image, plural
 from .marks import box_iou, box_label_rect, draw_box, rects_overlap
@@ -140,14 +140,13 @@ def counting_choices(count: int, position: int) -> List[str]:
     return [str(start + offset) for offset in range(COUNT_CHOICES)]
 
 
-def build_counting(source: CocoSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> List[Built]:
+def build_counting(source: CocoSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> Iterator[Built]:
     """Up to ``n`` counting questions on the given images; answer letters balanced. Options are
     consecutive and ascending, so a count c can sit at positions 0..min(c, 3): each position is
     filled from the shuffled pool with the first pair whose count allows it."""
     allowed = {int(i) for i in image_ids}
     pool = [unit for unit in source.counting_units() if unit[0] in allowed]
     rng.shuffle(pool)
-    examples = []
     for position in balanced_positions(min(n, len(pool)), COUNT_CHOICES, rng):
         pick = next((k for k, unit in enumerate(pool) if unit[2] >= position), None)
         if pick is None:
@@ -157,9 +156,8 @@ def build_counting(source: CocoSource, image_ids: List[str], n: int, rng: random
         name = source.categories[category]
         question = f"How many {plural(name)} are in the image?"
         meta = {"image_id": image_id, "category_id": category, "category": name, "count": count}
-        examples.append(Built([image], question, counting_choices(count, position), letter(position), task,
-                              [str(image_id)], meta).validated())
-    return examples
+        yield Built([image], question, counting_choices(count, position), letter(position), task,
+                    [str(image_id)], meta).validated()
 
 
 def _distractor_box(bbox, size, rng: random.Random, labels: Tuple[str, str]) -> Optional[Tuple[float, float, float, float]]:
@@ -180,12 +178,11 @@ def _distractor_box(bbox, size, rng: random.Random, labels: Tuple[str, str]) -> 
     return None
 
 
-def build_localization(source: CocoSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> List[Built]:
+def build_localization(source: CocoSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> Iterator[Built]:
     """Up to ``n`` two-box localization questions; the true box is A or B in balanced proportion."""
     allowed = {int(i) for i in image_ids}
     pool = [unit for unit in source.localization_units() if unit[0] in allowed]
     rng.shuffle(pool)
-    examples = []
     positions = balanced_positions(min(n, len(pool)), len(BOX_CHOICES), rng)
     for (image_id, instance), position in zip(pool, positions):
         image, scale = source.load(image_id)
@@ -201,8 +198,7 @@ def build_localization(source: CocoSource, image_ids: List[str], n: int, rng: ra
                     f"object and touches its outermost pixels. Which box localizes the {name} more accurately?")
         meta = {"image_id": image_id, "annotation_index": instance.index, "category": name,
                 "boxes": [[round(v, 3) for v in box] for box in boxes], "iou_wrong": round(box_iou(wrong, truth), 4)}
-        examples.append(Built([image], question, list(BOX_CHOICES), letter(position), task, [str(image_id)], meta).validated())
-    return examples
+        yield Built([image], question, list(BOX_CHOICES), letter(position), task, [str(image_id)], meta).validated()
 
 
 def usable_image_ids(source: CocoSource, kind: str) -> List[str]:

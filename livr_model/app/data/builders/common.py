@@ -169,49 +169,48 @@ def list_images(folder) -> List[Path]:
     return paths
 
 
-def letter_counts(examples: Sequence[Built]) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
-    for example in examples:
-        counts[example.answer] = counts.get(example.answer, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def write_build(out_dir, task: str, by_split: Dict[str, List[Built]], split_of: Dict[str, str],
+def write_build(out_dir, task: str, by_split: Dict[str, Iterable[Built]], split_of: Dict[str, str],
                 requested: Dict[str, int], settings: dict, image_format: str = "png") -> dict:
     """Write the JSONL files, images (``png``, lossless, or ``jpg``, a fraction of the disk space),
-    ``splits.json`` and ``manifest.json``; return the manifest."""
+    ``splits.json`` and ``manifest.json``; return the manifest. ``by_split`` may hold generators:
+    each question is written as it comes, so memory stays at one question's images."""
     if image_format not in IMAGE_FORMATS:
         raise BuildError(f"image_format must be one of {sorted(IMAGE_FORMATS)}; got {image_format!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written: Dict[str, int] = {}
+    letters: Dict[str, Dict[str, int]] = {}
     for split in SPLITS:
-        examples = by_split.get(split, [])
         image_dir = out_dir / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{split}.jsonl"
         partial = path.with_suffix(".jsonl.partial")
+        counts: Dict[str, int] = {}
+        index = 0
         with open(partial, "w", encoding="utf-8") as handle:
-            for index, example in enumerate(examples):
+            for index, example in enumerate(by_split.get(split, ()), start=1):
                 names = []
                 for image_index, image in enumerate(example.images):
-                    image_path = image_dir / f"{index:06d}_{image_index}.{image_format}"
+                    image_path = image_dir / f"{index - 1:06d}_{image_index}.{image_format}"
                     image.save(image_path, **IMAGE_FORMATS[image_format])
                     names.append(os.path.relpath(image_path, out_dir))
                 record = {"images": names, "question": example.question, "choices": example.choices,
                           "answer": example.answer, "task": example.task, "split": split,
                           "sources": example.sources, "meta": example.meta}
                 handle.write(json.dumps(record) + "\n")
+                counts[example.answer] = counts.get(example.answer, 0) + 1
         # Renamed only when complete: a crashed build leaves no truncated split behind.
         os.replace(partial, path)
+        written[split], letters[split] = index, dict(sorted(counts.items()))
     with open(out_dir / SPLITS_NAME, "w", encoding="utf-8") as handle:
         json.dump({"task": task, "seed": settings.get("seed"), "images": dict(sorted(split_of.items()))}, handle, indent=1)
     manifest = {
         "task": task,
         **settings,
         "requested": requested,
-        "written": {split: len(by_split.get(split, [])) for split in SPLITS},
+        "written": written,
         "source_images": {split: sum(1 for value in split_of.values() if value == split) for split in SPLITS},
-        "answer_letters": {split: letter_counts(by_split.get(split, [])) for split in SPLITS},
+        "answer_letters": letters,
     }
     with open(out_dir / MANIFEST_NAME, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -89,8 +89,7 @@ def piece_box(size: Tuple[int, int]) -> Tuple[int, int, int, int]:
     return width - round(width * PIECE_FRACTION), height - round(height * PIECE_FRACTION), width, height
 
 
-def build_jigsaw(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> List[Built]:
-    examples = []
+def build_jigsaw(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> Iterator[Built]:
     for name, position in zip(_cycle(image_ids, n, rng), balanced_positions(n, len(CANDIDATE_CHOICES), rng)):
         other = _other(image_ids, name, rng, task)
         photo = source.load(name)
@@ -103,9 +102,8 @@ def build_jigsaw(source: ImageFolderSource, image_ids: List[str], n: int, rng: r
         question = ("The first image is missing its lower-right corner. Which of the second and third images is the "
                     "missing piece? Picture each one in the gap and compare the edges it would meet.")
         meta = {"piece_box": list(box), "distractor_source": other}
-        examples.append(Built([puzzle] + pieces, question, list(CANDIDATE_CHOICES), letter(position), task,
-                              [name, other], meta).validated())
-    return examples
+        yield Built([puzzle] + pieces, question, list(CANDIDATE_CHOICES), letter(position), task,
+                    [name, other], meta).validated()
 
 
 def _texture(gray: np.ndarray, point, radius: int) -> float:
@@ -147,8 +145,7 @@ def _distractors(matrix: np.ndarray, target, size, count: int, rng: random.Rando
 
 
 def build_visual_correspondence(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str,
-                                lighting: bool = True) -> List[Built]:
-    examples = []
+                                lighting: bool = True) -> Iterator[Built]:
     for name, position in zip(_cycle(image_ids, n, rng), balanced_positions(n, len(POINT_CHOICES), rng)):
         photo = source.load(name)
         for _ in range(POINT_TRIES):
@@ -178,8 +175,7 @@ def build_visual_correspondence(source: ImageFolderSource, image_ids: List[str],
         meta = {"homography": [[round(v, 9) for v in row] for row in matrix.tolist()],
                 "reference": [round(v, 3) for v in reference], "points": [[round(v, 3) for v in p] for p in points],
                 "lighting": light}
-        examples.append(Built([first, second], question, list(POINT_CHOICES), letter(position), task, [name], meta).validated())
-    return examples
+        yield Built([first, second], question, list(POINT_CHOICES), letter(position), task, [name], meta).validated()
 
 
 def random_augmentation(size: Tuple[int, int], rng: random.Random) -> dict:
@@ -204,8 +200,7 @@ def augment(image: Image.Image, params: dict, out_size: Tuple[int, int]) -> Imag
     return result.resize(out_size, Image.Resampling.BICUBIC)
 
 
-def build_visual_similarity(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> List[Built]:
-    examples = []
+def build_visual_similarity(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> Iterator[Built]:
     for name, position in zip(_cycle(image_ids, n, rng), balanced_positions(n, len(CANDIDATE_CHOICES), rng)):
         other = _other(image_ids, name, rng, task)
         reference = source.load(name)
@@ -218,6 +213,5 @@ def build_visual_similarity(source: ImageFolderSource, image_ids: List[str], n: 
                     "and changing its colours. Which of them was made from the first image?")
         meta = {"augmentations": params if position == 0 else params[::-1],
                 "candidate_sources": [name, other] if position == 0 else [other, name]}
-        examples.append(Built([reference] + candidates, question, list(CANDIDATE_CHOICES), letter(position), task,
-                              [name, other], meta).validated())
-    return examples
+        yield Built([reference] + candidates, question, list(CANDIDATE_CHOICES), letter(position), task,
+                    [name, other], meta).validated()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from PIL import Image
 
@@ -110,17 +110,16 @@ def _choose(pair: dict, sizes, scales, rng: random.Random) -> Optional[Tuple[int
 
 
 def build_semantic_correspondence(source: SpairSource, image_ids: List[str], n: int, rng: random.Random,
-                                  task: str) -> List[Built]:
+                                  task: str) -> Iterator[Built]:
     allowed = set(image_ids)
     pool = [pair for pair in source.pairs if pair["src"] in allowed and pair["trg"] in allowed]
     if not pool:
-        return []
+        return
     order: List[dict] = []
     while len(order) < n:
         batch = list(pool)
         rng.shuffle(batch)
         order.extend(batch)
-    examples = []
     cache: Dict[str, Tuple] = {}
     for pair, position in zip(order[:n], balanced_positions(n, len(POINT_CHOICES), rng)):
         loaded = []
@@ -149,6 +148,5 @@ def build_semantic_correspondence(source: SpairSource, image_ids: List[str], n: 
                     "corner, say)?")
         meta = {"pair_file": pair["file"], "keypoint": k, "candidate_keypoints": indices,
                 "reference": [round(v, 3) for v in reference], "points": [[round(v, 3) for v in p] for p in points]}
-        examples.append(Built([first, second], question, list(POINT_CHOICES), letter(position), task,
-                              [pair["src"], pair["trg"]], meta).validated())
-    return examples
+        yield Built([first, second], question, list(POINT_CHOICES), letter(position), task,
+                    [pair["src"], pair["trg"]], meta).validated()
