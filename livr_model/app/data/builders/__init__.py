@@ -39,6 +39,8 @@ class BuilderSpec:
     description: str
     # Source images each split needs at least (two for tasks that pair a photo with another one).
     min_per_split: int = 1
+    # Keyword options of ``build`` this task's generator takes (and the manifest records).
+    options: tuple = ()
 
 
 def _coco(kind):
@@ -57,7 +59,8 @@ BUILDERS: Dict[str, BuilderSpec] = {
                     min_per_split=2),
         BuilderSpec("Visual_Correspondence", "image_folder", image_folder.ImageFolderSource, lambda s: s.image_ids(),
                     image_folder.build_visual_correspondence,
-                    "which circled point is the reference point after a random homography (any image folder)"),
+                    "which circled point is the reference point after a random homography (any image folder)",
+                    options=("lighting",)),
         BuilderSpec("Visual_Similarity", "image_folder", image_folder.ImageFolderSource, lambda s: s.image_ids(),
                     image_folder.build_visual_similarity,
                     "which augmented candidate comes from the reference photo (any image folder)", min_per_split=2),
@@ -102,24 +105,23 @@ def build(task: str, source, out_dir, *, images=None, size: int = DEFAULT_SIZE, 
         raise BuildError(f"image_format must be one of {sorted(IMAGE_FORMATS)}; got {image_format!r}")
     fractions = parse_fractions(fractions)
     sizes = split_sizes(size, fractions)
-    if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < image_folder.MIN_SOURCE_SIDE):
-        raise BuildError(f"max_side must be an int >= {image_folder.MIN_SOURCE_SIDE} or None; got {max_side!r}")
+    minimum_side = image_folder.MIN_SOURCE_SIDE
+    if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < minimum_side):
+        raise BuildError(f"max_side must be an int >= {minimum_side} or None; got {max_side!r}")
     handle = open_source(spec, source, images, max_side)
     usable = spec.usable_ids(handle)
     if not usable:
         raise BuildError(f"{source}: no usable source image for {spec.task} (see the builder's filters in its module)")
     split_of = assign_splits(usable, fractions, seed, spec.min_per_split)
+    options = {name: value for name, value in {"lighting": lighting}.items() if name in spec.options}
     by_split = {}
     for split in SPLITS:
         ids = sorted(image_id for image_id, value in split_of.items() if value == split)
         if sizes[split] == 0 or not ids:
             by_split[split] = []
             continue
-        extra = {"lighting": lighting} if spec.task == "Visual_Correspondence" else {}
-        by_split[split] = spec.generate(handle, ids, sizes[split], split_rng(spec.task, seed, split), spec.task, **extra)
+        by_split[split] = spec.generate(handle, ids, sizes[split], split_rng(spec.task, seed, split), spec.task, **options)
     settings = {"seed": seed, "size": size, "fractions": list(fractions), "source": str(source),
-                "images": None if images is None else str(images), "max_side": max_side}
-    if spec.task == "Visual_Correspondence":
-        settings["lighting"] = lighting
-    settings["image_format"] = image_format
+                "images": None if images is None else str(images), "max_side": max_side,
+                "image_format": image_format, **options}
     return write_build(out_dir, spec.task, by_split, split_of, sizes, settings, image_format)
