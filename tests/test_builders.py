@@ -22,7 +22,7 @@ SPLITS = ("train", "val", "test")
 MAX_PHOTO_RED = 150
 
 
-def photo_folder(root: Path, count=12, size=(120, 96), seed=0) -> Path:
+def photo_folder(root: Path, count=12, size=(240, 180), seed=0) -> Path:
     """Smooth random colour fields whose red stays low enough that no relighting makes it the
     marks' pure red."""
     rng = np.random.default_rng(seed)
@@ -368,6 +368,19 @@ def test_visual_correspondence_default_build_changes_lighting(built):
     for row, rings in _check_point_rows(out, rows):
         target = apply_homography(np.array(row["meta"]["homography"]), [row["meta"]["reference"]])[0]
         assert np.hypot(*(target - rings[answer_index(row)])) < 1.0
+
+
+def test_visual_correspondence_position_does_not_give_the_answer_away(tmp_path, photos):
+    """Guessing the circled point nearest to REF's own position must stay near chance (1/4; 11 of
+    48 here): with decoys drawn anywhere in the frame that guess won 97% of the time."""
+    out = tmp_path / "vc"
+    build("visual_correspondence", photos, out, size=48, seed=11)
+    rows = rows_of(out, "train")
+    nearest_wins = sum(
+        int(np.argmin([np.hypot(p[0] - row["meta"]["reference"][0], p[1] - row["meta"]["reference"][1])
+                       for p in row["meta"]["points"]])) == answer_index(row)
+        for row in rows)
+    assert len(rows) == 48 and nearest_wins / len(rows) < 0.4, nearest_wins
 
 
 def test_semantic_correspondence_answer_is_the_matching_keypoint(built, spair):

@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from .common import Built, BuildError, balanced_positions, letter, list_images, load_image
-from .marks import (apply_homography, draw_point, far_from, inside, point_margin, point_spacing, random_homography,
-                    relight, warp)
+from .marks import draw_point, point_margin, point_spacing, random_homographies, relight, warp
 
 # Photos smaller than this (either side) are skipped: marks and pieces would not fit.
 MIN_SOURCE_SIDE = 64
@@ -27,9 +26,11 @@ PIECE_FRACTION = 1 / 3
 HOLE_COLOR = (255, 255, 255)
 CANDIDATE_CHOICES = ("the second image", "the third image")
 POINT_CHOICES = ("Point A", "Point B", "Point C", "Point D")
-# The reference point is the most textured of this many random candidates (flat sky is ambiguous).
-REFERENCE_CANDIDATES = 24
-POINT_TRIES = 2000
+# Visual correspondence keeps the most textured of this many acceptable draws of its four points,
+# trying up to POINT_TRIES draws, DRAW_BATCH at a time.
+TEXTURE_CANDIDATES = 16
+POINT_TRIES = 8192
+DRAW_BATCH = 512
 CROP_AREA_RANGE = (0.5, 0.9)
 FLIP_PROBABILITY = 0.5
 SATURATION_RANGE = (0.6, 1.4)
@@ -112,66 +113,69 @@ def _texture(gray: np.ndarray, point, radius: int) -> float:
     return float(window.std()) if window.size else 0.0
 
 
-def _reference_point(photo: Image.Image, matrix: np.ndarray, rng: random.Random) -> Optional[Tuple[float, float]]:
-    """A textured point of ``photo`` that stays inside the warped image, away from its borders."""
+def _views(photo: Image.Image, position: int, rng: random.Random):
+    """The reference point, the true view and the four marked points. Each draw takes a random
+    point and four random homographies sending it to four places; the one at ``position`` becomes
+    the real warp, so the answer is placed exactly like the decoys (nearness to REF's position
+    gives nothing away). A draw is kept when every point stays in the frame, apart from the
+    others, and on photo content whichever view were the real one (a condition that treats the
+    four alike). Of a few kept draws, the one whose four points sit on the most texture wins (flat
+    sky is ambiguous), again alike for answer and decoys. Returns (reference, matrix, points) or None."""
     size = photo.size
     margin, spacing = point_margin(size), point_spacing(size)
     gray = np.asarray(photo.convert("L"), dtype=np.float64)
-    candidates = []
-    for _ in range(POINT_TRIES):
-        point = (rng.uniform(margin, size[0] - margin), rng.uniform(margin, size[1] - margin))
-        if inside(apply_homography(matrix, [point])[0], size, margin + spacing / 2):
-            candidates.append(point)
-            if len(candidates) == REFERENCE_CANDIDATES:
+    generator = np.random.default_rng(rng.getrandbits(64))
+    count = len(POINT_CHOICES)
+    draws = []
+    for _ in range(POINT_TRIES // DRAW_BATCH):
+        references = generator.uniform((margin, margin), (size[0] - margin, size[1] - margin), (DRAW_BATCH, 2))
+        matrices = random_homographies(size, DRAW_BATCH * count, generator).reshape(DRAW_BATCH, count, 3, 3)
+        homogeneous = np.concatenate([references, np.ones((DRAW_BATCH, 1))], axis=1)
+        mapped = np.einsum("bkij,bj->bki", matrices, homogeneous)
+        points = mapped[..., :2] / mapped[..., 2:]  # (B, 4, 2)
+        # sources[b, i, j]: where point j comes from if view i is the real one.
+        inverses = np.linalg.inv(matrices)
+        lifted = np.concatenate([points, np.ones((DRAW_BATCH, count, 1))], axis=-1)
+        back = np.einsum("bkij,bnj->bkni", inverses, lifted)
+        sources = back[..., :2] / back[..., 2:]
+        low, high = np.array([margin, margin]), np.array(size) - margin
+        in_frame = np.all((points >= low) & (points <= high), axis=(1, 2))
+        on_content = np.all((sources >= low) & (sources <= high), axis=(1, 2, 3))
+        gaps = np.linalg.norm(points[:, :, None] - points[:, None], axis=-1) + np.eye(count) * spacing
+        spaced = np.all(gaps >= spacing, axis=(1, 2))
+        for index in np.nonzero(in_frame & on_content & spaced)[0]:
+            texture = min(_texture(gray, source, spacing // 4) for source in sources[index, position])
+            draws.append((texture, index, references[index], matrices[index, position], points[index]))
+            if len(draws) == TEXTURE_CANDIDATES:
                 break
-    if not candidates:
+        if len(draws) == TEXTURE_CANDIDATES:
+            break
+    if not draws:
         return None
-    return max(candidates, key=lambda point: _texture(gray, point, spacing // 4))
-
-
-def _distractors(matrix: np.ndarray, target, size, count: int, rng: random.Random) -> Optional[List[Tuple[float, float]]]:
-    """``count`` points of the warped image showing real content (their preimage lies in the photo),
-    spaced from the target and from each other."""
-    margin, spacing = point_margin(size), point_spacing(size)
-    inverse = np.linalg.inv(matrix)
-    points: List[Tuple[float, float]] = []
-    for _ in range(POINT_TRIES):
-        point = (rng.uniform(margin, size[0] - margin), rng.uniform(margin, size[1] - margin))
-        if inside(apply_homography(inverse, [point])[0], size, margin) and far_from(point, points + [target], spacing):
-            points.append(point)
-            if len(points) == count:
-                return points
-    return None
+    _, _, reference, matrix, points = max(draws, key=lambda draw: draw[:2])
+    return tuple(float(v) for v in reference), matrix, [tuple(float(v) for v in p) for p in points]
 
 
 def build_visual_correspondence(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str,
                                 lighting: bool = True) -> Iterator[Built]:
+    view = "from another camera position and under other lighting" if lighting else "from another camera position"
+    question = (f"A point is circled on the first image and labelled REF. The second image shows the same scene {view}; "
+                "four points on it are circled and labelled A, B, C and D. Which of them is the same scene point as REF?")
     for name, position in zip(_cycle(image_ids, n, rng), balanced_positions(n, len(POINT_CHOICES), rng)):
         photo = source.load(name)
-        for _ in range(POINT_TRIES):
-            matrix = random_homography(photo.size, rng)
-            reference = _reference_point(photo, matrix, rng)
-            if reference is None:
-                continue
-            target = tuple(float(v) for v in apply_homography(matrix, [reference])[0])
-            others = _distractors(matrix, target, photo.size, len(POINT_CHOICES) - 1, rng)
-            if others is not None:
-                break
-        else:
-            raise BuildError(f"could not place {len(POINT_CHOICES)} separated points on {name!r} ({photo.width}x{photo.height}); "
-                             "use larger images")
+        views = _views(photo, position, rng)
+        if views is None:
+            raise BuildError(f"could not place {len(POINT_CHOICES)} separated points on {name!r} "
+                             f"({photo.width}x{photo.height}); use larger images")
+        reference, matrix, points = views
         second = warp(photo, matrix)
         light = {}
         if lighting:
             second, light = relight(second, rng)
-        points = others[:position] + [target] + others[position:]
         first = photo.copy()
         draw_point(first, reference, "REF")
         for index, point in enumerate(points):
             draw_point(second, point, letter(index))
-        question = ("A point is circled on the first image and labelled REF. The second image shows the same scene "
-                    "from another camera position and under other lighting; four points on it are circled and "
-                    "labelled A, B, C and D. Which of them is the same scene point as REF?")
         meta = {"homography": [[round(v, 9) for v in row] for row in matrix.tolist()],
                 "reference": [round(v, 3) for v in reference], "points": [[round(v, 3) for v in p] for p in points],
                 "lighting": light}

@@ -24,9 +24,13 @@ RING_WIDTH_DIVISOR = 3
 FONT_PER_RADIUS = 1.6
 MIN_FONT = 10
 LABEL_PADDING = 2
+# The labels of the candidate points on the second image.
+POINT_LABELS = ("A", "B", "C", "D")
 BOX_WIDTH_FRACTION = 0.006
 MIN_BOX_WIDTH = 2
-# Corners of a random homography move by up to this fraction of the image side.
+# A random homography shifts the whole view by up to HOMOGRAPHY_SHIFT of the image side and moves
+# each corner by up to HOMOGRAPHY_JITTER more (perspective, rotation, scale).
+HOMOGRAPHY_SHIFT = 0.2
 HOMOGRAPHY_JITTER = 0.15
 BRIGHTNESS_RANGE = (0.7, 1.3)
 CONTRAST_RANGE = (0.8, 1.2)
@@ -43,16 +47,29 @@ def marker_radius(size: Tuple[int, int]) -> int:
     return max(MIN_RADIUS, round(min(size) * RADIUS_FRACTION))
 
 
-def mark_extent(size: Tuple[int, int]) -> int:
-    """How far from its centre a point mark (ring and label box) can reach, in pixels."""
+def _ring_width(radius: int) -> int:
+    return max(2, radius // RING_WIDTH_DIVISOR)
+
+
+def _point_font(size: Tuple[int, int]):
+    return _font(max(MIN_FONT, round(marker_radius(size) * FONT_PER_RADIUS)))
+
+
+def _label_size(text: str, font) -> Tuple[int, int]:
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    return right - left + 2 * LABEL_PADDING, bottom - top + 2 * LABEL_PADDING
+
+
+def point_spacing(size: Tuple[int, int], labels: Sequence[str] = POINT_LABELS) -> int:
+    """The distance marked points keep from each other so that no label (one of ``labels``)
+    covers another point's ring: the reach of the farthest label corner plus a ring."""
     radius = marker_radius(size)
-    label = round(radius * FONT_PER_RADIUS) * 3 + 2 * LABEL_PADDING
-    return 2 * radius + label
-
-
-def point_spacing(size: Tuple[int, int]) -> int:
-    """The distance marked points keep from each other so no label covers another point's ring."""
-    return mark_extent(size) + 2 * marker_radius(size)
+    width = _ring_width(radius)
+    gap = radius + width + LABEL_PADDING
+    font = _point_font(size)
+    label_w = max(_label_size(text, font)[0] for text in labels)
+    label_h = max(_label_size(text, font)[1] for text in labels)
+    return math.ceil(math.hypot(gap + label_w, gap + label_h) + radius + width + LABEL_PADDING)
 
 
 def point_margin(size: Tuple[int, int]) -> int:
@@ -64,8 +81,8 @@ def _label_rect(anchor: Tuple[float, float], text: str, font, bounds: Tuple[int,
                 prefer_left: bool = False) -> Tuple[Tuple[int, int, int, int], Tuple[int, int]]:
     """Where a label goes: its box (inclusive pixels, nearest corner at ``anchor``, above it when
     there is room, kept inside the image) and the text origin."""
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    width, height = right - left + 2 * LABEL_PADDING, bottom - top + 2 * LABEL_PADDING
+    left, top, _, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    width, height = _label_size(text, font)
     x, y = anchor
     x0 = x - width if prefer_left or x + width > bounds[0] else x
     y0 = y - height if y - height >= 0 else y
@@ -83,7 +100,7 @@ def _label(draw: ImageDraw.ImageDraw, anchor: Tuple[float, float], text: str, fo
 
 
 def _box_font(size: Tuple[int, int]):
-    return _font(max(MIN_FONT, round(marker_radius(size) * FONT_PER_RADIUS)))
+    return _point_font(size)
 
 
 def _box_rect(box: Sequence[float]) -> Tuple[int, int, int, int]:
@@ -107,13 +124,13 @@ def draw_point(image: Image.Image, point: Sequence[float], label: str) -> None:
     (up-left near the right border), kept clear of the ring."""
     draw = ImageDraw.Draw(image)
     radius = marker_radius(image.size)
-    width = max(2, radius // RING_WIDTH_DIVISOR)
+    width = _ring_width(radius)
     # Centred on the pixel holding the point: the ring's centre is within half a pixel of it per axis.
     x, y = math.floor(point[0]), math.floor(point[1])
     draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=MARK_COLOR, width=width)
     gap = radius + width + LABEL_PADDING
-    font = _font(max(MIN_FONT, round(radius * FONT_PER_RADIUS)))
-    near_right = x + gap + mark_extent(image.size) > image.width
+    font = _point_font(image.size)
+    near_right = x + gap + _label_size(label, font)[0] > image.width
     _label(draw, (x - gap if near_right else x + gap, y - gap), label, font, image.size, prefer_left=near_right)
 
 
@@ -137,15 +154,20 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def homography_from_points(src: Sequence[Sequence[float]], dst: Sequence[Sequence[float]]) -> np.ndarray:
-    """The 3x3 matrix H (H[2, 2] = 1) mapping the four ``src`` points onto the four ``dst`` points."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs.extend([u, v])
-    solution = np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64))
-    return np.append(solution, 1.0).reshape(3, 3)
+def homographies_from_points(src: Sequence[Sequence[float]], dst: np.ndarray) -> np.ndarray:
+    """The (N, 3, 3) matrices H (H[2, 2] = 1) mapping the four ``src`` points onto each of the N
+    sets of four ``dst`` points, shape (N, 4, 2)."""
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 4, 2)
+    count = len(dst)
+    system = np.zeros((count, 8, 8))
+    for index, (x, y) in enumerate(src):
+        u, v = dst[:, index, 0], dst[:, index, 1]
+        system[:, 2 * index, :3] = (x, y, 1)
+        system[:, 2 * index, 6], system[:, 2 * index, 7] = -u * x, -u * y
+        system[:, 2 * index + 1, 3:6] = (x, y, 1)
+        system[:, 2 * index + 1, 6], system[:, 2 * index + 1, 7] = -v * x, -v * y
+    solution = np.linalg.solve(system, dst.reshape(count, 8, 1))[..., 0]
+    return np.concatenate([solution, np.ones((count, 1))], axis=1).reshape(count, 3, 3)
 
 
 def apply_homography(matrix: np.ndarray, points) -> np.ndarray:
@@ -155,12 +177,15 @@ def apply_homography(matrix: np.ndarray, points) -> np.ndarray:
     return mapped[:, :2] / mapped[:, 2:3]
 
 
-def random_homography(size: Tuple[int, int], rng: random.Random, jitter: float = HOMOGRAPHY_JITTER) -> np.ndarray:
-    """A random view change: each image corner moves by up to ``jitter`` of the image side."""
+def random_homographies(size: Tuple[int, int], count: int, generator: np.random.Generator,
+                        shift: float = HOMOGRAPHY_SHIFT, jitter: float = HOMOGRAPHY_JITTER) -> np.ndarray:
+    """``count`` random view changes, (count, 3, 3): each view shifts by up to ``shift`` of the
+    image side, and each of its corners moves by up to ``jitter`` more."""
     width, height = size
-    corners = [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)]
-    moved = [(x + rng.uniform(-jitter, jitter) * width, y + rng.uniform(-jitter, jitter) * height) for x, y in corners]
-    return homography_from_points(corners, moved)
+    scale = np.array([width, height], dtype=np.float64)
+    corners = np.array([(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)])
+    offsets = generator.uniform(-shift, shift, (count, 1, 2)) + generator.uniform(-jitter, jitter, (count, 4, 2))
+    return homographies_from_points(corners, corners[None] + offsets * scale)
 
 
 def warp(image: Image.Image, matrix: np.ndarray) -> Image.Image:
@@ -177,10 +202,6 @@ def relight(image: Image.Image, rng: random.Random) -> Tuple[Image.Image, dict]:
     contrast = rng.uniform(*CONTRAST_RANGE)
     image = ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(brightness)).enhance(contrast)
     return image, {"brightness": round(brightness, 4), "contrast": round(contrast, 4)}
-
-
-def inside(point: Sequence[float], size: Tuple[int, int], margin: float) -> bool:
-    return margin <= point[0] <= size[0] - margin and margin <= point[1] <= size[1] - margin
 
 
 def far_from(point: Sequence[float], others: List[Sequence[float]], distance: float) -> bool:
