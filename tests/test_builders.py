@@ -301,6 +301,11 @@ def test_jigsaw_correct_piece_restores_the_photo_exactly(built, photos):
                 whole.paste(piece, (puzzle.width - piece.width, puzzle.height - piece.height))
                 restores = np.array_equal(np.asarray(whole), np.asarray(original))
                 assert restores == (option == answer_index(row)), (row, option)
+            # The wrong piece is the other photo's corner, cut without resampling (same sharpness).
+            other = Image.open(photos / row["meta"]["distractor_source"]).convert("RGB")
+            wrong = image_of(out, row, 2 - answer_index(row))
+            corner = other.crop((other.width - wrong.width, other.height - wrong.height, other.width, other.height))
+            assert np.array_equal(np.asarray(wrong), np.asarray(corner))
 
 
 def test_visual_similarity_correct_candidate_is_the_augmented_reference(built, photos):

@@ -90,13 +90,22 @@ def piece_box(size: Tuple[int, int]) -> Tuple[int, int, int, int]:
     return width - round(width * PIECE_FRACTION), height - round(height * PIECE_FRACTION), width, height
 
 
+def _corner_of(photo: Image.Image, size: Tuple[int, int]) -> Image.Image:
+    """The lower-right ``size`` corner of another photo: cut without resampling when the photo is
+    large enough, so sharpness does not tell the true piece from the wrong one."""
+    width, height = size
+    if photo.width < width or photo.height < height:
+        photo = photo.resize((max(photo.width, width), max(photo.height, height)), Image.Resampling.BICUBIC)
+    return photo.crop((photo.width - width, photo.height - height, photo.width, photo.height))
+
+
 def build_jigsaw(source: ImageFolderSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> Iterator[Built]:
     for name, position in zip(_cycle(image_ids, n, rng), balanced_positions(n, len(CANDIDATE_CHOICES), rng)):
         other = _other(image_ids, name, rng, task)
         photo = source.load(name)
         box = piece_box(photo.size)
         true_piece = photo.crop(box)
-        wrong_piece = source.load(other).resize(photo.size, Image.Resampling.BICUBIC).crop(box)
+        wrong_piece = _corner_of(source.load(other), true_piece.size)
         puzzle = photo.copy()
         puzzle.paste(HOLE_COLOR, box)
         pieces = [true_piece, wrong_piece] if position == 0 else [wrong_piece, true_piece]
