@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from livr_model.app.data.benchmarks import (BenchmarkError, load_mmvp, load_sat, load_vsp, load_vstar,
-                                            mmvp_paired_accuracy)
+                                            mmvp_paired_accuracy, spec_loader)
 from livr_model.data import LETTERS
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
@@ -210,3 +210,19 @@ def test_vsp_errors_name_the_file(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(BenchmarkError, match="no level_step"):
         load_vsp(tmp_path / "c")
+
+
+def test_spec_loaders_serve_evaluation_and_refuse_training(tmp_path):
+    root = write_mmvp(tmp_path / "MMVP")
+    load_spec = spec_loader("mmvp")
+    assert [e.answer for e in load_spec(str(root), None, "val")] == ["A", "B", "B", "A"]
+    with pytest.raises(ValueError, match="evaluation benchmark"):
+        load_spec(str(root), None, "train")
+    vstar = write_vstar(tmp_path / "vstar")
+
+    class Config:
+        seed = 3
+
+    assert [e.answer for e in spec_loader("vstar")(str(vstar), Config(), "val")] == [e.answer for e in load_vstar(vstar, seed=3)]
+    with pytest.raises(ValueError, match="name must be one of"):
+        spec_loader("blink")

@@ -288,3 +288,23 @@ def load_vsp(root) -> List[Example]:
 
 
 BENCHMARKS = {"mmvp": load_mmvp, "vstar": load_vstar, "sat": load_sat, "vsp": load_vsp}
+SPEC_USAGE = {"mmvp": "mmvp:<folder with Questions.csv>", "vstar": "vstar:<V*Bench folder>",
+              "sat": "sat:<SAT parquet file or folder>", "vsp": "vsp:<VSP maze/task4 folder>"}
+
+
+def spec_loader(name: str):
+    """A ``load_spec(argument, cfg, split)`` for the ``--data`` registry: ``<name>:<local path>``.
+    These are evaluation benchmarks: asked for training data, it refuses (training on them would
+    leak into the scores they exist to give)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"name must be one of {sorted(BENCHMARKS)}; got {name!r}")
+
+    def load_spec(argument: str, cfg, split: str) -> List[Example]:
+        if split == "train":
+            raise ValueError(f"{name}: is an evaluation benchmark; use it with livr-eval, not as training data "
+                             f"({SPEC_USAGE[name]})")
+        if name in ("vstar", "sat"):
+            return BENCHMARKS[name](argument, seed=getattr(cfg, "seed", 0) or 0)
+        return BENCHMARKS[name](argument)
+
+    return load_spec
