@@ -483,6 +483,26 @@ def test_spair_and_folder_errors_name_the_file(tmp_path, spair):
         build("depth", root, tmp_path / "out")
 
 
+def test_out_folder_is_never_clobbered_and_a_failed_build_leaves_nothing(tmp_path, photos, coco):
+    path, images_dir, _ = coco
+    out = tmp_path / "out"
+    build("jigsaw", photos, out, size=4)
+    with pytest.raises(BuildError, match="previous build; pass --overwrite"):
+        build("jigsaw", photos, out, size=2)
+    build("jigsaw", photos, out, size=2, overwrite=True)
+    assert len(list((out / "images" / "train").iterdir())) == 2 * 3
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="holds no livr-data build"):
+        build("jigsaw", photos, foreign, size=2, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    failed = tmp_path / "failed"
+    with pytest.raises(BuildError, match="not found"):
+        build("counting", path, failed, images=photos, size=4)
+    assert not failed.exists() or not any(failed.iterdir())
+
+
 def test_cli_builds_and_reports_errors(tmp_path, photos, capsys):
     code = main(["build", "visual_similarity", "--source", str(photos), "--out", str(tmp_path / "vs"),
                  "--size", "4", "--seed", "1", "--splits", "0.6,0.2,0.2"])

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"shrink source images to this longer side first (default {DEFAULT_MAX_SIDE}; 0 keeps them)")
     builder.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="png",
                          help="png (lossless, default) or jpg (quality 95, several times smaller)")
+    builder.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
     builder.add_argument("--no-lighting", action="store_true",
                          help="Visual_Correspondence: keep the second image's colours (geometry only)")
     return parser
@@ -55,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         manifest = build(args.task, args.source, args.out, images=args.images, size=args.size, seed=args.seed,
                          fractions=args.splits, max_side=args.max_side or None, lighting=not args.no_lighting,
-                         image_format=args.image_format)
+                         image_format=args.image_format, overwrite=args.overwrite)
     except BuildError as error:
         print(f"livr-data: error: {error}", file=sys.stderr)
         return EXIT_USAGE

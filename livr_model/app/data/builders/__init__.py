@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 from . import coco, image_folder, spair
-from .common import (DEFAULT_FRACTIONS, DEFAULT_MAX_SIDE, DEFAULT_SIZE, IMAGE_FORMATS, SPLITS, BuildError, assign_splits, parse_fractions, split_rng,
-                     split_sizes, write_build)
+from .common import (DEFAULT_FRACTIONS, DEFAULT_MAX_SIDE, DEFAULT_SIZE, IMAGE_FORMATS, SPLITS, BuildError, assign_splits,
+                     parse_fractions, prepare_out_dir, split_rng, split_sizes, write_build)
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,13 @@ def open_source(spec: BuilderSpec, source, images=None, max_side: Optional[int] 
 
 def build(task: str, source, out_dir, *, images=None, size: int = DEFAULT_SIZE, seed: int = 0,
           fractions: Sequence[float] = DEFAULT_FRACTIONS, max_side: Optional[int] = DEFAULT_MAX_SIDE,
-          lighting: bool = True, image_format: str = "png") -> dict:
+          lighting: bool = True, image_format: str = "png", overwrite: bool = False) -> dict:
     """Build ``task`` from ``source`` into ``out_dir``; returns the manifest written there.
 
     ``size`` counts training questions; val and test get sizes in the ratio of ``fractions``.
     Source images are shrunk to ``max_side`` (longer side) first; ``None`` keeps them as they are.
     ``image_format``: ``png`` (lossless: marks keep their exact colours) or ``jpg`` (smaller).
+    ``out_dir`` must be empty or missing, or hold a previous build and ``overwrite`` be set.
     A split may come out smaller than asked when the source runs out of distinct questions (COCO
     pairs and objects are used once each); the manifest records asked and written counts.
     """
@@ -108,6 +109,7 @@ def build(task: str, source, out_dir, *, images=None, size: int = DEFAULT_SIZE, 
     minimum_side = image_folder.MIN_SOURCE_SIDE
     if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < minimum_side):
         raise BuildError(f"max_side must be an int >= {minimum_side} or None; got {max_side!r}")
+    prepare_out_dir(out_dir, overwrite)
     handle = open_source(spec, source, images, max_side)
     usable = spec.usable_ids(handle)
     if not usable:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -178,6 +179,34 @@ def write_build(out_dir, task: str, by_split: Dict[str, Iterable[Built]], split_
         raise BuildError(f"image_format must be one of {sorted(IMAGE_FORMATS)}; got {image_format!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(out_dir, task, by_split, split_of, requested, settings, image_format)
+    except BaseException:
+        # A failed build leaves the folder as empty as prepare_out_dir found or made it.
+        shutil.rmtree(out_dir / "images", ignore_errors=True)
+        for name in [f"{split}.jsonl{suffix}" for split in SPLITS for suffix in ("", ".partial")]:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+
+
+def prepare_out_dir(out_dir, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds anything, except a previous build when
+    ``overwrite`` is set (its files are removed first, so no stale image outlives it)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"out must be a folder; {str(out_dir)!r} is a file")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / MANIFEST_NAME).is_file():
+        raise BuildError(f"out folder {str(out_dir)!r} is not empty and holds no livr-data build; choose an empty folder")
+    if not overwrite:
+        raise BuildError(f"out folder {str(out_dir)!r} holds a previous build; pass --overwrite to replace it")
+    shutil.rmtree(out_dir / "images", ignore_errors=True)
+    for name in [f"{split}.jsonl" for split in SPLITS] + [SPLITS_NAME, MANIFEST_NAME]:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _write(out_dir: Path, task: str, by_split, split_of, requested, settings, image_format) -> dict:
     written: Dict[str, int] = {}
     letters: Dict[str, Dict[str, int]] = {}
     for split in SPLITS:
