@@ -1,10 +1,11 @@
 """What every builder shares: split assignment by source image, balanced answer letters, image
 loading with named errors, and the writer of BLINK-format JSONL files.
 
-A build directory holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one object per line, the
-format ``livr_model.data.load_jsonl`` reads, plus the fields ``split``, ``sources`` and ``meta``),
-their images under ``images/<split>/`` (PNG, or JPEG on request; paths relative to the JSONL file), ``splits.json``
-(the split of every source image) and ``manifest.json`` (task, seed, sizes, letter counts).
+A build directory holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one object per line in
+the format livr's ``load_jsonl`` reads, plus the fields ``split``, ``sources`` and ``meta``),
+their images under ``images/<split>/`` (PNG, or JPEG on request; paths relative to the JSONL
+files), ``splits.json`` (the split of every source image) and ``manifest.json`` (task, seed,
+sizes asked and written, answer-letter counts).
 """
 from __future__ import annotations
 
