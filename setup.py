@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "livr-train=livr_model.app.cli:train_main",
             "livr-eval=livr_model.app.cli:eval_main",
+            "livr-data=livr_model.app.data_cli:main",
         ]
     },
 )

@@ -10,7 +10,8 @@ from PIL import Image
 
 from livr_model.app.data.benchmarks import (BenchmarkError, load_mmvp, load_sat, load_vsp, load_vstar,
                                             mmvp_paired_accuracy, spec_loader)
-from livr_model.data import LETTERS
+from livr_model.app.data import load_examples
+from livr_model.prompts import LETTERS
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
 
@@ -226,3 +227,10 @@ def test_spec_loaders_serve_evaluation_and_refuse_training(tmp_path):
     assert [e.answer for e in spec_loader("vstar")(str(vstar), Config(), "val")] == [e.answer for e in load_vstar(vstar, seed=3)]
     with pytest.raises(ValueError, match="name must be one of"):
         spec_loader("blink")
+
+
+def test_data_specs_name_the_benchmarks(tmp_path):
+    root = write_mmvp(tmp_path / "MMVP")
+    assert [e.answer for e in load_examples(f"mmvp:{root}", None, split="val")] == ["A", "B", "B", "A"]
+    with pytest.raises(ValueError, match="evaluation benchmark"):
+        load_examples(f"mmvp:{root}", None, split="train")

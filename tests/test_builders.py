@@ -14,7 +14,8 @@ from livr_model.app.data.builders.image_folder import augment
 from livr_model.app.data.builders.marks import (LABEL_FILL, MARK_COLOR, apply_homography, box_label_rect, point_spacing,
                                                 rects_overlap)
 from livr_model.app.data_cli import main
-from livr_model.data import LETTERS, load_jsonl
+from livr_model.app.data.jsonl import load_jsonl
+from livr_model.prompts import LETTERS
 
 from builder_sources import (COCO_SIZE, SPAIR_SIZE, coco_fixture, gradient_folder, photo_folder, ring_centres,
                              spair_fixture)

@@ -14,7 +14,7 @@ MAX_LINES = 400
 # per-forward path; it is split after that lands rather than moved under it.
 LONG_MODULES: dict = {}
 # (module, imported name) pairs allowed inside a function: optional heavy dependencies.
-LOCAL_IMPORTS = {("app/data/blink.py", "datasets")}
+LOCAL_IMPORTS = {("app/data/blink.py", "datasets"), ("app/data/benchmarks.py", "pyarrow.parquet")}
 TRAINING_STACK = ("peft", "livr_model.app")
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict
 
-from . import blink, jsonl, synthetic
+from . import benchmarks, blink, jsonl, synthetic
 from .checks import DataWarning, warn_about_overlap
 from .blink import BLINK_SUBTASKS, PAPER_TASKS, load_blink
 from .jsonl import load_jsonl, save_jsonl
@@ -35,6 +35,7 @@ SOURCES: Dict[str, DataSource] = {
     for s in (
         DataSource("synthetic:", synthetic.load_spec, "synthetic:<task>[,<task>]", draws_validation=True),
         DataSource("blink:", blink.load_spec, "blink:<Subtask>"),
+        *(DataSource(f"{name}:", benchmarks.spec_loader(name), benchmarks.SPEC_USAGE[name]) for name in benchmarks.BENCHMARKS),
     )
 }
 

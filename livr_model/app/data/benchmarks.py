@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
-from livr_model.data import LETTERS, Example
+from livr_model.prompts import LETTERS, Example
 
 MMVP_CSV = "Questions.csv"
 MMVP_IMAGE_DIR = "MMVP Images"

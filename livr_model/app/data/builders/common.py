@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from livr_model.data import LETTERS, Example
+from livr_model.prompts import LETTERS, Example
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZE = 1000
