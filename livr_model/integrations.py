@@ -72,13 +72,20 @@ class LivrCollator:
         spec = get_mode(mode)
         latent_ids = tuple(int(i) for i in (latent_token_ids.tolist() if torch.is_tensor(latent_token_ids) else latent_token_ids))
         tokenizer = tokenizer_of(processor)
+        if image_token_ids is None:
+            image_token_ids = [getattr(processor, name) for name in ("image_token_id", "video_token_id")
+                               if isinstance(getattr(processor, name, None), int)]
+            if not image_token_ids:
+                raise ValueError(f"{type(processor).__name__} names no image_token_id; pass image_token_ids=[...]")
+        image_token_ids = tuple(int(i) for i in image_token_ids)
         latent_text = ""
         if spec.new_latents:
             if not latent_ids:
                 raise ValueError(f"mode {spec.name!r} needs latent_token_ids (the ids add_latent_tokens returned)")
             latent_text = "".join(tokenizer.convert_ids_to_tokens(list(latent_ids)))
-            if tokenizer(latent_text, add_special_tokens=False)["input_ids"] != list(latent_ids):
-                raise ValueError(f"latent_token_ids {list(latent_ids)} are not tokens added to this processor's tokenizer; "
+            added = set(tokenizer.get_added_vocab().values()) - set(image_token_ids)
+            if not set(latent_ids) <= added or tokenizer(latent_text, add_special_tokens=False)["input_ids"] != list(latent_ids):
+                raise ValueError(f"latent_token_ids {list(latent_ids)} are not latent tokens added to this processor's tokenizer; "
                                  "pass the ids add_latent_tokens(model, processor, k) returned for this processor")
         elif latent_ids:
             raise ValueError(f"mode {spec.name!r} adds no latent tokens; pass latent_token_ids=() "
@@ -88,13 +95,8 @@ class LivrCollator:
             if not isinstance(num_latents, int) or num_latents < 1:
                 raise ValueError(f"mode {spec.name!r} marks the user's last K text tokens as latents: pass num_latents=K")
             slots = num_latents
-        if image_token_ids is None:
-            image_token_ids = [getattr(processor, name) for name in ("image_token_id", "video_token_id")
-                               if isinstance(getattr(processor, name, None), int)]
-            if not image_token_ids:
-                raise ValueError(f"{type(processor).__name__} names no image_token_id; pass image_token_ids=[...]")
         self.encoder = PromptEncoder(processor=processor, mode=spec.name, latent_text=latent_text,
-                                     latent_token_ids=latent_ids, image_token_ids=tuple(int(i) for i in image_token_ids),
+                                     latent_token_ids=latent_ids, image_token_ids=image_token_ids,
                                      slot_count=slots, max_length=max_length)
         self.mode = spec.name
         self.image_root = image_root

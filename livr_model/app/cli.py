@@ -134,7 +134,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
         prog="livr-eval",
         description="Evaluate a livr-train run: accuracy per task and averaged, plus the LIVR probes.",
     )
-    p.add_argument("--checkpoint", required=True, help="a run's --output-dir (its selected checkpoint) or one checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help="a run's --output-dir (its selected checkpoint; for a TRL / Trainer run "
+                   "with LivrStageCallback, its newest checkpoint-N) or one checkpoint directory")
     p.add_argument("--data", default=None, help="evaluation data: JSONL path, blink:<Subtask> or synthetic:<task>[,<task>] (default: the run's validation data)")
     p.add_argument("--method", choices=EVAL_METHODS, default="generate", help="generate (letter extraction) or likelihood (option scoring)")
     p.add_argument("--rule", default=None, help="attention rule for the main accuracy (default: the run's eval rule, standard)")
@@ -152,6 +153,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = run.config
     if args.data:
         examples = load_examples(args.data, cfg, split="val")
+    elif not cfg.data:
+        raise SystemExit("livr-eval: --data is required for a run trained with TRL / Trainer (its checkpoint names no data)")
     else:
         examples = prepare_data(cfg)[1]
     if args.limit is not None:

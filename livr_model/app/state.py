@@ -16,6 +16,9 @@ A run's output directory holds
     selected.json                       pointer to the checkpoint to evaluate: best validation
                                         accuracy for a single-task run, the last one otherwise
 
+A TRL / transformers Trainer run is read too: its ``checkpoint-N/`` directories hold peft's adapter
+and the files ``livr_model.integrations.LivrStageCallback`` writes (``RUN_FILES``).
+
 Every file is written to a temporary name, fsynced and renamed; a checkpoint directory is
 assembled under a temporary name and renamed into place only when complete, and the pointers
 are updated after that, so a crash at any moment leaves the previous checkpoint usable.
@@ -33,7 +36,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from livr_model.integrations import RUN_FILE as TRAINER_RUN_FILE
 from livr_model.latents import DELTA_PARAMETER, STATE_EMBEDDINGS, STATE_TOKEN_IDS, latent_state_dict, latent_token_strings
 
 from .config import RESUME_KEYS, TrainConfig
@@ -178,15 +183,20 @@ def resolve_checkpoint(path, prefer: str = SELECTED_POINTER) -> Path:
     checkpoint to evaluate; ``latest.json`` for resuming), falling back to the other pointer.
     """
     path = Path(path)
-    if (path / INFO).is_file():
+    if (path / INFO).is_file() or (path / TRAINER_RUN_FILE).is_file():
         return path
     for name in (prefer, LATEST_POINTER, SELECTED_POINTER):
         found = read_pointer(path, name)
         if found is not None:
             return found
+    # A TRL / Trainer output directory (LivrStageCallback wrote its checkpoints' run files): the newest one.
+    trainer_checkpoints = sorted((p.parent for p in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_RUN_FILE}")),
+                                 key=lambda d: int(d.name.rsplit("-", 1)[-1]))
+    if trainer_checkpoints:
+        return trainer_checkpoints[-1]
     raise ValueError(
-        f"checkpoint: {str(path)!r} is neither a checkpoint directory (no {INFO}) nor a run output "
-        f"directory with {SELECTED_POINTER} or {LATEST_POINTER}"
+        f"checkpoint: {str(path)!r} is neither a checkpoint directory (no {INFO} or {TRAINER_RUN_FILE}) nor a run output "
+        f"directory with {SELECTED_POINTER}, {LATEST_POINTER} or {PREFIX_CHECKPOINT_DIR}-N/{TRAINER_RUN_FILE}"
     )
 
 
