@@ -236,6 +236,8 @@ class LivrStageCallback(TrainerCallback):
             raise ValueError(f"stage_epochs must be two non-negative ints, not both 0; got {stage_epochs!r}")
         self.handle = handle
         self.mode = get_mode(mode)
+        if self.mode.latent_slots and not (isinstance(num_latents, int) and num_latents > 0):
+            raise ValueError(f"mode {self.mode.name!r} marks K prompt tokens as latents: pass num_latents=K (as to LivrCollator)")
         self.stages = self.mode.stage_plan(epochs)
         self.stage_epochs = epochs
         self.num_latents = num_latents
@@ -260,15 +262,21 @@ class LivrStageCallback(TrainerCallback):
             raise ValueError(f"num_train_epochs is {args.num_train_epochs} but the stages of mode {self.mode.name!r} take "
                              f"{total_epochs} epochs ({', '.join(f'{s.name} {s.epochs}' for s in self.stages)}); "
                              f"set num_train_epochs={total_epochs}")
+        if not hasattr(train_dataloader, "__len__"):
+            raise ValueError("LivrStageCallback places the stage boundary by epochs; the training data must have a length "
+                             "(a datasets.Dataset or a list, not an IterableDataset)")
         batches = len(train_dataloader)
         per_epoch = max(1, batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0))
         self.total_steps = int(state.max_steps)
         self.boundary = min(self.stages[0].epochs * per_epoch, self.total_steps)
-        self.stage_index = self._stage_at(state.global_step)
+        # The stage of the last step taken: a run resumed exactly at the boundary switches (and resets
+        # the optimizer) in on_step_begin, as the uninterrupted run did.
+        self.stage_index = self._stage_at(state.global_step - 1) if state.global_step > 0 else 0
         self.handle.set_rule(self.stage.rule)
         if self.restart_schedule:
             self._install_schedule(args, optimizer, lr_scheduler, state.global_step)
         if self.guards:
+            self.on_train_end(args, state, control)
             self._guard = BatchGuard(self.handle, self.mode.name)
             if TRAIN_LATENT_ROWS in self.mode.trains and not latent_rows_trainable(self.handle.model, self.handle.latent_token_ids):
                 warnings.warn(

@@ -1,5 +1,6 @@
 """LivrCollator and LivrStageCallback inside TRL's SFTTrainer and transformers' Trainer (issue 9)."""
 import json
+import shutil
 import warnings
 
 import pytest
@@ -242,6 +243,23 @@ def test_callback_switches_rule_and_restarts_schedule(trl_run):
     assert [s["adam_step"] for s in recorder.steps] == [1, 2, 3, 4, 1, 2, 3, 4], "stage 2 starts with fresh AdamW state"
     logged = [entry[STAGE_LOG_KEY] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == [1] * 4 + [2] * 4
+
+
+def test_resume_at_the_boundary_continues_like_the_uninterrupted_run(trl_run, base_dir, tmp_path):
+    *_, output_dir, _, rows = trl_run
+    recorded = trl_run[2].steps
+    model, processor, ids = fresh(base_dir)
+    handle = patch_attention(model, rule="standard", latent_token_ids=ids)
+    collator = LivrCollator(processor, latent_token_ids=ids)
+    recorder = Recorder(handle, collator(rows[:1]))
+    boundary_checkpoint = tmp_path / f"checkpoint-{STEPS_PER_STAGE}"
+    shutil.copytree(output_dir / boundary_checkpoint.name, boundary_checkpoint)
+    trainer = SFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(rows), data_collator=collator,
+                         processing_class=processor, peft_config=lora(ids),
+                         callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1)), recorder])
+    trainer.train(resume_from_checkpoint=str(boundary_checkpoint))
+    keys = ("step", "lr", "rule", "adam_step")
+    assert [tuple(s[k] for k in keys) for s in recorder.steps] == [tuple(s[k] for k in keys) for s in recorded[STEPS_PER_STAGE:]]
 
 
 def test_stage1_text_before_latents_never_sees_the_pixels(trl_run):
