@@ -262,6 +262,24 @@ def test_resume_at_the_boundary_continues_like_the_uninterrupted_run(trl_run, ba
     assert [tuple(s[k] for k in keys) for s in recorder.steps] == [tuple(s[k] for k in keys) for s in recorded[STEPS_PER_STAGE:]]
 
 
+def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, tmp_path):
+    model, processor, ids = fresh(base_dir)
+    model = get_peft_model(model, lora(ids))
+    handle = patch_attention(model, rule="standard", latent_token_ids=ids)
+    collator = LivrCollator(processor, latent_token_ids=ids)
+    rows = chat_rows(2 * STEPS_PER_STAGE)
+    recorder = Recorder(handle, collator(rows[:1]))
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=2, learning_rate=LR,
+                             lr_scheduler_type="linear", remove_unused_columns=False, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+            callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1), restart_schedule=False), recorder]).train()
+    total = 2 * STEPS_PER_STAGE
+    assert [s["lr"] for s in recorder.steps] == pytest.approx([LR * (1 - step / total) for step in range(total)], rel=1e-9)
+    assert [s["adam_step"] for s in recorder.steps] == list(range(1, total + 1))
+    assert [s["rule"] for s in recorder.steps] == ["bottleneck"] * 4 + ["standard"] * 4
+
+
 def test_stage1_text_before_latents_never_sees_the_pixels(trl_run):
     recorder = trl_run[2]
     stage1, stage2 = recorder.steps[:STEPS_PER_STAGE], recorder.steps[STEPS_PER_STAGE:]
@@ -297,6 +315,10 @@ def test_trl_run_is_scored_by_livr_eval_with_probes(trl_run, tmp_path):
     assert probes["latents_removed"] is not None and probes["bottleneck_forced"] is not None
     with pytest.raises(SystemExit, match="--data is required"):
         eval_main(["--checkpoint", str(output_dir)])
+    no_adapter = tmp_path / "no_adapter"
+    shutil.copytree(checkpoint, no_adapter, ignore=shutil.ignore_patterns("adapter_*"))
+    with pytest.raises(ValueError, match="no adapter_config.json: livr-eval scores LoRA"):
+        load_trained(no_adapter)
 
 
 def livr_collator(processor, ids):

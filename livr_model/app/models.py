@@ -19,7 +19,7 @@ from livr_model.prompts import PromptEncoder
 
 from .config import TrainConfig, stage_plan
 from .files import load_safetensors
-from .state import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
+from .state import ADAPTER_CONFIG, LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
 from .tiny import TinyQwen2_5_VLProcessor, load_tiny
 
 TINY_PROCESSOR_CLASS = TinyQwen2_5_VLProcessor.__name__
@@ -110,6 +110,8 @@ def run_config_of(checkpoint_dir: Path) -> TrainConfig:
     if (checkpoint_dir / RUN_CONFIG_JSON).is_file():
         return TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
     run = json.loads((checkpoint_dir / TRAINER_RUN_FILE).read_text())
+    if not (checkpoint_dir / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{checkpoint_dir} has no {ADAPTER_CONFIG}: livr-eval scores LoRA (peft) runs")
     if not run.get("base_model"):
         raise ValueError(f"{checkpoint_dir / TRAINER_RUN_FILE} names no base model; train with "
                          "LivrStageCallback(..., base_model='<hub id or folder>')")
