@@ -127,7 +127,10 @@ class LivrCollator:
 def stage_lr_factor(step: int, boundary: int, total: int, warmups: Sequence[int]) -> float:
     """LR factor of optimizer step ``step``: stage 1 is ``[0, boundary)``, stage 2 ``[boundary, total)``;
     each has a linear warmup over its ``warmups[i]`` steps, then a cosine decay to 0."""
-    start, length, warmup = (0, boundary, warmups[0]) if step < boundary or boundary >= total else (boundary, total - boundary, warmups[1])
+    if step < boundary or boundary >= total:
+        start, length, warmup = 0, boundary, warmups[0]
+    else:
+        start, length, warmup = boundary, total - boundary, warmups[1]
     local = step - start
     if local < warmup:
         return (local + 1) / (warmup + WARMUP_OFFSET)

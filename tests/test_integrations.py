@@ -15,7 +15,8 @@ from livr_model import LivrCollator, LivrStageCallback, add_latent_tokens, get_h
 from livr_model.app.cli import eval_main
 from livr_model.app.data.synthetic import make_synthetic_dataset
 from livr_model.app.models import load_trained
-from livr_model.app.tiny import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, build_tiny_model, build_tiny_processor, load_tiny, save_tiny  # noqa: E501
+from livr_model.app.tiny import (IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, build_tiny_model, build_tiny_processor,
+                                  load_tiny, save_tiny)
 from livr_model.integrations import RUN_FILE, RUN_FILES, STAGE_LOG_KEY
 from livr_model.latents import latent_token_strings
 from livr_model.prompts import answer_text, format_prompt
@@ -172,7 +173,8 @@ def lora(ids=None):
 @pytest.mark.parametrize("order", ["peft_then_patch", "patch_then_peft"])
 def test_patch_order_does_not_matter(base_dir, order):
     model, processor, ids = fresh(base_dir)
-    batch = LivrCollator(processor, latent_token_ids=ids)([ROW_FORMATS["messages"](e) for e in make_synthetic_dataset("counting", 1, seed=7)])
+    rows = [ROW_FORMATS["messages"](e) for e in make_synthetic_dataset("counting", 1, seed=7)]
+    batch = LivrCollator(processor, latent_token_ids=ids)(rows)
     if order == "peft_then_patch":
         model = get_peft_model(model, lora(ids))
         handle = patch_attention(model, rule="bottleneck", latent_token_ids=ids)
