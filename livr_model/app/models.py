@@ -11,7 +11,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from livr_model.archs import get_arch
-from livr_model.integrations import RUN_FILE as TRAINER_RUN_FILE
 from livr_model.latents import DELTA_PARAMETER, add_latent_tokens, load_latent_state_dict, restrict_embedding_grad
 from livr_model.modes import TRAIN_LATENT_ROWS
 from livr_model.patch import patch_attention
@@ -19,8 +18,9 @@ from livr_model.prompts import PromptEncoder
 
 from .config import TrainConfig, stage_plan
 from .files import load_safetensors
-from .state import ADAPTER_CONFIG, LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
+from .state import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
 from .tiny import TinyQwen2_5_VLProcessor, load_tiny
+from .trainer_runs import trainer_run_config
 
 TINY_PROCESSOR_CLASS = TinyQwen2_5_VLProcessor.__name__
 
@@ -104,27 +104,12 @@ class LoadedRun:
     latent_token_ids: tuple
 
 
-def run_config_of(checkpoint_dir: Path) -> TrainConfig:
-    """The run config of a livr-train checkpoint, or the one a TRL / Trainer checkpoint's
-    ``livr_run.json`` (written by ``LivrStageCallback``) describes."""
-    if (checkpoint_dir / RUN_CONFIG_JSON).is_file():
-        return TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
-    run = json.loads((checkpoint_dir / TRAINER_RUN_FILE).read_text())
-    if not (checkpoint_dir / ADAPTER_CONFIG).is_file():
-        raise ValueError(f"{checkpoint_dir} has no {ADAPTER_CONFIG}: livr-eval scores LoRA (peft) runs")
-    if not run.get("base_model"):
-        raise ValueError(f"{checkpoint_dir / TRAINER_RUN_FILE} names no base model; train with "
-                         "LivrStageCallback(..., base_model='<hub id or folder>')")
-    return TrainConfig(model=run["base_model"], mode=run["mode"], latents=run["num_latents"] or TrainConfig.latents,
-                       stage_epochs=run["stage_epochs"], eval_rule=run["eval_rule"], output_dir=str(checkpoint_dir))
-
-
 def load_trained(path, *, model=None, processor=None) -> LoadedRun:
     """Rebuild a trained model from a checkpoint directory or a run's output directory (its
     selected checkpoint): the base model named in the run config (or the one given), the latent
     tokens, the LoRA adapter, and the attention patch under the run's evaluation rule."""
     checkpoint_dir = resolve_checkpoint(path)
-    cfg = run_config_of(checkpoint_dir)
+    cfg = trainer_run_config(checkpoint_dir) or TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
     if model is None or processor is None:
         model, processor = load_model_and_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     latent_ids = ()

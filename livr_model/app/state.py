@@ -16,9 +16,6 @@ A run's output directory holds
     selected.json                       pointer to the checkpoint to evaluate: best validation
                                         accuracy for a single-task run, the last one otherwise
 
-A TRL / transformers Trainer run is read too: its ``checkpoint-N/`` directories hold peft's adapter
-and the files ``livr_model.integrations.LivrStageCallback`` writes (``RUN_FILES``).
-
 Every file is written to a temporary name, fsynced and renamed; a checkpoint directory is
 assembled under a temporary name and renamed into place only when complete, and the pointers
 are updated after that, so a crash at any moment leaves the previous checkpoint usable.
@@ -36,14 +33,13 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from livr_model.integrations import RUN_FILE as TRAINER_RUN_FILE
 from livr_model.latents import DELTA_PARAMETER, STATE_EMBEDDINGS, STATE_TOKEN_IDS, latent_state_dict, latent_token_strings
 
 from .config import RESUME_KEYS, TrainConfig
 from .files import (TMP_SUFFIX, fsync_dir, atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_json,
                     atomic_write_text, torch_load)
+from .trainer_runs import find_trainer_checkpoint
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest.json"
@@ -183,20 +179,18 @@ def resolve_checkpoint(path, prefer: str = SELECTED_POINTER) -> Path:
     checkpoint to evaluate; ``latest.json`` for resuming), falling back to the other pointer.
     """
     path = Path(path)
-    if (path / INFO).is_file() or (path / TRAINER_RUN_FILE).is_file():
+    if (path / INFO).is_file():
         return path
+    trainer_checkpoint = find_trainer_checkpoint(path)   # a TRL / Trainer run (livr_model.app.trainer_runs)
+    if trainer_checkpoint is not None:
+        return trainer_checkpoint
     for name in (prefer, LATEST_POINTER, SELECTED_POINTER):
         found = read_pointer(path, name)
         if found is not None:
             return found
-    # A TRL / Trainer output directory (LivrStageCallback wrote its checkpoints' run files): the newest one.
-    trainer_checkpoints = sorted((p.parent for p in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_RUN_FILE}")),
-                                 key=lambda d: int(d.name.rsplit("-", 1)[-1]))
-    if trainer_checkpoints:
-        return trainer_checkpoints[-1]
     raise ValueError(
-        f"checkpoint: {str(path)!r} is neither a checkpoint directory (no {INFO} or {TRAINER_RUN_FILE}) nor a run output "
-        f"directory with {SELECTED_POINTER}, {LATEST_POINTER} or {PREFIX_CHECKPOINT_DIR}-N/{TRAINER_RUN_FILE}"
+        f"checkpoint: {str(path)!r} is neither a checkpoint directory (no {INFO}) nor a run output "
+        f"directory with {SELECTED_POINTER} or {LATEST_POINTER}"
     )
 
 
