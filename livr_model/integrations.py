@@ -72,6 +72,8 @@ class LivrCollator:
         spec = get_mode(mode)
         latent_ids = tuple(int(i) for i in (latent_token_ids.tolist() if torch.is_tensor(latent_token_ids) else latent_token_ids))
         tokenizer = tokenizer_of(processor)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the processor's tokenizer has no pad token; set processor.tokenizer.pad_token (e.g. to its eos token)")
         if image_token_ids is None:
             image_token_ids = [getattr(processor, name) for name in ("image_token_id", "video_token_id")
                                if isinstance(getattr(processor, name, None), int)]

@@ -144,6 +144,9 @@ def test_collator_errors_say_what_to_do(base_dir):
             LivrCollator(processor, latent_token_ids=wrong)
     with pytest.raises(ValueError, match="give it livr rows"):
         LivrCollator(processor, mode="image-twice")([ROW_FORMATS["messages"](example)])
+    processor.tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="no pad token; set processor.tokenizer.pad_token"):
+        LivrCollator(processor, latent_token_ids=ids)
 
 
 def pixels_changed(batch):
