@@ -362,7 +362,8 @@ def patch_attention(
     spec = get_arch(inner)
     image_ids = _as_id_tensor("image_token_ids", spec.placeholder_token_ids(inner.config), "cpu")
     latent_ids = _as_id_tensor("latent_token_ids", latent_token_ids, "cpu")
-    vocab_size = inner.get_input_embeddings().num_embeddings
+    # Rows of the weight, not num_embeddings: peft's TrainableTokensWrapper (trainable_token_indices) lacks it.
+    vocab_size = inner.get_input_embeddings().weight.shape[0]
     outside = [i for i in latent_ids.tolist() if not 0 <= i < vocab_size]
     if outside:
         raise ValueError(

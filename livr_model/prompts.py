@@ -1,13 +1,12 @@
-"""Example -> model inputs: the one prompt module the trainer, the evaluator and the trainer
-integrations share.
+"""Example or dataset row -> model inputs: the one prompt module the trainer, the evaluator and the
+trainer integrations share.
 
-An ``Example`` is one visual question: PIL images, a question, optional choices and the answer
-(a letter for multiple choice, the exact text for open-ended questions). ``encode_example`` turns
-one into model inputs with the processor's own chat template, latent tokens right after the
-question, and labels on the answer only; ``collate`` pads a list of them into a batch.
-``PromptEncoder`` does both for one comparison mode (``livr_model.modes``): it applies the mode's
-prompt transform, places its latents, and adds segment ids; ``PromptEncoder.batch`` is the one
-encode -> collate -> to-device path.
+An ``Example`` is one visual question (PIL images, question, optional choices, answer: a letter for
+multiple choice, else the exact text). ``encode_messages`` turns any chat (``encode_example`` an
+Example's) into model inputs with the processor's own chat template, latents at the end of the last
+user turn, labels on the answer only; ``collate`` pads them into a batch. ``PromptEncoder`` does both
+for one comparison mode (``livr_model.modes``), for Examples and for dataset rows (``encode_row``;
+formats in ``livr_model.rows``), and adds segment ids: ``batch`` is the one encode -> collate path.
 """
 from __future__ import annotations
 
@@ -22,7 +21,8 @@ from livr_kernels import Segment
 
 from .archs import get_arch, tokenizer_of
 from .latents import latent_token_strings
-from .modes import get_mode
+from .modes import get_mode, unchanged
+from .rows import conversation_from_row, count_image_parts, is_livr_row, last_text, livr_row_fields, split_turns, with_latents
 from .segment_ids import IGNORE_INDEX, build_segment_ids
 
 LETTERS = string.ascii_uppercase
@@ -118,18 +118,18 @@ def answer_text(example: Example) -> str:
     return f"({example.answer})" if example.choices else example.answer
 
 
-def _check_image_sizes(processor, example: Example) -> None:
+def _check_image_sizes(processor, images: Sequence, what: str) -> None:
     """Reject images the processor cannot tile: sides under one merged patch, or extreme aspect ratios."""
     image_processor = getattr(processor, "image_processor", None)
     patch = getattr(image_processor, "patch_size", None)
     merge = getattr(image_processor, "merge_size", None)
-    for index, image in enumerate(example.images):
+    for index, image in enumerate(images):
         width, height = image.size
         if isinstance(patch, int) and isinstance(merge, int):
             minimum = patch * merge
             if min(width, height) < minimum:
                 raise ValueError(
-                    f"images[{index}] of a {example.task} example is {width}x{height}; this processor needs "
+                    f"images[{index}] of {what} is {width}x{height}; this processor needs "
                     f"both sides >= {minimum} pixels (patch {patch} x merge {merge})"
                 )
         if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
@@ -158,36 +158,59 @@ def _token_id(processor, name: str) -> Optional[int]:
 
 def encode_example(processor, example: Example, *, latent_tokens: str = "", with_answer: bool = True,
                    max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Model inputs for one example, built with the processor's chat template.
-
-    Layout: the user turn (images, then ``format_prompt``), ``latent_tokens`` right after the
-    question text inside the user turn, the assistant turn start, then (``with_answer``) the answer
-    and the template's end-of-turn token. ``labels`` are -100 except on the answer and that
-    end-of-turn token. Returns 1-D ``input_ids``, ``attention_mask``, ``labels``,
-    ``mm_token_type_ids`` (0 text, 1 image, 2 video) and the processor's vision tensors
-    (``pixel_values``, ``image_grid_thw`` for Qwen) for the example's images.
+    """Model inputs for one example (``encode_messages`` on its chat): the user turn holds the images,
+    then ``format_prompt`` and ``latent_tokens``; labels cover the answer and its end-of-turn token.
+    Returns 1-D ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids`` (0 text, 1 image,
+    2 video) and the processor's vision tensors (``pixel_values``, ``image_grid_thw`` for Qwen).
     """
     if not isinstance(example, Example):
         raise ValueError(f"example must be an Example; got {type(example).__name__}")
+    content = [{"type": "image"} for _ in example.images]
+    content.append({"type": "text", "text": format_prompt(example)})
+    messages = [{"role": "user", "content": content}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_text(example)}]})
+    return encode_messages(processor, messages, example.images, latent_tokens=latent_tokens, with_answer=with_answer,
+                           max_length=max_length, what=f"a {example.task} example")
+
+
+def encode_messages(processor, messages: Sequence[dict], images: Sequence, *, latent_tokens: str = "",
+                    with_answer: bool = True, max_length: Optional[int] = None, what: str = "a row") -> Dict[str, torch.Tensor]:
+    """Model inputs for one chat: ``encode_example`` for any conversation.
+
+    ``messages``: chat turns (``{"role", "content"}``, content a string or a list of
+    ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts); ``images``: the PIL images
+    of the image parts, in order. The prompt is every turn up to the last user turn, with
+    ``latent_tokens`` at the end of that turn's content; the answer (``with_answer``) is the one
+    assistant turn after it, labelled with its end-of-turn token, -100 everywhere else. Earlier
+    assistant turns are prompt.
+    """
     if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
         raise ValueError(f"max_length must be a positive int or None; got {max_length!r}")
+    prompt_turns, reply = split_turns(messages, what)
+    images = list(images or [])
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images[{index}] of {what} must be a PIL.Image.Image; got {type(image).__name__}")
+    if count_image_parts(prompt_turns) != len(images):
+        raise ValueError(f"{what} has {count_image_parts(prompt_turns)} image part(s) in its prompt turns but {len(images)} image(s)")
+    if with_answer and reply is None:
+        raise ValueError(f"{what} has no assistant turn after its last user turn to train on")
     tokenizer = tokenizer_of(processor)
     _check_latent_tokens(tokenizer, latent_tokens)
-    _check_image_sizes(processor, example)
+    _check_image_sizes(processor, images, what)
 
-    content = [{"type": "image"} for _ in example.images]
-    content.append({"type": "text", "text": format_prompt(example) + latent_tokens})
-    messages = [{"role": "user", "content": content}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=[prompt], images=example.images or None, return_tensors="pt")
+    if latent_tokens:
+        prompt_turns[-1] = with_latents(prompt_turns[-1], latent_tokens)
+    prompt = processor.apply_chat_template(prompt_turns, add_generation_prompt=True, tokenize=False)
+    encoded = processor(text=[prompt], images=images or None, return_tensors="pt")
     input_ids = encoded["input_ids"][0]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     if with_answer:
-        reply = [{"role": "assistant", "content": [{"type": "text", "text": answer_text(example)}]}]
-        full = processor.apply_chat_template(messages + reply, tokenize=False)
+        full = processor.apply_chat_template(prompt_turns + [reply], tokenize=False)
         if not full.startswith(prompt):
             raise ValueError("the processor's chat template renders the conversation differently from its generation "
-                             "prompt; encode_example needs a template whose prompt is a prefix of the full chat")
+                             "prompt; encoding needs a template whose prompt is a prefix of the full chat")
         # The reply up to its end-of-turn token; the template's trailing newline carries no loss.
         target = full[len(prompt):].rstrip()
         target_ids = torch.tensor(tokenizer(target, add_special_tokens=False)["input_ids"], dtype=input_ids.dtype)
@@ -195,7 +218,7 @@ def encode_example(processor, example: Example, *, latent_tokens: str = "", with
         labels = torch.cat([labels, target_ids])
     if max_length is not None and input_ids.numel() > max_length:
         raise ValueError(
-            f"a {example.task} example needs {input_ids.numel()} tokens (with {len(example.images)} image(s)), "
+            f"{what} needs {input_ids.numel()} tokens (with {len(images)} image(s)), "
             f"more than max_length={max_length}; use smaller images or a larger max_length"
         )
     token_types = torch.full_like(input_ids, TEXT_TOKEN_TYPE)
@@ -299,10 +322,13 @@ class PromptEncoder:
         latent_text = "" if drop_latents else self.latent_text
         enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer, max_length=self.max_length)
         if self.slot_count and not drop_latents:
-            enc[SLOT_END] = self._prompt_length(enc) - self._template_suffix_tokens(example)
-            if enc[SLOT_END] - self.slot_count < 0:
-                raise ValueError(f"mode {self.mode} needs {self.slot_count} prompt tokens to mark as latent slots; the prompt is shorter")
+            self._mark_slots(enc, self._template_suffix_tokens(example), "the prompt")
         return enc
+
+    def _mark_slots(self, enc: dict, suffix_tokens: int, what: str) -> None:
+        enc[SLOT_END] = self._prompt_length(enc) - suffix_tokens
+        if enc[SLOT_END] - self.slot_count < 0:
+            raise ValueError(f"mode {self.mode} needs {self.slot_count} prompt tokens to mark as latent slots; {what} is shorter")
 
     def _prompt_length(self, enc: dict) -> int:
         labels = enc["labels"]
@@ -313,13 +339,37 @@ class PromptEncoder:
         """Tokens the chat template puts after the user's text (end of turn, assistant header)."""
         key = len(example.images)
         if key not in self._suffix_cache:
-            text = format_prompt(example)
-            content = [{"type": "image"} for _ in example.images] + [{"type": "text", "text": text}]
-            prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-            end = prompt.rfind(text) + len(text)
-            tokenizer = tokenizer_of(self.processor)
-            self._suffix_cache[key] = len(tokenizer(prompt[end:], add_special_tokens=False)["input_ids"])
+            content = [{"type": "image"} for _ in example.images] + [{"type": "text", "text": format_prompt(example)}]
+            self._suffix_cache[key] = self._suffix_tokens([{"role": "user", "content": content}])
         return self._suffix_cache[key]
+
+    def _suffix_tokens(self, prompt_turns: Sequence[dict]) -> int:
+        text = last_text(prompt_turns[-1])
+        if not text:
+            raise ValueError(f"mode {self.mode} marks the last {self.slot_count} tokens of the last user turn's text as "
+                             "latent slots; that turn must end with text")
+        prompt = self.processor.apply_chat_template(list(prompt_turns), add_generation_prompt=True, tokenize=False)
+        end = prompt.rfind(text) + len(text)
+        return len(tokenizer_of(self.processor)(prompt[end:], add_special_tokens=False)["input_ids"])
+
+    def encode_row(self, row: dict, *, with_answer: bool = True, image_root=None, what: str = "row") -> dict:
+        """``encode`` for a dataset row: a livr JSONL row, or a TRL conversational or prompt/completion
+        row (formats in ``livr_model.rows``); latents at the end of the last user turn."""
+        if is_livr_row(row):
+            try:
+                example = Example(**livr_row_fields(row, image_root, what))
+            except ValueError as error:
+                raise ValueError(f"{what}: {error}") from None
+            return self.encode(example, with_answer=with_answer)
+        turns, images = conversation_from_row(row, image_root, what)
+        if get_mode(self.mode).prepare is not unchanged:
+            raise ValueError(f"mode {self.mode} transforms livr Examples (its prompt differs); give it livr rows "
+                             "({'images', 'question', 'choices', 'answer'}), not chat turns")
+        enc = encode_messages(self.processor, turns, images, latent_tokens=self.latent_text, with_answer=with_answer,
+                              max_length=self.max_length, what=what)
+        if self.slot_count:
+            self._mark_slots(enc, self._suffix_tokens(split_turns(turns, what)[0]), what)
+        return enc
 
     def collate(self, encoded: Sequence[dict], padding_side: str, device=None) -> tuple:
         """(model inputs, labels, segment ids) for a list of ``encode`` outputs, on ``device`` if given."""

@@ -16,6 +16,10 @@ LONG_MODULES: dict = {}
 # (module, imported name) pairs allowed inside a function: optional heavy dependencies.
 LOCAL_IMPORTS = {("app/data/blink.py", "datasets"), ("app/data/benchmarks.py", "pyarrow.parquet")}
 TRAINING_STACK = ("peft", "livr_model.app")
+# Library modules that may load the training stack (never the application), with the reason.
+# integrations: transformers' Trainer callback API imports accelerate and peft; livr_model loads
+# it only when LivrCollator or LivrStageCallback is asked for.
+TRAINER_BRIDGES = {"integrations"}
 
 
 def _modules(root: Path):
@@ -27,7 +31,7 @@ def _library_modules():
 
 
 def test_importing_the_library_loads_no_application_or_training_stack():
-    names = ["livr_model"] + [f"livr_model.{p.stem}" for p in _library_modules() if p.stem != "__init__"]
+    names = ["livr_model"] + [f"livr_model.{p.stem}" for p in _library_modules() if p.stem not in ("__init__", *TRAINER_BRIDGES)]
     code = (
         "import importlib, sys\n"
         f"for name in {names!r}: importlib.import_module(name)\n"
@@ -38,6 +42,17 @@ def test_importing_the_library_loads_no_application_or_training_stack():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"the library pulled in {out.stdout.strip()}"
     assert len(names) >= 7, names
+
+
+def test_trainer_bridge_loads_neither_the_application_nor_trl():
+    code = (
+        "import sys\n"
+        "from livr_model import LivrCollator, LivrStageCallback\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('livr_model.app', 'trl'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"the trainer integrations pulled in {out.stdout.strip()}"
 
 
 @pytest.mark.parametrize("path", _library_modules(), ids=lambda p: p.name)

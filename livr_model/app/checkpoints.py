@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional
 
 from .config import TrainConfig
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from .trainer_runs import find_trainer_checkpoint
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest.json"
@@ -146,6 +147,9 @@ def resolve_checkpoint(path, prefer: str = SELECTED_POINTER) -> Path:
         raise ValueError(f"checkpoint: {str(path)!r} is a checkpoint being written or deleted ({path.suffix}), not a usable one")
     if (path / INFO).is_file():
         return path
+    trainer_checkpoint = find_trainer_checkpoint(path)   # a TRL / Trainer run (livr_model.app.trainer_runs)
+    if trainer_checkpoint is not None:
+        return trainer_checkpoint
     if prefer == SELECTED_POINTER:
         selected = selected_from_latest(path)
         if selected is not None:

@@ -151,7 +151,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
         prog="livr-eval", allow_abbrev=False,
         description="Evaluate a livr-train run: accuracy per task and averaged, plus the LIVR probes.",
     )
-    p.add_argument("--checkpoint", required=True, help="a run's --output-dir (its selected checkpoint) or one checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help="a run's --output-dir (its selected checkpoint; for a TRL / Trainer run "
+                   "with LivrStageCallback, its newest checkpoint-N) or one checkpoint directory")
     p.add_argument("--data", default=None, help="evaluation data: JSONL path, blink:<Subtask> or synthetic:<task>[,<task>] (default: the run's validation data)")
     p.add_argument("--method", choices=EVAL_METHODS, default="generate", help="generate (letter extraction) or likelihood (option scoring)")
     p.add_argument("--rule", default=None, choices=tuple(RULES), help="attention rule for the main accuracy (default: the run's eval rule, standard)")
@@ -173,6 +174,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = dataclasses.replace(read_run_config(args.checkpoint), allow_outside_paths=args.allow_outside_paths)
     if args.data:
         examples = load_examples(args.data, cfg, split="val")
+    elif not cfg.data:
+        raise SystemExit("livr-eval: --data is required for a run trained with TRL / Trainer (its checkpoint names no data)")
     else:
         examples = prepare_data(cfg)[1]
     run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)

@@ -20,6 +20,7 @@ from .config import TrainConfig, stage_plan
 from .files import load_safetensors
 from .checkpoints import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, require_complete, resolve_checkpoint
 from .tiny import TinyQwen2_5_VLProcessor, load_tiny
+from .trainer_runs import trainer_run_config
 
 TINY_PROCESSOR_CLASS = TinyQwen2_5_VLProcessor.__name__
 
@@ -103,9 +104,15 @@ class LoadedRun:
     latent_token_ids: tuple
 
 
+def run_config_in(checkpoint_dir) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads((require_complete(checkpoint_dir) / RUN_CONFIG_JSON).read_text()))
+
+
 def read_run_config(path) -> TrainConfig:
-    """The TrainConfig saved with the checkpoint that ``path`` resolves to."""
-    return TrainConfig.from_dict(json.loads((require_complete(resolve_checkpoint(path)) / RUN_CONFIG_JSON).read_text()))
+    """The TrainConfig of the checkpoint that ``path`` resolves to (saved by livr-train, or implied by
+    a TRL / Trainer checkpoint's livr_run.json)."""
+    checkpoint_dir = resolve_checkpoint(path)
+    return trainer_run_config(checkpoint_dir) or run_config_in(checkpoint_dir)
 
 
 def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = False) -> LoadedRun:
@@ -115,8 +122,8 @@ def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = 
 
     Remote model code runs only with the caller's own ``trust_remote_code=True``: a checkpoint's
     run_config.json is a file anyone may have edited, so its setting is never taken as consent."""
-    checkpoint_dir = require_complete(resolve_checkpoint(path))
-    cfg = TrainConfig.from_dict(json.loads((checkpoint_dir / RUN_CONFIG_JSON).read_text()))
+    checkpoint_dir = resolve_checkpoint(path)
+    cfg = trainer_run_config(checkpoint_dir) or run_config_in(checkpoint_dir)
     if model is None or processor is None:
         if cfg.trust_remote_code and not trust_remote_code:
             raise ValueError(
