@@ -77,8 +77,7 @@ def main(argv=None):
         per_device_train_batch_size=d["batch"], gradient_accumulation_steps=d["accum"], warmup_steps=0.05,
         weight_decay=0.01, logging_steps=5, save_strategy="epoch", save_total_limit=2, report_to=[], seed=42,
         remove_unused_columns=False,   # the collator reads the rows' own columns
-        # The model is loaded in its training dtype, so no autocast: an fp32 model under bf16 autocast would hand
-        # livr's attention q, k, v of mixed dtypes.
+        # The model is loaded in its training dtype (fp32 on CPU), so no autocast is needed.
         bf16=False, use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(

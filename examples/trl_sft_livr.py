@@ -84,8 +84,7 @@ def main(argv=None):
         weight_decay=0.01, logging_steps=5, save_strategy="epoch", save_total_limit=2, report_to=[], seed=42,
         # The collator does the VLM work: keep TRL's dataset preparation and column pruning out of the way.
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-        # The model is loaded in its training dtype, so no autocast: an fp32 model under bf16 autocast would hand
-        # livr's attention q, k, v of mixed dtypes.
+        # The model is loaded in its training dtype (fp32 on CPU), so no autocast is needed.
         bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=torch.cuda.is_available(),
     )
     trainer = SFTTrainer(

@@ -104,6 +104,7 @@ def livr_attention_forward(
             f"segment ids cover {tuple(layout.shape)} (batch, keys) but this layer attends over "
             f"({key.shape[0]}, {key.shape[2]}) keys; static or sliding caches are not supported, use the default DynamicCache"
         )
+    query, key, value = _autocast_inputs(query, key, value)
     out = segment_attention(query, key, value, layout, rule=state.rule, scale=scaling, backend=state.kernel_backend)
     weights = None
     if state.capture is not None or kwargs.get("output_attentions"):
@@ -113,6 +114,16 @@ def livr_attention_forward(
         if state.capture is not None:
             state.capture.weights.append(weights)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _autocast_inputs(query, key, value):
+    """Under autocast, run in the autocast dtype as SDPA would: rotary embeddings leave q and k in
+    fp32 while v comes out of a bf16 matmul, and the kernels take one dtype."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
 
 
 def livr_attention_mask(*args, **kwargs) -> None:

@@ -360,3 +360,21 @@ def test_triton_kernels_inside_the_model_match_the_reference_path():
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_model_under_bf16_autocast_trains(arch):
+    """Autocast hands the attention fp32 q/k (rotary runs in fp32) and a bf16 v: the patched
+    attention must run in the autocast dtype as SDPA does, and match it."""
+    model = build_tiny_model(arch)
+    batch = _batch(arch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**batch).loss.float()
+    _patch(model, "standard")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss.float()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert abs(loss.item() - expected.item()) < 2e-2 * max(1.0, abs(expected.item()))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
