@@ -246,6 +246,45 @@ def collate(encoded: Sequence[Dict[str, torch.Tensor]], pad_token_id: int, paddi
     return batch
 
 
+def vocabulary_latent_ids(processor, k: int) -> List[int]:
+    """The K existing vocabulary tokens the ``mask-only`` mode appends as its latents.
+
+    Definition: walking down from the highest id of the tokenizer's ordinary vocabulary (special and
+    added tokens excluded), the first K tokens whose text is not blank and that the prompt's fixed
+    text never uses: the chat template's glue around a user and an assistant turn, the choices
+    header and the option letters ``(A)``..``(Z)``. In BPE vocabularies the highest ids are the last
+    merges learned, i.e. rare strings. Deterministic for a given tokenizer and chat template.
+    Their rows are shared with any other occurrence of the same token in a question, so training
+    them shifts those occurrences too; LATENT is assigned by position, never by id.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"k must be a positive int (number of latent tokens); got {k!r}")
+    tokenizer = tokenizer_of(processor)
+    reserved = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    glue = [{"role": "user", "content": [{"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "?"}]}]
+    fixed = processor.apply_chat_template(glue, tokenize=False) + CHOICES_HEADER + "".join(f"({c}) " for c in LETTERS)
+    reserved |= set(tokenizer(fixed, add_special_tokens=False)["input_ids"])
+    chosen = []
+    for token_id in range(tokenizer.vocab_size - 1, -1, -1):
+        if token_id not in reserved and tokenizer.decode([token_id]).strip():
+            chosen.append(token_id)
+            if len(chosen) == k:
+                return chosen
+    raise ValueError(f"the tokenizer has only {len(chosen)} ordinary tokens outside the prompt's fixed text; k={k} is too many")
+
+
+def _insert_tokens(enc: dict, position: int, token_ids: Sequence[int]) -> dict:
+    """``token_ids`` spliced into an encoded example at ``position`` (prompt tokens: no loss, text type)."""
+    inserted = torch.tensor(list(token_ids), dtype=enc["input_ids"].dtype)
+    fill = {"input_ids": inserted, "attention_mask": torch.ones_like(inserted),
+            "labels": torch.full_like(inserted, IGNORE_INDEX), "mm_token_type_ids": torch.full_like(inserted, TEXT_TOKEN_TYPE)}
+    out = dict(enc)
+    for key, values in fill.items():
+        out[key] = torch.cat([enc[key][:position], values.to(enc[key].dtype), enc[key][position:]])
+    return out
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -255,9 +294,8 @@ class PromptEncoder:
     """How one comparison mode turns an ``Example`` into model inputs and segment ids.
 
     ``latent_text`` (the K latent token strings) goes right after the question for modes with new
-    latents; with ``slot_count`` (mask-only) nothing is inserted and the last ``slot_count``
-    tokens of the user's text (the tokens right before where latents would go) are marked LATENT
-    by position. The mode's ``prepare`` transforms the example first (image-twice gives every
+    latents (marked LATENT by id); with ``vocab_latent_ids`` (mask-only) those existing tokens are
+    spliced in at the same place and marked LATENT by position. The mode's ``prepare`` transforms the example first (image-twice gives every
     image twice). ``drop_latents=True`` encodes without the latents (the "latents removed" probe).
     """
 
@@ -266,7 +304,7 @@ class PromptEncoder:
     latent_text: str = ""
     latent_token_ids: tuple = ()
     image_token_ids: tuple = ()
-    slot_count: int = 0
+    vocab_latent_ids: tuple = ()
     max_length: Optional[int] = None
     _suffix_cache: dict = field(default_factory=dict, repr=False)
 
@@ -281,9 +319,9 @@ class PromptEncoder:
             processor=processor,
             mode=mode.name,
             latent_text="".join(latent_token_strings(num_latents)) if mode.new_latents else "",
-            latent_token_ids=tuple(int(i) for i in latent_token_ids),
+            latent_token_ids=tuple(int(i) for i in latent_token_ids) if mode.new_latents else (),
             image_token_ids=get_arch(model).placeholder_token_ids(config),
-            slot_count=num_latents if mode.latent_slots else 0,
+            vocab_latent_ids=tuple(vocabulary_latent_ids(processor, num_latents)) if mode.vocab_latents else (),
             max_length=max_length,
         )
 
@@ -298,11 +336,19 @@ class PromptEncoder:
         example = self.prepare(example)
         latent_text = "" if drop_latents else self.latent_text
         enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer, max_length=self.max_length)
-        if self.slot_count and not drop_latents:
-            enc[SLOT_END] = self._prompt_length(enc) - self._template_suffix_tokens(example)
-            if enc[SLOT_END] - self.slot_count < 0:
-                raise ValueError(f"mode {self.mode} needs {self.slot_count} prompt tokens to mark as latent slots; the prompt is shorter")
+        if self.vocab_latent_ids and not drop_latents:
+            position = self._prompt_length(enc) - self._template_suffix_tokens(example)
+            enc = _insert_tokens(enc, position, self.vocab_latent_ids)
+            enc[SLOT_END] = position + len(self.vocab_latent_ids)
+            if self.max_length is not None and enc["input_ids"].numel() > self.max_length:
+                raise ValueError(f"a {example.task} example needs {enc['input_ids'].numel()} tokens with its latents, "
+                                 f"more than max_length={self.max_length}")
         return enc
+
+    @property
+    def suppressed_token_ids(self) -> tuple:
+        """Tokens generation must never produce: the latents, new or borrowed."""
+        return self.latent_token_ids + self.vocab_latent_ids
 
     def _prompt_length(self, enc: dict) -> int:
         labels = enc["labels"]
@@ -338,7 +384,7 @@ class PromptEncoder:
             if SLOT_END in e:
                 offset = width - e["input_ids"].numel() if padding_side == "left" else 0
                 end = offset + e[SLOT_END]
-                segment_ids[row, end - self.slot_count:end] = int(Segment.LATENT)
+                segment_ids[row, end - len(self.vocab_latent_ids):end] = int(Segment.LATENT)
         if device is not None:
             batch, labels, segment_ids = to_device(batch, device), labels.to(device), segment_ids.to(device)
         return batch, labels, segment_ids
