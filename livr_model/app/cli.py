@@ -14,7 +14,7 @@ import yaml
 
 from livr_model.modes import MODES
 
-from .config import EVAL_METHODS, TrainConfig
+from .config import EVAL_METHODS, TrainConfig, apply_multi_task_preset
 from .data import load_examples, prepare_data
 from .demo import DEMO_SIZES, demo_config, run_demo
 from .models import load_trained
@@ -80,7 +80,17 @@ def build_train_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "reset-optimizer-per-stage", "fresh AdamW moments at the start of stage 2")
     _bool_flag(p, "trust-remote-code", "allow remote model code (e.g. LLaVA-OneVision-1.5)")
     _bool_flag(p, "progress", "progress bars")
+    add_paper_flags(p)
     return p
+
+
+def add_paper_flags(p: argparse.ArgumentParser) -> None:
+    """Data splits, the multi-task preset and image resolution (the paper's experiments)."""
+    _value_flag(p, "blink-split", str, "JSON split file of BLINK item ids (train/eval, disjoint); needed to train on blink:")
+    _bool_flag(p, "multi-task", "the paper's multi-task preset: stage epochs 2 3 (unless given) and the last checkpoint evaluated")
+    _value_flag(p, "min-pixels", _optional_int, "processor: at least this many pixels per image")
+    _value_flag(p, "max-pixels", _optional_int, "processor: at most this many pixels per image")
+    _value_flag(p, "multi-image-max-pixels", _optional_int, "processor: at most this many pixels per image when a question has 2+ images (default: --max-pixels)")
 
 
 def _normalize_keys(raw: dict, source: str) -> dict:
@@ -115,7 +125,7 @@ def resolve_train_config(argv: Optional[Sequence[str]] = None, base: Optional[di
         merged.update(load_config_file(args.config))
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "demo", "demo_size")}
     merged.update(_normalize_keys(flags, "flags"))
-    return TrainConfig(**merged), args
+    return TrainConfig(**apply_multi_task_preset(merged)), args
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,10 +14,15 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SYNTHETIC_TRAIN = 1000
 DEFAULT_SYNTHETIC_VAL = 200
 DEFAULT_SYNTHETIC_IMAGE_SIZE = 56
+# Image-resolution limits handed to the processor (pixels per image).
+PIXEL_LIMITS = ("min_pixels", "max_pixels", "multi_image_max_pixels")
+# The paper's multi-task schedule: 2 + 3 epochs, the last checkpoint evaluated.
+MULTI_TASK_STAGE_EPOCHS = (2, 3)
 # Run-config keys that must match for --resume to continue a run exactly.
 RESUME_KEYS = ("model", "data", "val_data", "val_fraction", "mode", "latents", "stage_epochs", "sft_epochs", "lr",
                "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
-               "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size")
+               "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size",
+               "blink_split", "multi_task") + PIXEL_LIMITS
 
 
 @dataclass
@@ -63,6 +68,12 @@ class TrainConfig:
     synthetic_image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE
     trust_remote_code: bool = False
     progress: bool = True
+    # Paper-experiment settings (data splits, multi-task preset, image resolution).
+    blink_split: Optional[str] = None
+    multi_task: bool = False
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    multi_image_max_pixels: Optional[int] = None
 
     def __post_init__(self):
         self.stage_epochs = tuple(int(e) for e in self.stage_epochs)
@@ -94,6 +105,20 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 or None; got {value!r}")
+        self.validate_paper_settings()
+
+    def validate_paper_settings(self) -> None:
+        for name in PIXEL_LIMITS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive pixel count or None; got {value!r}")
+        if self.min_pixels is not None:
+            for name in ("max_pixels", "multi_image_max_pixels"):
+                value = getattr(self, name)
+                if value is not None and value < self.min_pixels:
+                    raise ValueError(f"{name}={value} is below min_pixels={self.min_pixels}")
+        if self.blink_split is not None and (not isinstance(self.blink_split, str) or not self.blink_split):
+            raise ValueError(f"blink_split must be the path of a BLINK split file or None; got {self.blink_split!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,9 +140,18 @@ class TrainConfig:
         return get_mode(self.mode)
 
 
+def apply_multi_task_preset(settings: dict) -> dict:
+    """``multi_task: true`` sets the paper's multi-task schedule (2 + 3 epochs) unless the settings
+    name their own ``stage_epochs``; the last checkpoint is then the one evaluated (the trainer
+    reads ``multi_task``)."""
+    if settings.get("multi_task") and "stage_epochs" not in settings:
+        return {**settings, "stage_epochs": MULTI_TASK_STAGE_EPOCHS}
+    return settings
+
+
 def stage_plan(cfg: TrainConfig) -> list:
     """The stages a run goes through: its mode's rules with the configured epochs."""
     return cfg.mode_spec.stage_plan(cfg.stage_epochs, cfg.sft_epochs)
 
 
-__all__ = ["EVAL_METHODS", "RESUME_KEYS", "Stage", "TrainConfig", "stage_plan"]
+__all__ = ["apply_multi_task_preset", "EVAL_METHODS", "MULTI_TASK_STAGE_EPOCHS", "PIXEL_LIMITS", "RESUME_KEYS", "Stage", "TrainConfig", "stage_plan"]
