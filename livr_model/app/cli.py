@@ -16,6 +16,7 @@ from livr_model.modes import MODES
 
 from .config import EVAL_METHODS, TrainConfig, apply_multi_task_preset
 from .data import load_examples, prepare_data
+from .data.records import check_overlap, find_run_dir
 from .demo import DEMO_SIZES, demo_config, run_demo
 from .models import load_trained
 from .probes import evaluate_model
@@ -153,6 +154,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: the run's)")
     p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=True, help="run the probes (default on)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate items the run was trained on (warns and reports how many) instead of refusing")
     return p
 
 
@@ -163,7 +166,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.data:
         examples = load_examples(args.data, cfg, split="val")
     else:
-        examples = prepare_data(cfg)[1]
+        # The validation items the run recorded (same held-out indices, checked against their fingerprints).
+        examples = prepare_data(cfg, record_dir=find_run_dir(args.checkpoint))[1]
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1; got {args.limit}")
@@ -173,11 +177,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             if seen[example.task] <= args.limit:
                 limited.append(example)
         examples = limited
+    overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
     evaluate_model(
         run.model, run.handle, run.encoder, examples, method=args.method, rule=args.rule or cfg.eval_rule,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or cfg.max_new_tokens, probes=args.probes,
-        output_dir=output_dir, extra={"checkpoint": str(run.checkpoint_dir)},
+        output_dir=output_dir, extra={"checkpoint": str(run.checkpoint_dir), "training_overlap": overlap},
     )
     print(f"wrote {output_dir / 'metrics.json'}", flush=True)
     return 0
