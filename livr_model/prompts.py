@@ -21,6 +21,7 @@ from PIL import Image
 from livr_kernels import Segment
 
 from .archs import get_arch, tokenizer_of
+from .images import check_image_sizes, image_size_kwargs
 from .latents import latent_token_strings
 from .modes import get_mode
 from .segment_ids import IGNORE_INDEX, build_segment_ids
@@ -34,8 +35,6 @@ TEXT_TOKEN_TYPE = 0
 IMAGE_TOKEN_TYPE = 1
 VIDEO_TOKEN_TYPE = 2
 TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
-# Qwen's smart_resize refuses images more elongated than this.
-MAX_ASPECT_RATIO = 200
 # Keys of an encoded example that are bookkeeping, not model inputs.
 PRIVATE_PREFIX = "_"
 SLOT_END = "_slot_end"
@@ -118,24 +117,6 @@ def answer_text(example: Example) -> str:
     return f"({example.answer})" if example.choices else example.answer
 
 
-def _check_image_sizes(processor, example: Example) -> None:
-    """Reject images the processor cannot tile: sides under one merged patch, or extreme aspect ratios."""
-    image_processor = getattr(processor, "image_processor", None)
-    patch = getattr(image_processor, "patch_size", None)
-    merge = getattr(image_processor, "merge_size", None)
-    for index, image in enumerate(example.images):
-        width, height = image.size
-        if isinstance(patch, int) and isinstance(merge, int):
-            minimum = patch * merge
-            if min(width, height) < minimum:
-                raise ValueError(
-                    f"images[{index}] of a {example.task} example is {width}x{height}; this processor needs "
-                    f"both sides >= {minimum} pixels (patch {patch} x merge {merge})"
-                )
-        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-            raise ValueError(f"images[{index}] is {width}x{height}; aspect ratios above {MAX_ASPECT_RATIO} are not supported")
-
-
 def _check_latent_tokens(tokenizer, latent_tokens: str) -> List[int]:
     if not isinstance(latent_tokens, str):
         raise ValueError(f"latent_tokens must be a string of added tokens; got {type(latent_tokens).__name__}")
@@ -157,7 +138,7 @@ def _token_id(processor, name: str) -> Optional[int]:
 
 
 def encode_example(processor, example: Example, *, latent_tokens: str = "", with_answer: bool = True,
-                   max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                   max_length: Optional[int] = None, image_kwargs: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """Model inputs for one example, built with the processor's chat template.
 
     Layout: the user turn (images, then ``format_prompt``), ``latent_tokens`` right after the
@@ -165,7 +146,8 @@ def encode_example(processor, example: Example, *, latent_tokens: str = "", with
     and the template's end-of-turn token. ``labels`` are -100 except on the answer and that
     end-of-turn token. Returns 1-D ``input_ids``, ``attention_mask``, ``labels``,
     ``mm_token_type_ids`` (0 text, 1 image, 2 video) and the processor's vision tensors
-    (``pixel_values``, ``image_grid_thw`` for Qwen) for the example's images.
+    (``pixel_values``, ``image_grid_thw`` for Qwen) for the example's images. ``image_kwargs``
+    (``image_size_kwargs``) go to the processor call with the images.
     """
     if not isinstance(example, Example):
         raise ValueError(f"example must be an Example; got {type(example).__name__}")
@@ -173,13 +155,14 @@ def encode_example(processor, example: Example, *, latent_tokens: str = "", with
         raise ValueError(f"max_length must be a positive int or None; got {max_length!r}")
     tokenizer = tokenizer_of(processor)
     _check_latent_tokens(tokenizer, latent_tokens)
-    _check_image_sizes(processor, example)
+    check_image_sizes(processor, example.images, example.task)
 
     content = [{"type": "image"} for _ in example.images]
     content.append({"type": "text", "text": format_prompt(example) + latent_tokens})
     messages = [{"role": "user", "content": content}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=[prompt], images=example.images or None, return_tensors="pt")
+    extra = (image_kwargs or {}) if example.images else {}
+    encoded = processor(text=[prompt], images=example.images or None, return_tensors="pt", **extra)
     input_ids = encoded["input_ids"][0]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     if with_answer:
@@ -306,11 +289,15 @@ class PromptEncoder:
     image_token_ids: tuple = ()
     vocab_latent_ids: tuple = ()
     max_length: Optional[int] = None
+    # Pixels per image; multi_image_max_pixels replaces max_pixels for questions with 2+ images.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    multi_image_max_pixels: Optional[int] = None
     _suffix_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_model(cls, mode, model, processor, latent_token_ids: Sequence[int], num_latents: int,
-                  max_length: Optional[int] = None) -> "PromptEncoder":
+                  max_length: Optional[int] = None, **pixel_limits) -> "PromptEncoder":
         """The encoder of ``mode`` for a (possibly peft-wrapped) model whose latent tokens, if the
         mode adds them, have ids ``latent_token_ids``."""
         mode = get_mode(mode)
@@ -323,6 +310,7 @@ class PromptEncoder:
             image_token_ids=get_arch(model).placeholder_token_ids(config),
             vocab_latent_ids=tuple(vocabulary_latent_ids(processor, num_latents)) if mode.vocab_latents else (),
             max_length=max_length,
+            **pixel_limits,
         )
 
     @property
@@ -335,7 +323,8 @@ class PromptEncoder:
     def encode(self, example, *, with_answer: bool, drop_latents: bool = False) -> dict:
         example = self.prepare(example)
         latent_text = "" if drop_latents else self.latent_text
-        enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer, max_length=self.max_length)
+        enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer,
+                             max_length=self.max_length, image_kwargs=self.image_kwargs(len(example.images)))
         if self.vocab_latent_ids and not drop_latents:
             position = self._prompt_length(enc) - self._template_suffix_tokens(example)
             enc = _insert_tokens(enc, position, self.vocab_latent_ids)
@@ -344,6 +333,11 @@ class PromptEncoder:
                 raise ValueError(f"a {example.task} example needs {enc['input_ids'].numel()} tokens with its latents, "
                                  f"more than max_length={self.max_length}")
         return enc
+
+    def image_kwargs(self, num_images: int) -> dict:
+        """The processor's size bounds for a question with ``num_images`` images."""
+        multi = num_images > 1 and self.multi_image_max_pixels is not None
+        return image_size_kwargs(self.processor, self.min_pixels, self.multi_image_max_pixels if multi else self.max_pixels)
 
     @property
     def suppressed_token_ids(self) -> tuple:

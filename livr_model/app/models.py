@@ -16,7 +16,7 @@ from livr_model.modes import TRAIN_LATENT_ROWS
 from livr_model.patch import patch_attention
 from livr_model.prompts import PromptEncoder, vocabulary_latent_ids
 
-from .config import TrainConfig, stage_plan
+from .config import PIXEL_LIMITS, TrainConfig, stage_plan
 from .files import load_safetensors
 from .state import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, resolve_checkpoint
 from .tiny import TinyQwen2_5_VLProcessor, load_tiny
@@ -42,7 +42,8 @@ def _read_text(path: Path) -> str:
 
 def make_encoder(cfg: TrainConfig, model, processor, latent_token_ids: Sequence[int]) -> PromptEncoder:
     """The prompt encoder of ``cfg.mode`` for ``model``."""
-    return PromptEncoder.for_model(cfg.mode, model, processor, latent_token_ids, cfg.latents, cfg.max_length)
+    return PromptEncoder.for_model(cfg.mode, model, processor, latent_token_ids, cfg.latents, cfg.max_length,
+                                   **{name: getattr(cfg, name) for name in PIXEL_LIMITS})
 
 
 def mode_latent_ids(cfg: TrainConfig, model, processor) -> tuple:
