@@ -1,13 +1,14 @@
 """Image resolution: --min-pixels / --max-pixels (and the multi-image limit) reach the processor and
 change the sequence, and the run records them."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from livr_model.app.cli import resolve_train_config
+from livr_model.app.cli import load_config_file, resolve_train_config
 from livr_model.app.config import TrainConfig
 from livr_model.app.models import make_encoder
 from livr_model.app.train import train
@@ -76,3 +77,9 @@ def test_the_run_records_and_uses_its_limits(tmp_path):
                    model=model, processor=processor, train_examples=train_examples, val_examples=val_examples)
     assert json.loads((tmp_path / RUN_CONFIG_JSON).read_text())["max_pixels"] == (2 * TOKEN_SIDE) ** 2
     assert result.encoder.max_pixels == (2 * TOKEN_SIDE) ** 2
+
+
+def test_the_3b_example_sets_the_limits():
+    cfg = TrainConfig(data="x", **load_config_file(Path(__file__).resolve().parents[1] / "examples" / "livr_qwen2_5_vl_3b.yaml"))
+    assert cfg.min_pixels and cfg.max_pixels and cfg.multi_image_max_pixels
+    assert cfg.min_pixels <= cfg.multi_image_max_pixels <= cfg.max_pixels
