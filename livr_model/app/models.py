@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from livr_model.archs import get_arch
+from livr_model.compat import install_remote_code_shims
 from livr_model.latents import DELTA_PARAMETER, add_latent_tokens, load_latent_state_dict, restrict_embedding_grad
 from livr_model.modes import TRAIN_LATENT_ROWS
 from livr_model.patch import patch_attention
@@ -31,6 +32,9 @@ def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtyp
         return load_tiny(path)
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if trust_remote_code:
+        # Older remote code (LLaVA-OneVision-1.5) imports what transformers 5 removed (livr_model.compat).
+        install_remote_code_shims()
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, processor
