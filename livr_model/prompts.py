@@ -339,11 +339,6 @@ class PromptEncoder:
         multi = num_images > 1 and self.multi_image_max_pixels is not None
         return image_size_kwargs(self.processor, self.min_pixels, self.multi_image_max_pixels if multi else self.max_pixels)
 
-    @property
-    def suppressed_token_ids(self) -> tuple:
-        """Tokens generation must never produce: the latents, new or borrowed."""
-        return self.latent_token_ids + self.vocab_latent_ids
-
     def _prompt_length(self, enc: dict) -> int:
         labels = enc["labels"]
         supervised = (labels != IGNORE_INDEX).nonzero()

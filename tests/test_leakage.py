@@ -145,3 +145,11 @@ def test_livr_eval_refuses_training_items_end_to_end(tmp_path, capsys):
     assert eval_main(["--checkpoint", str(out), "--no-probes", "--method", "likelihood", "--output-dir", str(tmp_path / "e2")]) == 0
     metrics = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert metrics["num_examples"] == 2 and metrics["training_overlap"]["overlap"] == 0
+
+
+def test_a_run_given_examples_in_memory_cannot_rebuild_its_validation(tmp_path):
+    train = make_synthetic_dataset("counting", 4, seed=0, image_size=28)
+    write_data_records(tmp_path, DataSplit(train[:3], train[3:], "given"))
+    cfg = TrainConfig(data=str(_jsonl(tmp_path, "t", train)))
+    with pytest.raises(ValueError, match="in memory"):
+        split_data(cfg, record_dir=tmp_path)

@@ -28,7 +28,7 @@ from livr_model.segment_ids import IGNORE_INDEX
 from .callbacks import Callback, RunContext, StepInfo, default_callbacks
 from .config import TrainConfig, stage_plan
 from .data import DataSplit, split_data
-from .data.records import SEPARATE, write_data_records
+from .data.records import GIVEN, write_data_records
 from .files import atomic_write_json, atomic_write_yaml
 from .models import build_trainable_model, load_model_and_processor, make_encoder, trainable_summary
 from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
@@ -120,9 +120,9 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
         # A resumed run reuses the validation split it recorded.
         data = split_data(cfg, record_dir=Path(cfg.output_dir) if cfg.resume else None)
         if val_examples is not None:
-            data = DataSplit(data.train, list(val_examples), SEPARATE, pool_size=len(data.train))
+            data = DataSplit(data.train, list(val_examples), GIVEN, pool_size=len(data.train))
     else:
-        data = DataSplit(list(train_examples), list(val_examples or []), SEPARATE, pool_size=len(train_examples))
+        data = DataSplit(list(train_examples), list(val_examples or []), GIVEN, pool_size=len(train_examples))
     train_examples, val_examples = data.train, data.val
     if not train_examples:
         raise ValueError("train_examples must hold at least one Example")

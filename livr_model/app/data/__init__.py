@@ -3,7 +3,8 @@
 A spec is ``<prefix><argument>`` for a registered source (``synthetic:counting,jigsaw``,
 ``blink:Counting``) or else a JSONL path. ``--data`` takes several specs, separated by spaces or
 commas: ``blink:Counting,Jigsaw a.jsonl,b.jsonl``. A comma-separated piece that is neither a
-source prefix nor a file continues the source before it (``Jigsaw`` above is a BLINK subtask).
+source prefix nor a file continues the source before it (``Jigsaw`` above is a BLINK subtask);
+JSONL paths therefore cannot contain spaces or commas.
 Examples keep their ``task``, and every report breaks accuracy down per task. Adding a source is
 one module here exposing ``load_spec(argument, cfg, split)`` and one ``DataSource`` line in
 ``SOURCES``.

@@ -22,6 +22,8 @@ VALIDATION_SPLIT = "validation_split.json"
 # Where validation examples came from.
 HELD_OUT = "held_out"
 SEPARATE = "separate"
+# Examples handed to train() in memory: the run cannot rebuild them from its config.
+GIVEN = "given"
 NONE = "none"
 # Checkpoint folders sit at <run>/checkpoints/step-N: look this many levels up for the run's records.
 RUN_DIR_DEPTH = 2
@@ -107,6 +109,9 @@ def drop_trained_items(split: DataSplit) -> DataSplit:
 
 
 def check_recorded_validation(split: DataSplit, recorded: dict, where) -> None:
+    if recorded["source"] == GIVEN:
+        raise ValueError(f"{where}: the run's examples were passed to train() in memory, so its validation set cannot "
+                         "be rebuilt from the run config; name the evaluation data (--data)")
     if recorded["source"] != split.source or dataset_fingerprint(split.val) != recorded["dataset_fingerprint"]:
         raise ValueError(f"{where}: the validation items differ from the {recorded['num_examples']} the run recorded "
                          f"({VALIDATION_SPLIT}); the data changed since the run started")
