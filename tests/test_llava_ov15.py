@@ -5,13 +5,15 @@ import sys
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, Qwen3_5Config
 
 from livr_kernels import Segment
 from livr_kernels.reference import segment_mask
 from livr_model import build_segment_ids, get_arch, patch_attention
 from livr_model.app import models as app_models
-from ov15_mirror import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, build_mirror
+from livr_model.compat import AttentionMaskConverter, default_rope_parameters
+from ov15_mirror import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, MirrorTextConfig, build_mirror
 
 EXACT = 1e-5
 LATENT_IDS = (50, 51)
@@ -133,9 +135,6 @@ def test_remote_code_shims_make_the_old_imports_work():
 
 
 def test_shim_helpers_do_what_the_remote_code_expects():
-    from livr_model.compat import AttentionMaskConverter, default_rope_parameters
-    from ov15_mirror import MirrorTextConfig
-
     low = torch.finfo(torch.float32).min
     mask = torch.tensor([[[[low, low], [0.0, low]]]])
     assert torch.equal(AttentionMaskConverter._unmask_unattended(mask, low), torch.tensor([[[[0.0, 0.0], [0.0, low]]]]))
@@ -168,3 +167,26 @@ def test_an_unknown_model_with_linear_attention_layers_is_refused():
     config.model_type = "some_hybrid_vlm"
     with pytest.raises(ValueError, match=r"text layers of type \['linear_attention'\]"):
         get_arch(config)
+
+
+def test_gradients_through_the_module_patch_match_the_reference():
+    """Training goes through the patched modules: LoRA (peft) on the mirror, gradients as with the
+    model's own attention given the bottleneck mask."""
+    input_ids, attention_mask, labels, segments = _batch()
+    real = _real(attention_mask)
+    grads = {}
+    for patched in (False, True):
+        model = build_mirror(seed=1)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=get_arch(model).lora_target_regex,
+                                                      init_lora_weights=False))
+        if patched:
+            patch_attention(peft_model, rule="bottleneck", latent_token_ids=LATENT_IDS)
+            logits = peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
+        else:
+            mask = segment_mask(segments, "bottleneck")[:, None]
+            logits = peft_model(input_ids=input_ids, attention_mask=mask | ~mask.any(-1, keepdim=True)).logits
+        logits[real].square().mean().backward()
+        grads[patched] = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and any("self_attn.q_proj" in n for n in grads[True])
+    for name, grad in grads[True].items():
+        assert torch.allclose(grad, grads[False][name], atol=1e-5), name
