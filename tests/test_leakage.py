@@ -9,7 +9,7 @@ from PIL import Image
 
 from livr_model.app.config import TrainConfig
 from livr_model.app.data import blink, load_examples, make_synthetic_dataset, save_jsonl, split_data
-from livr_model.app.data.fingerprint import dataset_fingerprint, example_fingerprint
+from livr_model.app.data.fingerprint import example_fingerprint
 from livr_model.app.cli import eval_main, train_main
 from livr_model.app.data.records import TRAIN_FINGERPRINTS, VALIDATION_SPLIT, DataSplit, check_overlap, write_data_records
 from livr_model.app.tiny import build_tiny_model, build_tiny_processor, save_tiny
@@ -158,19 +158,18 @@ def test_a_run_given_examples_in_memory_cannot_rebuild_its_validation(tmp_path):
         split_data(cfg, record_dir=tmp_path)
 
 
-def test_a_resumed_run_trains_and_validates_on_the_recorded_split(tmp_path):
+def test_a_resumed_run_reads_its_recorded_split(tmp_path):
     pool = make_synthetic_dataset("counting", 10, seed=0, image_size=28)
     cfg = TrainConfig(data=str(_jsonl(tmp_path, "train", pool)), val_fraction=0.2, latents=2, stage_epochs=(1, 1),
                       grad_accum=4, max_new_tokens=2, output_dir=str(tmp_path / "run"), progress=False, max_steps=1)
     model, processor = tiny_setup()
     first = train(cfg, model=model, processor=processor)
     record = json.loads((tmp_path / "run" / VALIDATION_SPLIT).read_text())
-    # Another held-out choice written into the record (consistently): the resumed run must follow it.
-    other = [i for i in range(len(pool)) if i not in record["held_out_indices"]][:2]
-    record.update(held_out_indices=other, dataset_fingerprint=dataset_fingerprint([pool[i] for i in other]))
+    assert [example_fingerprint(pool[i]) for i in record["held_out_indices"]] == \
+        [example_fingerprint(e) for e in first.val_examples]
+    # A record that no longer fits the data stops the resumed run before it trains.
+    record["pool_size"] = len(pool) + 1
     (tmp_path / "run" / VALIDATION_SPLIT).write_text(json.dumps(record))
     model, processor = tiny_setup()
-    resumed = train(dataclasses.replace(cfg, resume=True, max_steps=None), model=model, processor=processor)
-    fingerprints = [example_fingerprint(e) for e in resumed.val_examples]
-    assert fingerprints == [example_fingerprint(pool[i]) for i in other]
-    assert fingerprints != [example_fingerprint(e) for e in first.val_examples]
+    with pytest.raises(ValueError, match="changed since the run started"):
+        train(dataclasses.replace(cfg, resume=True, max_steps=None), model=model, processor=processor)
