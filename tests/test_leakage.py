@@ -173,3 +173,13 @@ def test_a_resumed_run_reads_its_recorded_split(tmp_path):
     model, processor = tiny_setup()
     with pytest.raises(ValueError, match="changed since the run started"):
         train(dataclasses.replace(cfg, resume=True, max_steps=None), model=model, processor=processor)
+
+
+def test_blink_is_not_a_validation_set(offline_blink, tmp_path):
+    path = tmp_path / "split.json"
+    blink.write_blink_split(path, ["Counting"])
+    cfg = TrainConfig(data="blink:Counting", val_data="blink:Counting", blink_split=str(path))
+    with pytest.raises(ValueError, match="tunes on the test set"):
+        split_data(cfg)
+    held_out = split_data(TrainConfig(data="blink:Counting", blink_split=str(path), val_fraction=0.2))
+    assert len(held_out.train) + len(held_out.val) == BLINK_ITEMS // 2 and held_out.source == "held_out"

@@ -1,5 +1,7 @@
 """Several data sources in one --data value, a per-task breakdown in every report, and the paper's
 multi-task preset (2 + 3 epochs, the last checkpoint evaluated)."""
+from pathlib import Path
+
 import pytest
 
 from livr_model.app import state as ckpt
@@ -48,6 +50,12 @@ def test_multi_task_preset_sets_the_paper_schedule(tmp_path):
     config.write_text("multi_task: true\ndata: synthetic:counting\n")
     assert resolve_train_config(["--config", str(config)])[0].stage_epochs == (2, 3)
     assert resolve_train_config(["--data", "synthetic:counting"])[0].stage_epochs == (4, 6)
+    # --multi-task on a config file that sets the single-task epochs (the 3B example): the preset wins;
+    # epochs in the same file as multi_task: true, or on the command line, win over the preset.
+    example = Path(__file__).resolve().parents[1] / "examples" / "livr_qwen2_5_vl_3b.yaml"
+    assert resolve_train_config(["--config", str(example), "--multi-task"])[0].stage_epochs == (2, 3)
+    config.write_text("multi_task: true\nstage_epochs: [1, 2]\n")
+    assert resolve_train_config(["--config", str(config), "--data", "x"])[0].stage_epochs == (1, 2)
 
 
 class SelectionSpy(Callback):

@@ -122,11 +122,12 @@ def resolve_train_config(argv: Optional[Sequence[str]] = None, base: Optional[di
     merged = dict(base or {})
     if args.demo and base is None:
         merged.update(demo_config(DEMO_SIZES[args.demo_size]))
-    if args.config is not None:
-        merged.update(load_config_file(args.config))
+    file_settings = load_config_file(args.config) if args.config is not None else {}
+    merged.update(file_settings)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "demo", "demo_size")}
-    merged.update(_normalize_keys(flags, "flags"))
-    return TrainConfig(**apply_multi_task_preset(merged)), args
+    flag_settings = _normalize_keys(flags, "flags")
+    merged.update(flag_settings)
+    return TrainConfig(**apply_multi_task_preset(merged, [file_settings, flag_settings])), args
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -140,13 +140,21 @@ class TrainConfig:
         return get_mode(self.mode)
 
 
-def apply_multi_task_preset(settings: dict) -> dict:
-    """``multi_task: true`` sets the paper's multi-task schedule (2 + 3 epochs) unless the settings
-    name their own ``stage_epochs``; the last checkpoint is then the one evaluated (the trainer
-    reads ``multi_task``)."""
-    if settings.get("multi_task") and "stage_epochs" not in settings:
-        return {**settings, "stage_epochs": MULTI_TASK_STAGE_EPOCHS}
-    return settings
+def apply_multi_task_preset(settings: dict, levels: Optional[list] = None) -> dict:
+    """``multi_task: true`` sets the paper's multi-task schedule (2 + 3 epochs); the last checkpoint
+    is then the one evaluated (the trainer reads ``multi_task``).
+
+    ``levels``: the dicts ``settings`` was merged from, lowest priority first (a config file, then
+    the command line). Epochs given at the level that turns ``multi_task`` on, or a higher one,
+    win over the preset; epochs from a lower level (a config file under ``--multi-task``) do not."""
+    levels = [settings] if levels is None else levels
+    if not settings.get("multi_task"):
+        return settings
+    turned_on = [i for i, level in enumerate(levels) if level.get("multi_task")]
+    source = turned_on[-1] if turned_on else 0
+    if any("stage_epochs" in level for level in levels[source:]):
+        return settings
+    return {**settings, "stage_epochs": MULTI_TASK_STAGE_EPOCHS}
 
 
 def stage_plan(cfg: TrainConfig) -> list:

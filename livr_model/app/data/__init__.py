@@ -25,6 +25,7 @@ from .jsonl import load_jsonl, save_jsonl
 from .synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
 
 SPLITS = ("train", "val")
+BLINK_PREFIX = "blink:"
 SPEC_SEPARATORS = re.compile(r"[\s,]+")
 VAL_SPLIT_SALT = 7919
 
@@ -42,7 +43,7 @@ SOURCES: Dict[str, DataSource] = {
     s.prefix: s
     for s in (
         DataSource("synthetic:", synthetic.load_spec, "synthetic:<task>[,<task>]", draws_validation=True),
-        DataSource("blink:", blink.load_spec, "blink:<Subtask>[,<Subtask>]"),
+        DataSource(BLINK_PREFIX, blink.load_spec, "blink:<Subtask>[,<Subtask>]"),
     )
 }
 
@@ -109,6 +110,12 @@ def split_data(cfg, record_dir=None) -> DataSplit:
 
 
 def _fresh_or_recorded_split(cfg, recorded: Optional[dict], record_dir) -> DataSplit:
+    if cfg.val_data and any(spec.startswith(BLINK_PREFIX) for spec in split_specs(cfg.val_data)):
+        raise ValueError(
+            f"val_data {cfg.val_data!r}: BLINK's answered items are what livr-eval scores (with a split file, its "
+            "eval ids), so choosing checkpoints on them tunes on the test set; leave val_data out to hold out "
+            "val_fraction of the training items instead"
+        )
     train_examples = load_examples(cfg.data, cfg, split="train")
     if recorded is not None and recorded["source"] == HELD_OUT:
         return reuse_held_out(train_examples, recorded, record_dir)
