@@ -54,6 +54,7 @@ class RunContext:
     hit_max_steps: bool = False
     # Set by Validate at an epoch end.
     val_metric: Optional[float] = None
+    val_per_task: Optional[dict] = None
     is_best: bool = False
 
 
@@ -99,9 +100,10 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
-def validation_accuracy(run: RunContext):
-    """Validation accuracy under ``cfg.eval_rule`` as an ``EvalResult`` (per task and averaged over
-    tasks), or None without validation data; each process scores a shard and the records are gathered."""
+def validation_accuracy(run: RunContext) -> Optional[float]:
+    """Validation accuracy (average over tasks) under ``cfg.eval_rule``, or None without validation
+    data; the per-task accuracies go to ``run.val_per_task``. Each process scores a shard and the
+    records are gathered."""
     cfg, accelerator = run.cfg, run.accelerator
     if not run.val_examples:
         return None
@@ -113,7 +115,9 @@ def validation_accuracy(run: RunContext):
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if shard else []
     if accelerator.num_processes > 1:
         records = gather_object(records)
-    return result_from_records(records)
+    result = result_from_records(records)
+    run.val_per_task = {t: score.accuracy for t, score in sorted(result.per_task.items())}
+    return result.average
 
 
 class Validate(Callback):
@@ -121,10 +125,10 @@ class Validate(Callback):
 
     def on_epoch_end(self, run):
         state, stage = run.state, run.stage
-        result = validation_accuracy(run)
-        val = None if result is None else result.average
+        run.val_per_task = None
+        val = validation_accuracy(run)
         run.handle.set_rule(stage.rule)
-        per_task = None if result is None else {t: s.accuracy for t, s in sorted(result.per_task.items())}
+        per_task = run.val_per_task
         state.history.append({"epoch": run.epoch, "stage": stage.name, "global_step": state.global_step,
                               "val_accuracy": val, "val_per_task": per_task})
         run.is_best = val is not None and (state.best_metric is None or val > state.best_metric)
