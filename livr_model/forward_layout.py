@@ -1,4 +1,5 @@
-"""The SegmentLayout of each forward of a patched model: from the inputs, a user's ids, or the KV cache.
+"""Per-forward state of a patched model: its SegmentLayout (from the inputs, a user's ids, or the KV
+cache), the rule, and the optional attention capture.
 
 ``patch_attention``'s pre-hook calls ``layout_for_forward`` once per forward. With a KV cache the
 layout of the cached keys rides on the cache object (``CACHE_ATTR``), so a decode step extends it
@@ -8,14 +9,39 @@ check of ids a user passes as a tensor.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
 
 import torch
 
-from livr_kernels import Segment, SegmentLayout
+from livr_kernels import AttentionRule, Segment, SegmentLayout
 
 # Attribute set on a KV cache object: the SegmentLayout of the keys it holds.
 CACHE_ATTR = "_livr_keys"
+
+
+@dataclass
+class AttentionCapture:
+    """Dense attention probabilities of the most recent forward, for probes (eval only).
+
+    ``weights``: one (B, Hq, Nq, Nk) float32 tensor per text layer, in layer order, computed with the
+    rule in force. ``segment_ids``: the (B, Nk) kinds of the keys.
+    """
+
+    weights: List[torch.Tensor] = field(default_factory=list)
+    segment_ids: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What every attention layer of one forward needs: built once by the pre-hook."""
+
+    layout: SegmentLayout
+    rule: AttentionRule
+    kernel_backend: str
+    capture: Optional[AttentionCapture] = None
+
+
 
 
 def check_2d(name: str, tensor, batch: int) -> torch.Tensor:

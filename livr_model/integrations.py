@@ -32,7 +32,7 @@ from .archs import tokenizer_of
 from .latents import HANDLE_ATTRIBUTE, _peft_token_layer, latent_state_dict, latent_token_strings
 from .modes import LATENTS_NONE, TRAIN_LATENT_ROWS, get_mode
 from .patch import STATE_KWARG, LivrAttentionHandle
-from .prompts import PromptEncoder
+from .prompts import PromptEncoder, vocabulary_latent_ids
 from .segment_ids import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,16 @@ class LivrCollator:
         elif latent_ids:
             raise ValueError(f"mode {spec.name!r} adds no latent tokens; pass latent_token_ids=() "
                              f"(got {list(latent_ids)})")
-        slots = 0
-        if spec.latent_slots:
-            if not isinstance(num_latents, int) or num_latents < 1:
-                raise ValueError(f"mode {spec.name!r} marks the user's last K text tokens as latents: pass num_latents=K")
-            slots = num_latents
+        vocab_ids = ()
+        if spec.vocab_latents:
+            if not isinstance(num_latents, int) or isinstance(num_latents, bool) or num_latents < 1:
+                raise ValueError(f"mode {spec.name!r} appends K existing vocabulary tokens as its latents: pass num_latents=K")
+            vocab_ids = tuple(vocabulary_latent_ids(processor, num_latents))
         self.encoder = PromptEncoder(processor=processor, mode=spec.name, latent_text=latent_text,
                                      latent_token_ids=latent_ids, image_token_ids=image_token_ids,
-                                     slot_count=slots, max_length=max_length)
+                                     vocab_latent_ids=vocab_ids, max_length=max_length)
+        # The embedding rows this mode's latents use (train them, e.g. LoraConfig(trainable_token_indices=...)).
+        self.latent_rows = tuple(latent_ids) if spec.new_latents else vocab_ids
         self.mode = spec.name
         self.image_root = image_root
         self.return_segment_ids = return_segment_ids
@@ -241,8 +243,8 @@ class LivrStageCallback(TrainerCallback):
             raise ValueError(f"stage_epochs must be two non-negative ints, not both 0; got {stage_epochs!r}")
         self.handle = handle
         self.mode = get_mode(mode)
-        if self.mode.latent_slots and not (isinstance(num_latents, int) and num_latents > 0):
-            raise ValueError(f"mode {self.mode.name!r} marks K prompt tokens as latents: pass num_latents=K (as to LivrCollator)")
+        if self.mode.vocab_latents and not (isinstance(num_latents, int) and num_latents > 0):
+            raise ValueError(f"mode {self.mode.name!r} appends K vocabulary tokens as latents: pass num_latents=K (as to LivrCollator)")
         self.stages = self.mode.stage_plan(epochs)
         self.stage_epochs = epochs
         self.num_latents = num_latents

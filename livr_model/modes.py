@@ -4,26 +4,29 @@ A mode owns everything that differs between the runs it compares:
 
 * its prompt transform (``prepare``: e.g. every image given twice);
 * where its latent tokens come from (``latents``): K new tokens added to the vocabulary
-  (``LATENTS_NEW``), the K existing text tokens that end the user's turn marked LATENT by position
-  (``LATENTS_SLOTS``), or none;
+  (``LATENTS_NEW``), K existing vocabulary tokens appended in the same place (``LATENTS_VOCAB``,
+  chosen by ``livr_model.latents.vocabulary_latent_ids``), or none;
 * its stage plan: the attention rule of each stage; two rules run the configured epochs (E1, E2),
   one rule runs a single stage of E1 + E2 epochs (or ``sft_epochs``);
-* which parameters train (LoRA always; the new latent rows when it adds them);
+* which parameters train: LoRA on the language model and/or the K latent rows;
 * which probes apply at evaluation.
 
 Adding a mode is one ``Mode(...)`` entry in ``MODES`` (or ``register_mode``); the trainer, the
-prompt encoder and the evaluator read only these fields.
+prompt encoder and the evaluator read only these fields. The README's mode table lists them.
 
-========================  ===========================  =====================================
-mode                      prompt                       stages (rule, epochs)
-========================  ===========================  =====================================
-``livr``                  question + K new latents     bottleneck e1, standard e2
-``latents-only``          question + K new latents     standard e1, standard e2
-``mask-only``             question (its last K tokens  bottleneck e1, standard e2
-                          marked LATENT by position)
-``sft``                   question                     standard, e1 + e2 epochs (one stage)
-``image-twice``           every image given twice      standard, e1 + e2 epochs (one stage)
-========================  ===========================  =====================================
+========================  ==============================  ===================================  ==============
+mode                      prompt                          stages (rule, epochs)                trains
+========================  ==============================  ===================================  ==============
+``livr``                  question + K new latents        bottleneck E1, standard E2           LoRA + K rows
+``livr-answer-only``      question + K new latents        bottleneck_answer_only E1,           LoRA + K rows
+                                                          standard E2
+``latents-only``          question + K new latents        standard E1, standard E2             LoRA + K rows
+``mask-only``             question + K existing           bottleneck E1, standard E2           LoRA + K rows
+                          vocabulary tokens
+``prompt-tuning``         question + K new soft tokens    standard, E1 + E2 (one stage)        K rows only
+``sft``                   question                        standard, E1 + E2 (one stage)        LoRA
+``image-twice``           every image given twice         standard, E1 + E2 (one stage)        LoRA
+========================  ==============================  ===================================  ==============
 """
 from __future__ import annotations
 
@@ -32,21 +35,19 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 LATENTS_NEW = "new"
-LATENTS_SLOTS = "slots"
+LATENTS_VOCAB = "vocab"
 LATENTS_NONE = "none"
-LATENT_SOURCES = (LATENTS_NEW, LATENTS_SLOTS, LATENTS_NONE)
+LATENT_SOURCES = (LATENTS_NEW, LATENTS_VOCAB, LATENTS_NONE)
 
 TRAIN_LORA = "lora"
 TRAIN_LATENT_ROWS = "latent_rows"
+TRAINABLE = (TRAIN_LORA, TRAIN_LATENT_ROWS)
 
 PROBE_ANSWER_ATTENTION = "answer_to_latent_attention"
 PROBE_LATENTS_REMOVED = "latents_removed"
 PROBE_BOTTLENECK_FORCED = "bottleneck_forced"
 PROBE_HEATMAP = "heatmap"
 PROBES = (PROBE_ANSWER_ATTENTION, PROBE_LATENTS_REMOVED, PROBE_BOTTLENECK_FORCED, PROBE_HEATMAP)
-# Probes for latent slots of existing tokens: all but "latents removed", since removing mask-only's
-# slots changes nothing under the standard rule (they are ordinary text).
-SLOT_PROBES = (PROBE_ANSWER_ATTENTION, PROBE_BOTTLENECK_FORCED, PROBE_HEATMAP)
 
 TWO_STAGE_NAMES = ("stage1", "stage2")
 
@@ -84,10 +85,13 @@ class Mode:
             raise ValueError(f"Mode {self.name!r}: latents must be one of {LATENT_SOURCES}; got {self.latents!r}")
         if len(self.stage_rules) not in (1, len(TWO_STAGE_NAMES)):
             raise ValueError(f"Mode {self.name!r}: stage_rules must name one or two rules; got {self.stage_rules!r}")
-        if TRAIN_LORA not in self.trains or set(self.trains) - {TRAIN_LORA, TRAIN_LATENT_ROWS}:
-            raise ValueError(f"Mode {self.name!r}: trains must hold {TRAIN_LORA!r} and optionally {TRAIN_LATENT_ROWS!r}; got {self.trains!r}")
-        if (TRAIN_LATENT_ROWS in self.trains) != (self.latents == LATENTS_NEW):
-            raise ValueError(f"Mode {self.name!r}: latent rows train exactly when the mode adds new latent tokens")
+        if not self.trains or set(self.trains) - set(TRAINABLE):
+            raise ValueError(f"Mode {self.name!r}: trains must be a non-empty selection of {TRAINABLE}; got {self.trains!r}")
+        if TRAIN_LATENT_ROWS in self.trains and self.latents == LATENTS_NONE:
+            raise ValueError(f"Mode {self.name!r}: {TRAIN_LATENT_ROWS!r} needs latent tokens (latents 'new' or 'vocab')")
+        if self.latents == LATENTS_NEW and TRAIN_LATENT_ROWS not in self.trains:
+            # New rows start as random draws; frozen, they would be noise in every prompt.
+            raise ValueError(f"Mode {self.name!r}: new latent tokens must train their rows ({TRAIN_LATENT_ROWS!r})")
         unknown = set(self.probes) - set(PROBES)
         if unknown:
             raise ValueError(f"Mode {self.name!r}: unknown probes {sorted(unknown)}; known are {PROBES}")
@@ -98,9 +102,17 @@ class Mode:
         return self.latents == LATENTS_NEW
 
     @property
-    def latent_slots(self) -> bool:
-        """Marks K existing prompt tokens as LATENT by position."""
-        return self.latents == LATENTS_SLOTS
+    def vocab_latents(self) -> bool:
+        """Appends K existing vocabulary tokens as the latents (marked LATENT by position)."""
+        return self.latents == LATENTS_VOCAB
+
+    @property
+    def has_latents(self) -> bool:
+        return self.latents != LATENTS_NONE
+
+    @property
+    def trains_lora(self) -> bool:
+        return TRAIN_LORA in self.trains
 
     def stage_plan(self, stage_epochs: Sequence[int], sft_epochs: Optional[int] = None) -> List[Stage]:
         """The stages this mode runs (rule and epochs of each); empty stages are dropped."""
@@ -133,12 +145,16 @@ def get_mode(name) -> Mode:
 
 for _mode in (
     Mode("sft", LATENTS_NONE, ("standard",), description="plain supervised fine-tuning, one stage"),
-    Mode("livr", LATENTS_NEW, ("bottleneck", "standard"), trains=(TRAIN_LORA, TRAIN_LATENT_ROWS), probes=PROBES,
+    Mode("livr", LATENTS_NEW, ("bottleneck", "standard"), trains=TRAINABLE, probes=PROBES,
          description="K new latents; stage 1 under the visual bottleneck, stage 2 standard"),
-    Mode("latents-only", LATENTS_NEW, ("standard", "standard"), trains=(TRAIN_LORA, TRAIN_LATENT_ROWS), probes=PROBES,
+    Mode("livr-answer-only", LATENTS_NEW, ("bottleneck_answer_only", "standard"), trains=TRAINABLE, probes=PROBES,
+         description="K new latents; stage 1 blocks only the answer tokens from the image, stage 2 standard"),
+    Mode("latents-only", LATENTS_NEW, ("standard", "standard"), trains=TRAINABLE, probes=PROBES,
          description="K new latents, no bottleneck in either stage"),
-    Mode("mask-only", LATENTS_SLOTS, ("bottleneck", "standard"), probes=SLOT_PROBES,
-         description="the bottleneck with the user's last K text tokens as latents, no new tokens"),
+    Mode("mask-only", LATENTS_VOCAB, ("bottleneck", "standard"), trains=TRAINABLE, probes=PROBES,
+         description="the bottleneck with K appended existing vocabulary tokens as latents (their rows train), no new tokens"),
+    Mode("prompt-tuning", LATENTS_NEW, ("standard",), trains=(TRAIN_LATENT_ROWS,), probes=PROBES,
+         description="K new soft tokens after the question, only their rows train (no LoRA), standard rule, one stage"),
     Mode("image-twice", LATENTS_NONE, ("standard",), prepare=images_twice, description="every image given twice, one stage"),
 ):
     register_mode(_mode)

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from transformers import AttentionInterface
@@ -34,8 +33,9 @@ from livr_kernels import AttentionRule, SegmentLayout, resolve_rule, segment_att
 from livr_kernels.attention import BACKENDS as KERNEL_BACKENDS
 from livr_kernels.reference import reference_probs
 
+from . import fallback
 from .archs import ArchSpec, get_arch
-from .forward_layout import check_2d, layout_for_forward, remember_keys
+from .forward_layout import AttentionCapture, ForwardState, check_2d, layout_for_forward, remember_keys
 from .segment_ids import TokenIds, _as_id_tensor, build_segment_ids, segment_kinds
 
 BACKEND_NAME = "livr"
@@ -45,30 +45,6 @@ STATE_KWARG = "livr_state"
 HANDLE_ATTR = "_livr_handle"
 
 DocIdsFn = Callable[[dict], Optional[torch.Tensor]]
-
-
-@dataclass
-class AttentionCapture:
-    """Dense attention probabilities of the most recent forward, for probes (eval only).
-
-    ``weights``: one (B, Hq, Nq, Nk) float32 tensor per text layer, in layer order, computed with the
-    rule in force. ``segment_ids``: the (B, Nk) kinds of the keys.
-    """
-
-    weights: List[torch.Tensor] = field(default_factory=list)
-    segment_ids: Optional[torch.Tensor] = None
-
-
-@dataclass(frozen=True)
-class ForwardState:
-    """What every attention layer of one forward needs: built once by the pre-hook."""
-
-    layout: SegmentLayout
-    rule: AttentionRule
-    kernel_backend: str
-    capture: Optional[AttentionCapture] = None
-
-
 
 
 def livr_attention_forward(
@@ -184,8 +160,11 @@ class LivrAttentionHandle:
             for name, p in inspect.signature(model.forward).parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
-        model.set_attn_implementation({spec.text_config_key: BACKEND_NAME})
-        if text_config._attn_implementation != BACKEND_NAME:
+        # Models whose attention bypasses the registry get their modules' forward replaced instead.
+        self._module_patch = fallback.install(model, spec.module_patch, livr_attention_forward, STATE_KWARG)
+        if self._module_patch is None:
+            model.set_attn_implementation({spec.text_config_key: BACKEND_NAME})
+        if self._module_patch is None and text_config._attn_implementation != BACKEND_NAME:
             raise ValueError(
                 f"could not switch the language model of {type(model).__name__} to the 'livr' attention backend "
                 f"(it reports {text_config._attn_implementation!r}); its layers must use transformers' AttentionInterface"
@@ -224,7 +203,10 @@ class LivrAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.model.set_attn_implementation({self.arch.text_config_key: self._original_implementation})
+        if self._module_patch is not None:
+            self._module_patch.remove()
+        else:
+            self.model.set_attn_implementation({self.arch.text_config_key: self._original_implementation})
         if getattr(self.model, HANDLE_ATTR, None) is self:
             delattr(self.model, HANDLE_ATTR)
 
@@ -269,7 +251,7 @@ class LivrAttentionHandle:
         )
 
     def _pre_forward(self, module, args, kwargs):
-        if self._text_config._attn_implementation != BACKEND_NAME:
+        if self._module_patch is None and self._text_config._attn_implementation != BACKEND_NAME:
             raise ValueError(
                 f"the language model's attention was switched to {self._text_config._attn_implementation!r} after "
                 "patch_attention; call handle.remove() before changing it, then patch again"
@@ -291,7 +273,11 @@ class LivrAttentionHandle:
         if capture is not None:
             capture.weights = []
             capture.segment_ids = layout.segment_ids.long()
-        kwargs[STATE_KWARG] = ForwardState(layout, self._rule, self.kernel_backend, capture)
+        state = ForwardState(layout, self._rule, self.kernel_backend, capture)
+        if self._module_patch is not None:
+            self._module_patch.state = state
+        else:
+            kwargs[STATE_KWARG] = state
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             remember_keys(cache, layout)
@@ -299,7 +285,7 @@ class LivrAttentionHandle:
 
     def _post_forward(self, module, args, kwargs, output):
         # A cache the model created itself (use_cache=True without one) only shows up in the output.
-        state = kwargs.get(STATE_KWARG)
+        state = kwargs.get(STATE_KWARG, self._module_patch.state if self._module_patch is not None else None)
         if state is None or isinstance(output, tuple):
             return output
         cache = getattr(output, "cache", None)

@@ -1,7 +1,7 @@
 """Example or dataset row -> model inputs: the one prompt module the trainer, the evaluator and the
 trainer integrations share.
 
-An ``Example`` is one visual question (PIL images, question, optional choices, answer: a letter for
+An ``Example`` (schema in ``livr_model.examples``) is one visual question (PIL images, question, optional choices, answer: a letter for
 multiple choice, else the exact text). ``encode_messages`` turns any chat (``encode_example`` an
 Example's) into model inputs with the processor's own chat template, latents at the end of the last
 user turn, labels on the answer only; ``collate`` pads them into a batch. ``PromptEncoder`` does both
@@ -10,7 +10,6 @@ formats in ``livr_model.rows``), and adds segment ids: ``batch`` is the one enco
 """
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -20,120 +19,21 @@ from PIL import Image
 from livr_kernels import Segment
 
 from .archs import get_arch, tokenizer_of
+from .examples import CHOICES_HEADER, LETTERS, Example, answer_text, format_prompt
+from .images import check_image_sizes, image_size_kwargs
 from .latents import latent_token_strings
 from .modes import get_mode, unchanged
 from .rows import conversation_from_row, count_image_parts, is_livr_row, last_text, livr_row_fields, split_turns, with_latents
 from .segment_ids import IGNORE_INDEX, build_segment_ids
-
-LETTERS = string.ascii_uppercase
-MIN_CHOICES = 2
-CHOICES_HEADER = "Select from the following choices."
 
 # Token type ids transformers 5.x Qwen models read (mm_token_type_ids).
 TEXT_TOKEN_TYPE = 0
 IMAGE_TOKEN_TYPE = 1
 VIDEO_TOKEN_TYPE = 2
 TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
-# Qwen's smart_resize refuses images more elongated than this.
-MAX_ASPECT_RATIO = 200
 # Keys of an encoded example that are bookkeeping, not model inputs.
 PRIVATE_PREFIX = "_"
 SLOT_END = "_slot_end"
-
-
-def _normalize_letter(answer: str) -> str:
-    """``"(B)"``, ``" B "`` -> ``"B"``; anything else is returned stripped, unchanged."""
-    text = answer.strip()
-    if len(text) == 3 and text[0] == "(" and text[2] == ")":
-        text = text[1]
-    return text
-
-
-@dataclass
-class Example:
-    """One visual question.
-
-    ``images``: PIL images in the order the prompt refers to them. ``choices``: option texts, empty
-    for an open-ended question. ``answer``: a letter ("A".."Z"; "(A)" is accepted and normalised)
-    naming one of ``choices``, or the exact answer text when there are no choices. ``meta``: what
-    a synthetic generator drew (ground truth for tests), free-form.
-    """
-
-    images: list
-    question: str
-    choices: List[str]
-    answer: str
-    task: str = "custom"
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.images, (list, tuple)):
-            raise ValueError(f"images must be a list of PIL images; got {type(self.images).__name__}")
-        self.images = list(self.images)
-        for index, image in enumerate(self.images):
-            if not isinstance(image, Image.Image):
-                raise ValueError(f"images[{index}] must be a PIL.Image.Image; got {type(image).__name__}")
-        if not isinstance(self.question, str) or not self.question.strip():
-            raise ValueError(f"question must be a non-empty string; got {self.question!r}")
-        if self.choices is None:
-            self.choices = []
-        if not isinstance(self.choices, (list, tuple)):
-            raise ValueError(f"choices must be a list of strings (empty for open-ended); got {type(self.choices).__name__}")
-        self.choices = list(self.choices)
-        if any(not isinstance(c, str) or not c.strip() for c in self.choices):
-            raise ValueError(f"choices must be non-empty strings; got {self.choices!r}")
-        if self.choices and not MIN_CHOICES <= len(self.choices) <= len(LETTERS):
-            raise ValueError(f"choices must hold {MIN_CHOICES} to {len(LETTERS)} options; got {len(self.choices)}")
-        if not isinstance(self.answer, str) or not self.answer.strip():
-            raise ValueError(f"answer must be a non-empty string; got {self.answer!r}")
-        if self.choices:
-            letter = _normalize_letter(self.answer)
-            valid = LETTERS[: len(self.choices)]
-            if len(letter) != 1 or letter not in valid:
-                raise ValueError(
-                    f"answer must be one of the letters {', '.join(valid)} (or '(A)' style) naming a choice; "
-                    f"got {self.answer!r} for {len(self.choices)} choices"
-                )
-            self.answer = letter
-        else:
-            self.answer = self.answer.strip()
-        if not isinstance(self.task, str) or not self.task:
-            raise ValueError(f"task must be a non-empty string; got {self.task!r}")
-
-    @property
-    def is_multiple_choice(self) -> bool:
-        return bool(self.choices)
-
-
-def format_prompt(example: Example) -> str:
-    """BLINK's prompt: the question, then ``Select from the following choices.`` and ``(A) ...`` lines."""
-    if not example.choices:
-        return example.question
-    options = "\n".join(f"({LETTERS[i]}) {choice}" for i, choice in enumerate(example.choices))
-    return f"{example.question}\n{CHOICES_HEADER}\n{options}"
-
-
-def answer_text(example: Example) -> str:
-    """The supervised target: ``"(A)"`` for multiple choice, the answer itself for open-ended questions."""
-    return f"({example.answer})" if example.choices else example.answer
-
-
-def _check_image_sizes(processor, images: Sequence, what: str) -> None:
-    """Reject images the processor cannot tile: sides under one merged patch, or extreme aspect ratios."""
-    image_processor = getattr(processor, "image_processor", None)
-    patch = getattr(image_processor, "patch_size", None)
-    merge = getattr(image_processor, "merge_size", None)
-    for index, image in enumerate(images):
-        width, height = image.size
-        if isinstance(patch, int) and isinstance(merge, int):
-            minimum = patch * merge
-            if min(width, height) < minimum:
-                raise ValueError(
-                    f"images[{index}] of {what} is {width}x{height}; this processor needs "
-                    f"both sides >= {minimum} pixels (patch {patch} x merge {merge})"
-                )
-        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-            raise ValueError(f"images[{index}] is {width}x{height}; aspect ratios above {MAX_ASPECT_RATIO} are not supported")
 
 
 def _check_latent_tokens(tokenizer, latent_tokens: str) -> List[int]:
@@ -157,7 +57,7 @@ def _token_id(processor, name: str) -> Optional[int]:
 
 
 def encode_example(processor, example: Example, *, latent_tokens: str = "", with_answer: bool = True,
-                   max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                   max_length: Optional[int] = None, image_kwargs: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """Model inputs for one example (``encode_messages`` on its chat): the user turn holds the images,
     then ``format_prompt`` and ``latent_tokens``; labels cover the answer and its end-of-turn token.
     Returns 1-D ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids`` (0 text, 1 image,
@@ -171,11 +71,12 @@ def encode_example(processor, example: Example, *, latent_tokens: str = "", with
     if with_answer:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_text(example)}]})
     return encode_messages(processor, messages, example.images, latent_tokens=latent_tokens, with_answer=with_answer,
-                           max_length=max_length, what=f"a {example.task} example")
+                           max_length=max_length, what=f"a {example.task} example", image_kwargs=image_kwargs)
 
 
 def encode_messages(processor, messages: Sequence[dict], images: Sequence, *, latent_tokens: str = "",
-                    with_answer: bool = True, max_length: Optional[int] = None, what: str = "a row") -> Dict[str, torch.Tensor]:
+                    with_answer: bool = True, max_length: Optional[int] = None, what: str = "a row",
+                    image_kwargs: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """Model inputs for one chat: ``encode_example`` for any conversation.
 
     ``messages``: chat turns (``{"role", "content"}``, content a string or a list of
@@ -183,7 +84,7 @@ def encode_messages(processor, messages: Sequence[dict], images: Sequence, *, la
     of the image parts, in order. The prompt is every turn up to the last user turn, with
     ``latent_tokens`` at the end of that turn's content; the answer (``with_answer``) is the one
     assistant turn after it, labelled with its end-of-turn token, -100 everywhere else. Earlier
-    assistant turns are prompt.
+    assistant turns are prompt. ``image_kwargs`` (``image_size_kwargs``) go to the processor call.
     """
     if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
         raise ValueError(f"max_length must be a positive int or None; got {max_length!r}")
@@ -198,12 +99,13 @@ def encode_messages(processor, messages: Sequence[dict], images: Sequence, *, la
         raise ValueError(f"{what} has no assistant turn after its last user turn to train on")
     tokenizer = tokenizer_of(processor)
     _check_latent_tokens(tokenizer, latent_tokens)
-    _check_image_sizes(processor, images, what)
+    check_image_sizes(processor, images, what)
 
     if latent_tokens:
         prompt_turns[-1] = with_latents(prompt_turns[-1], latent_tokens)
     prompt = processor.apply_chat_template(prompt_turns, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=[prompt], images=images or None, return_tensors="pt")
+    extra = (image_kwargs or {}) if images else {}
+    encoded = processor(text=[prompt], images=images or None, return_tensors="pt", **extra)
     input_ids = encoded["input_ids"][0]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     if with_answer:
@@ -273,14 +175,52 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def vocabulary_latent_ids(processor, k: int) -> List[int]:
+    """The K existing vocabulary tokens the ``mask-only`` mode appends as its latents.
+
+    Definition: walking down from the highest id of the tokenizer's ordinary vocabulary (special and
+    added tokens excluded), the first K tokens whose text is not blank and that the prompt's fixed
+    text never uses: the chat template's glue around a user and an assistant turn, the choices
+    header and the option letters ``(A)``..``(Z)``. In BPE vocabularies the highest ids are the last
+    merges learned, i.e. rare strings. Deterministic for a given tokenizer and chat template.
+    Their rows are shared with any other occurrence of the same token in a question, so training
+    them shifts those occurrences too; LATENT is assigned by position, never by id.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"k must be a positive int (number of latent tokens); got {k!r}")
+    tokenizer = tokenizer_of(processor)
+    reserved = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    glue = [{"role": "user", "content": [{"type": "text", "text": "?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "?"}]}]
+    fixed = processor.apply_chat_template(glue, tokenize=False) + CHOICES_HEADER + "".join(f"({c}) " for c in LETTERS)
+    reserved |= set(tokenizer(fixed, add_special_tokens=False)["input_ids"])
+    chosen = []
+    for token_id in range(tokenizer.vocab_size - 1, -1, -1):
+        if token_id not in reserved and tokenizer.decode([token_id]).strip():
+            chosen.append(token_id)
+            if len(chosen) == k:
+                return chosen
+    raise ValueError(f"the tokenizer has only {len(chosen)} ordinary tokens outside the prompt's fixed text; k={k} is too many")
+
+
+def _insert_tokens(enc: dict, position: int, token_ids: Sequence[int]) -> dict:
+    """``token_ids`` spliced into an encoded example at ``position`` (prompt tokens: no loss, text type)."""
+    inserted = torch.tensor(list(token_ids), dtype=enc["input_ids"].dtype)
+    fill = {"input_ids": inserted, "attention_mask": torch.ones_like(inserted),
+            "labels": torch.full_like(inserted, IGNORE_INDEX), "mm_token_type_ids": torch.full_like(inserted, TEXT_TOKEN_TYPE)}
+    out = dict(enc)
+    for key, values in fill.items():
+        out[key] = torch.cat([enc[key][:position], values.to(enc[key].dtype), enc[key][position:]])
+    return out
+
+
 @dataclass
 class PromptEncoder:
     """How one comparison mode turns an ``Example`` into model inputs and segment ids.
 
     ``latent_text`` (the K latent token strings) goes right after the question for modes with new
-    latents; with ``slot_count`` (mask-only) nothing is inserted and the last ``slot_count``
-    tokens of the user's text (the tokens right before where latents would go) are marked LATENT
-    by position. The mode's ``prepare`` transforms the example first (image-twice gives every
+    latents (marked LATENT by id); with ``vocab_latent_ids`` (mask-only) those existing tokens are
+    spliced in at the same place and marked LATENT by position. The mode's ``prepare`` transforms the example first (image-twice gives every
     image twice). ``drop_latents=True`` encodes without the latents (the "latents removed" probe).
     """
 
@@ -289,13 +229,17 @@ class PromptEncoder:
     latent_text: str = ""
     latent_token_ids: tuple = ()
     image_token_ids: tuple = ()
-    slot_count: int = 0
+    vocab_latent_ids: tuple = ()
     max_length: Optional[int] = None
+    # Pixels per image; multi_image_max_pixels replaces max_pixels for questions with 2+ images.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    multi_image_max_pixels: Optional[int] = None
     _suffix_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_model(cls, mode, model, processor, latent_token_ids: Sequence[int], num_latents: int,
-                  max_length: Optional[int] = None) -> "PromptEncoder":
+                  max_length: Optional[int] = None, **pixel_limits) -> "PromptEncoder":
         """The encoder of ``mode`` for a (possibly peft-wrapped) model whose latent tokens, if the
         mode adds them, have ids ``latent_token_ids``."""
         mode = get_mode(mode)
@@ -304,10 +248,11 @@ class PromptEncoder:
             processor=processor,
             mode=mode.name,
             latent_text="".join(latent_token_strings(num_latents)) if mode.new_latents else "",
-            latent_token_ids=tuple(int(i) for i in latent_token_ids),
+            latent_token_ids=tuple(int(i) for i in latent_token_ids) if mode.new_latents else (),
             image_token_ids=get_arch(model).placeholder_token_ids(config),
-            slot_count=num_latents if mode.latent_slots else 0,
+            vocab_latent_ids=tuple(vocabulary_latent_ids(processor, num_latents)) if mode.vocab_latents else (),
             max_length=max_length,
+            **pixel_limits,
         )
 
     @property
@@ -320,15 +265,25 @@ class PromptEncoder:
     def encode(self, example, *, with_answer: bool, drop_latents: bool = False) -> dict:
         example = self.prepare(example)
         latent_text = "" if drop_latents else self.latent_text
-        enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer, max_length=self.max_length)
-        if self.slot_count and not drop_latents:
-            self._mark_slots(enc, self._template_suffix_tokens(example), "the prompt")
+        enc = encode_example(self.processor, example, latent_tokens=latent_text, with_answer=with_answer,
+                             max_length=self.max_length, image_kwargs=self.image_kwargs(len(example.images)))
+        if self.vocab_latent_ids and not drop_latents:
+            enc = self._insert_vocab_latents(enc, self._template_suffix_tokens(example), f"a {example.task} example")
         return enc
 
-    def _mark_slots(self, enc: dict, suffix_tokens: int, what: str) -> None:
-        enc[SLOT_END] = self._prompt_length(enc) - suffix_tokens
-        if enc[SLOT_END] - self.slot_count < 0:
-            raise ValueError(f"mode {self.mode} needs {self.slot_count} prompt tokens to mark as latent slots; {what} is shorter")
+    def _insert_vocab_latents(self, enc: dict, suffix_tokens: int, what: str) -> dict:
+        """mask-only: the K vocabulary tokens spliced in where new latents would go."""
+        position = self._prompt_length(enc) - suffix_tokens
+        enc = _insert_tokens(enc, position, self.vocab_latent_ids)
+        enc[SLOT_END] = position + len(self.vocab_latent_ids)
+        if self.max_length is not None and enc["input_ids"].numel() > self.max_length:
+            raise ValueError(f"{what} needs {enc['input_ids'].numel()} tokens with its latents, more than max_length={self.max_length}")
+        return enc
+
+    def image_kwargs(self, num_images: int) -> dict:
+        """The processor's size bounds for a question with ``num_images`` images."""
+        multi = num_images > 1 and self.multi_image_max_pixels is not None
+        return image_size_kwargs(self.processor, self.min_pixels, self.multi_image_max_pixels if multi else self.max_pixels)
 
     def _prompt_length(self, enc: dict) -> int:
         labels = enc["labels"]
@@ -346,8 +301,7 @@ class PromptEncoder:
     def _suffix_tokens(self, prompt_turns: Sequence[dict]) -> int:
         text = last_text(prompt_turns[-1])
         if not text:
-            raise ValueError(f"mode {self.mode} marks the last {self.slot_count} tokens of the last user turn's text as "
-                             "latent slots; that turn must end with text")
+            raise ValueError(f"mode {self.mode} places its latents after the last user turn's text; that turn must end with text")
         prompt = self.processor.apply_chat_template(list(prompt_turns), add_generation_prompt=True, tokenize=False)
         end = prompt.rfind(text) + len(text)
         return len(tokenizer_of(self.processor)(prompt[end:], add_special_tokens=False)["input_ids"])
@@ -366,9 +320,9 @@ class PromptEncoder:
             raise ValueError(f"mode {self.mode} transforms livr Examples (its prompt differs); give it livr rows "
                              "({'images', 'question', 'choices', 'answer'}), not chat turns")
         enc = encode_messages(self.processor, turns, images, latent_tokens=self.latent_text, with_answer=with_answer,
-                              max_length=self.max_length, what=what)
-        if self.slot_count:
-            self._mark_slots(enc, self._suffix_tokens(split_turns(turns, what)[0]), what)
+                              max_length=self.max_length, what=what, image_kwargs=self.image_kwargs(len(images)))
+        if self.vocab_latent_ids:
+            enc = self._insert_vocab_latents(enc, self._suffix_tokens(split_turns(turns, what)[0]), what)
         return enc
 
     def collate(self, encoded: Sequence[dict], padding_side: str, device=None) -> tuple:
@@ -388,7 +342,7 @@ class PromptEncoder:
             if SLOT_END in e:
                 offset = width - e["input_ids"].numel() if padding_side == "left" else 0
                 end = offset + e[SLOT_END]
-                segment_ids[row, end - self.slot_count:end] = int(Segment.LATENT)
+                segment_ids[row, end - len(self.vocab_latent_ids):end] = int(Segment.LATENT)
         if device is not None:
             batch, labels, segment_ids = to_device(batch, device), labels.to(device), segment_ids.to(device)
         return batch, labels, segment_ids

@@ -138,24 +138,32 @@ def test_latents_go_right_after_the_question_and_can_be_dropped(patched_tiny):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_mask_only_marks_existing_tokens_as_latent(patched_tiny, padding_side):
+def test_mask_only_appends_existing_tokens_as_latent(patched_tiny, padding_side):
     from livr_kernels import Segment
+    from livr_model.prompts import vocabulary_latent_ids
 
     slots = 5
-    encoder = dataclasses.replace(patched_tiny["encoder"], mode="mask-only", latent_text="", latent_token_ids=(), slot_count=slots)
-    plain = dataclasses.replace(encoder, mode="sft", slot_count=0)
+    processor = patched_tiny["processor"]
+    borrowed = tuple(vocabulary_latent_ids(processor, slots))
+    encoder = dataclasses.replace(patched_tiny["encoder"], mode="mask-only", latent_text="", latent_token_ids=(),
+                                  vocab_latent_ids=borrowed)
+    plain = dataclasses.replace(encoder, mode="sft", vocab_latent_ids=())
     examples = _examples("counting", 1) + _examples("jigsaw", 1)
-    encoded = [encoder.encode(e, with_answer=True) for e in examples]
-    batch, labels, segments = encoder.collate(encoded, padding_side=padding_side)
-    plain_batch, _, plain_segments = plain.collate([plain.encode(e, with_answer=True) for e in examples], padding_side=padding_side)
-    assert torch.equal(batch["input_ids"], plain_batch["input_ids"]), "mask-only adds no tokens"
+    batch, labels, segments = encoder.collate([encoder.encode(e, with_answer=True) for e in examples], padding_side=padding_side)
+    plain_encoded = [plain.encode(e, with_answer=True) for e in examples]
     for row in range(len(examples)):
         latent = (segments[row] == int(Segment.LATENT)).nonzero().flatten()
         assert len(latent) == slots and torch.equal(latent, torch.arange(int(latent[0]), int(latent[0]) + slots))
-        after = _tokens(patched_tiny["processor"], batch["input_ids"][row, int(latent[-1]) + 1:int(latent[-1]) + 2])
-        assert after == ["<|im_end|>"], "the slots are the last tokens of the user's text"
-        others = segments[row] != int(Segment.LATENT)
-        assert torch.equal(segments[row][others], plain_segments[row][others])
+        assert batch["input_ids"][row, latent].tolist() == list(borrowed), "the borrowed tokens are the slots"
+        after = _tokens(processor, batch["input_ids"][row, int(latent[-1]) + 1:int(latent[-1]) + 2])
+        assert after == ["<|im_end|>"], "they end the user's turn, where new latents would go"
+        # Take them out again and the row is the plain prompt, token for token.
+        kept = torch.ones(batch["input_ids"].shape[1], dtype=torch.bool)
+        kept[latent] = False
+        real = batch["attention_mask"][row].bool() & kept
+        assert torch.equal(batch["input_ids"][row][real], plain_encoded[row]["input_ids"])
+        assert (labels[row][latent] == -100).all(), "no loss on the latents"
+
 
 
 def test_image_twice_doubles_the_image_tokens(patched_tiny):

@@ -19,7 +19,7 @@ from livr_model.app.tiny import (IM_END, IM_START, IMAGE_PAD, VISION_END, VISION
                                   load_tiny, save_tiny)
 from livr_model.integrations import RUN_FILE, RUN_FILES, STAGE_LOG_KEY
 from livr_model.latents import latent_token_strings
-from livr_model.prompts import answer_text, format_prompt
+from livr_model.prompts import answer_text, format_prompt, vocabulary_latent_ids
 from livr_model.segment_ids import IGNORE_INDEX
 
 K = 4
@@ -61,8 +61,9 @@ ROW_FORMATS = {
 }
 
 
-def expected_row(processor, example, latents: str, slots: int = 0):
-    """(ids, kinds, labels) written out from the tiny template's layout, piece by piece."""
+def expected_row(processor, example, latents: str, vocab_ids=()):
+    """(ids, kinds, labels) written out from the tiny template's layout, piece by piece; ``vocab_ids``
+    (mask-only) are existing tokens spliced in where new latents would go."""
     pieces = [(f"{IM_START}user\n", TEXT)]
     for _ in example.images:
         pieces += [(VISION_START, TEXT), (IMAGE_PAD * IMAGE_TOKENS, IMAGE), (VISION_END, TEXT)]
@@ -73,9 +74,10 @@ def expected_row(processor, example, latents: str, slots: int = 0):
         piece = processor.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         ids += piece
         kinds += [kind] * len(piece)
-    if slots:
+    if vocab_ids:
         end = kinds.index(ANSWER) - len(processor.tokenizer(f"{IM_END}\n{IM_START}assistant\n", add_special_tokens=False)["input_ids"])
-        kinds[end - slots:end] = [LATENT] * slots
+        ids[end:end] = list(vocab_ids)
+        kinds[end:end] = [LATENT] * len(vocab_ids)
     labels = [i if k == ANSWER else IGNORE_INDEX for i, k in zip(ids, kinds)]
     return ids, kinds, labels
 
@@ -110,8 +112,9 @@ def test_collator_places_latents_per_mode(base_dir, mode):
     examples = make_synthetic_dataset("counting", 2, seed=4)
     rows = [ROW_FORMATS["messages"](e) for e in examples]
     collator = LivrCollator(processor, mode=mode, num_latents=K if mode == "mask-only" else None)
-    slots = K if mode == "mask-only" else 0
-    check_batch(collator(rows), [expected_row(processor, e, "", slots) for e in examples], processor.tokenizer.pad_token_id)
+    vocab = vocabulary_latent_ids(processor, K) if mode == "mask-only" else ()
+    assert collator.latent_rows == tuple(vocab)
+    check_batch(collator(rows), [expected_row(processor, e, "", vocab) for e in examples], processor.tokenizer.pad_token_id)
 
 
 def test_collator_labels_only_the_last_assistant_turn(base_dir):
@@ -311,8 +314,11 @@ def test_trl_run_is_scored_by_livr_eval_with_probes(trl_run, tmp_path):
         assert not torch.allclose(loaded.model(**batch).logits, trainer.model(**batch).logits), "the rules differ"
 
     eval_dir = tmp_path / "eval"
+    with pytest.raises(ValueError, match="no train_fingerprints.json in the run"):
+        eval_main(["--checkpoint", str(output_dir), "--data", "synthetic:counting", "--limit", "4"])
+    # A Trainer run records no training fingerprints: the user vouches for held-out data.
     assert eval_main(["--checkpoint", str(output_dir), "--data", "synthetic:counting", "--limit", "4",
-                      "--output-dir", str(eval_dir)]) == 0
+                      "--output-dir", str(eval_dir), "--allow-overlap"]) == 0
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["num_examples"] == 4 and metrics["mode"] == "livr"
     probes = metrics["probes"]

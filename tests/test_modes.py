@@ -8,7 +8,7 @@ from livr_model.app.probes import HEATMAP_FILE, evaluate_model
 from livr_model.app.train import train
 from livr_model.latents import DELTA_PARAMETER
 from livr_model.prompts import PromptEncoder
-from livr_model.modes import (LATENTS_NEW, MODES, PROBES, TRAIN_LATENT_ROWS, TRAIN_LORA, Mode, get_mode, images_twice,
+from livr_model.modes import (LATENTS_NEW, LATENTS_VOCAB, MODES, PROBES, TRAIN_LATENT_ROWS, TRAIN_LORA, Mode, get_mode, images_twice,
                               register_mode)
 from test_train import LATENTS, tiny_config, tiny_data, tiny_setup
 
@@ -37,15 +37,18 @@ def test_every_mode_trains_and_evaluates(tmp_path, name):
     assert [(s.stage, s.rule) for s in steps] == expected
     assert all(torch.isfinite(torch.tensor(s.loss)) for s in steps)
 
-    assert bool(result.latent_token_ids) == mode.new_latents
+    assert len(result.latent_token_ids) == (LATENTS if mode.has_latents else 0)
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
-    assert any("lora_" in n for n in trained)
+    assert any("lora_" in n for n in trained) == mode.trains_lora
     assert any(n.endswith(DELTA_PARAMETER) for n in trained) == (TRAIN_LATENT_ROWS in mode.trains)
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    # LoRA's B starts at zero: it moved exactly when the mode trains LoRA.
+    assert lora_b and any(bool(p.abs().sum() > 0) for p in lora_b) == mode.trains_lora
 
     encoded = result.encoder.encode(result.val_examples[0], with_answer=True)
     _, _, segments = result.encoder.collate([encoded], padding_side="right")
     latent_count = int((segments == int(Segment.LATENT)).sum())
-    assert latent_count == (LATENTS if mode.latents != "none" else 0)
+    assert latent_count == (LATENTS if mode.has_latents else 0)
 
     assert metrics["mode"] == name and metrics["num_examples"] == NUM_EVAL
     assert 0.0 <= metrics["accuracy"]["average"] <= 1.0
@@ -85,7 +88,10 @@ def test_a_new_mode_is_one_entry(tmp_path):
     [
         (dict(latents="borrowed"), "latents must be one of"),
         (dict(stage_rules=("a", "b", "c")), "stage_rules"),
-        (dict(trains=(TRAIN_LORA, TRAIN_LATENT_ROWS)), "latent rows train exactly"),
+        (dict(trains=(TRAIN_LORA, TRAIN_LATENT_ROWS)), "needs latent tokens"),
+        (dict(trains=()), "non-empty selection"),
+        (dict(trains=("everything",)), "non-empty selection"),
+        (dict(latents=LATENTS_NEW, trains=(TRAIN_LORA,)), "must train their rows"),
         (dict(probes=("vibes",)), "unknown probes"),
     ],
 )
@@ -102,3 +108,11 @@ def test_image_twice_transform_keeps_the_original():
     example = tiny_data()[0][0]
     doubled = images_twice(example)
     assert len(doubled.images) == 2 * len(example.images) and len(example.images) == 1
+
+
+def test_paper_modes_are_registered_with_their_definitions():
+    assert {"sft", "livr", "livr-answer-only", "latents-only", "mask-only", "prompt-tuning", "image-twice"} <= set(MODES)
+    assert get_mode("livr-answer-only").stage_rules == ("bottleneck_answer_only", "standard")
+    assert get_mode("prompt-tuning").trains == (TRAIN_LATENT_ROWS,)
+    assert get_mode("prompt-tuning").stage_rules == ("standard",)
+    assert get_mode("mask-only").latents == LATENTS_VOCAB and TRAIN_LATENT_ROWS in get_mode("mask-only").trains

@@ -108,7 +108,7 @@ def test_train_config_defaults_are_the_papers():
 
 @pytest.mark.parametrize(
     "field, value, match",
-    [("mode", "prompt-tuning", "mode"), ("stage_epochs", (1, 2, 3), "stage_epochs"), ("grad_accum", 0, "grad_accum"),
+    [("mode", "prefix-tuning", "mode"), ("stage_epochs", (1, 2, 3), "stage_epochs"), ("grad_accum", 0, "grad_accum"),
      ("warmup_ratio", 1.5, "warmup_ratio"), ("eval_method", "vibes", "eval_method")],
 )
 def test_train_config_rejects_bad_values(field, value, match):

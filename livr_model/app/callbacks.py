@@ -54,6 +54,7 @@ class RunContext:
     hit_max_steps: bool = False
     # Set by Validate at an epoch end.
     val_metric: Optional[float] = None
+    val_per_task: Optional[dict] = None
     is_best: bool = False
 
 
@@ -100,8 +101,9 @@ class ProgressBar(Callback):
 
 
 def validation_accuracy(run: RunContext) -> Optional[float]:
-    """Validation accuracy (average over tasks) under ``cfg.eval_rule``; each process scores a
-    shard and the records are gathered."""
+    """Validation accuracy (average over tasks) under ``cfg.eval_rule``, or None without validation
+    data; the per-task accuracies go to ``run.val_per_task``. Each process scores a shard and the
+    records are gathered."""
     cfg, accelerator = run.cfg, run.accelerator
     if not run.val_examples:
         return None
@@ -113,7 +115,9 @@ def validation_accuracy(run: RunContext) -> Optional[float]:
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if shard else []
     if accelerator.num_processes > 1:
         records = gather_object(records)
-    return result_from_records(records).average
+    result = result_from_records(records)
+    run.val_per_task = {t: score.accuracy for t, score in sorted(result.per_task.items())}
+    return result.average
 
 
 class Validate(Callback):
@@ -121,16 +125,20 @@ class Validate(Callback):
 
     def on_epoch_end(self, run):
         state, stage = run.state, run.stage
+        run.val_per_task = None
         val = validation_accuracy(run)
         run.handle.set_rule(stage.rule)
+        per_task = run.val_per_task
         state.history.append({"epoch": run.epoch, "stage": stage.name, "global_step": state.global_step,
-                              "val_accuracy": val})
+                              "val_accuracy": val, "val_per_task": per_task})
         run.is_best = val is not None and (state.best_metric is None or val > state.best_metric)
         if run.is_best:
             state.best_metric, state.best_step = val, state.global_step
         run.val_metric = val
         if run.accelerator.is_main_process:
             shown = "n/a" if val is None else f"{100 * val:.1f}%"
+            if per_task and len(per_task) > 1:
+                shown += " (" + ", ".join(f"{t} {100 * a:.1f}%" for t, a in per_task.items()) + ")"
             print(f"{stage.name} epoch {run.epoch_in_stage + 1}/{stage.epochs}: validation accuracy {shown}", flush=True)
 
 

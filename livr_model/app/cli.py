@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 from livr_kernels import RULES
 from livr_model.modes import MODES
 
-from .config import EVAL_METHODS, TrainConfig, load_yaml
+from .config import EVAL_METHODS, TrainConfig, apply_multi_task_preset, load_yaml
 from .data import load_examples, prepare_data
+from .data.records import check_overlap, find_run_dir
 from .demo import DEMO_SIZES, demo_config, run_demo
 from .models import load_trained, read_run_config
 from .probes import evaluate_model
@@ -97,7 +98,17 @@ def build_train_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "reset-optimizer-per-stage", "fresh AdamW moments at the start of stage 2")
     _bool_flag(p, "trust-remote-code", "allow remote model code (e.g. LLaVA-OneVision-1.5)")
     _bool_flag(p, "progress", "progress bars")
+    add_paper_flags(p)
     return p
+
+
+def add_paper_flags(p: argparse.ArgumentParser) -> None:
+    """Data splits, the multi-task preset and image resolution (the paper's experiments)."""
+    _value_flag(p, "blink-split", str, "JSON split file of BLINK item ids (train/eval, disjoint); needed to train on blink:")
+    _bool_flag(p, "multi-task", "the paper's multi-task preset: stage epochs 2 3 (unless given) and the last checkpoint evaluated")
+    _value_flag(p, "min-pixels", _optional_int, "processor: at least this many pixels per image")
+    _value_flag(p, "max-pixels", _optional_int, "processor: at most this many pixels per image")
+    _value_flag(p, "multi-image-max-pixels", _optional_int, "processor: at most this many pixels per image when a question has 2+ images (default: --max-pixels)")
 
 
 def _normalize_keys(raw: dict, source: str) -> dict:
@@ -128,11 +139,12 @@ def resolve_train_config(argv: Optional[Sequence[str]] = None, base: Optional[di
     merged = dict(base or {})
     if args.demo and base is None:
         merged.update(demo_config(DEMO_SIZES[args.demo_size]))
-    if args.config is not None:
-        merged.update(load_config_file(args.config))
+    file_settings = load_config_file(args.config) if args.config is not None else {}
+    merged.update(file_settings)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "demo", "demo_size")}
-    merged.update(_normalize_keys(flags, "flags"))
-    return TrainConfig(**merged), args
+    flag_settings = _normalize_keys(flags, "flags")
+    merged.update(flag_settings)
+    return TrainConfig(**apply_multi_task_preset(merged, [file_settings, flag_settings])), args
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -161,6 +173,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="examples per batch")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation length (default: the run's)")
     p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=True, help="run the probes (default on)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate items the run was trained on (warns and reports how many) instead of refusing")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's remote code; needed for runs trained with it (never taken from the checkpoint)")
     p.add_argument("--allow-outside-paths", action="store_true",
@@ -177,7 +191,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     elif not cfg.data:
         raise SystemExit("livr-eval: --data is required for a run trained with TRL / Trainer (its checkpoint names no data)")
     else:
-        examples = prepare_data(cfg)[1]
+        # The validation items the run recorded (same held-out indices, checked against their fingerprints).
+        examples = prepare_data(cfg, record_dir=find_run_dir(args.checkpoint))[1]
     run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
     if args.limit is not None:
         seen, limited = {}, []
@@ -186,12 +201,13 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             if seen[example.task] <= args.limit:
                 limited.append(example)
         examples = limited
+    overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
     output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
     evaluate_model(
         run.model, run.handle, run.encoder, examples, method=args.method, rule=args.rule or cfg.eval_rule,
         batch_size=args.batch_size,
         max_new_tokens=cfg.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens, probes=args.probes,
-        output_dir=output_dir, extra={"checkpoint": str(run.checkpoint_dir)},
+        output_dir=output_dir, extra={"checkpoint": str(run.checkpoint_dir), "training_overlap": overlap},
     )
     print(f"wrote {output_dir / 'metrics.json'}", flush=True)
     return 0

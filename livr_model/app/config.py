@@ -26,12 +26,17 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SYNTHETIC_TRAIN = 1000
 DEFAULT_SYNTHETIC_VAL = 200
 DEFAULT_SYNTHETIC_IMAGE_SIZE = 56
+# Image-resolution limits handed to the processor (pixels per image).
+PIXEL_LIMITS = ("min_pixels", "max_pixels", "multi_image_max_pixels")
+# The paper's multi-task schedule: 2 + 3 epochs, the last checkpoint evaluated.
+MULTI_TASK_STAGE_EPOCHS = (2, 3)
 # numpy and python seeds must fit 32 bits.
 MAX_SEED = 2**32 - 1
 # Run-config keys that must match for --resume to continue a run exactly.
 RESUME_KEYS = ("model", "data", "val_data", "val_fraction", "mode", "latents", "stage_epochs", "sft_epochs", "lr",
                "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
-               "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size")
+               "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size",
+               "blink_split", "multi_task") + PIXEL_LIMITS
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,11 @@ FIELD_CHECKS = {
     "synthetic_image_size": _int(1),
     "trust_remote_code": BOOL,
     "progress": BOOL,
+    "blink_split": Check("str", optional=True, nonempty=True),
+    "multi_task": BOOL,
+    "min_pixels": _int(1, optional=True),
+    "max_pixels": _int(1, optional=True),
+    "multi_image_max_pixels": _int(1, optional=True),
 }
 
 
@@ -206,6 +216,12 @@ class TrainConfig:
     synthetic_image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE
     trust_remote_code: bool = False
     progress: bool = True
+    # Paper-experiment settings (data splits, multi-task preset, image resolution).
+    blink_split: Optional[str] = None
+    multi_task: bool = False
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    multi_image_max_pixels: Optional[int] = None
 
     def __post_init__(self):
         self.validate()
@@ -221,6 +237,11 @@ class TrainConfig:
             raise ValueError(f"stage_epochs: the two epoch counts must not both be 0; got {list(self.stage_epochs)}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in output_dir, or replace it")
+        if self.min_pixels is not None:
+            for name in ("max_pixels", "multi_image_max_pixels"):
+                value = getattr(self, name)
+                if value is not None and value < self.min_pixels:
+                    raise ValueError(f"{name}={value} is below min_pixels={self.min_pixels}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -240,6 +261,23 @@ class TrainConfig:
     def mode_spec(self) -> Mode:
         """The registry entry of ``mode`` (``livr_model.modes``)."""
         return get_mode(self.mode)
+
+
+def apply_multi_task_preset(settings: dict, levels: Optional[list] = None) -> dict:
+    """``multi_task: true`` sets the paper's multi-task schedule (2 + 3 epochs); the last checkpoint
+    is then the one evaluated (the trainer reads ``multi_task``).
+
+    ``levels``: the dicts ``settings`` was merged from, lowest priority first (a config file, then
+    the command line). Epochs given at the level that turns ``multi_task`` on, or a higher one,
+    win over the preset; epochs from a lower level (a config file under ``--multi-task``) do not."""
+    levels = [settings] if levels is None else levels
+    if not settings.get("multi_task"):
+        return settings
+    turned_on = [i for i, level in enumerate(levels) if level.get("multi_task")]
+    source = turned_on[-1] if turned_on else 0
+    if any("stage_epochs" in level for level in levels[source:]):
+        return settings
+    return {**settings, "stage_epochs": MULTI_TASK_STAGE_EPOCHS}
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -276,4 +314,5 @@ def stage_plan(cfg: TrainConfig) -> list:
     return cfg.mode_spec.stage_plan(cfg.stage_epochs, cfg.sft_epochs)
 
 
-__all__ = ["EVAL_METHODS", "FIELD_CHECKS", "RESUME_KEYS", "Check", "ConfigLoader", "load_yaml", "Stage", "TrainConfig", "stage_plan"]
+__all__ = ["EVAL_METHODS", "FIELD_CHECKS", "MULTI_TASK_STAGE_EPOCHS", "PIXEL_LIMITS", "RESUME_KEYS", "Check", "ConfigLoader",
+           "apply_multi_task_preset", "load_yaml", "Stage", "TrainConfig", "stage_plan"]

@@ -11,12 +11,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from livr_model.archs import get_arch
+from livr_model.compat import install_remote_code_shims
 from livr_model.latents import DELTA_PARAMETER, add_latent_tokens, load_latent_state_dict, restrict_embedding_grad
 from livr_model.modes import TRAIN_LATENT_ROWS
 from livr_model.patch import patch_attention
-from livr_model.prompts import PromptEncoder
+from livr_model.prompts import PromptEncoder, vocabulary_latent_ids
 
-from .config import TrainConfig, stage_plan
+from .config import PIXEL_LIMITS, TrainConfig, stage_plan
 from .files import load_safetensors
 from .checkpoints import LATENT_WEIGHTS, RUN_CONFIG_JSON, TOKENIZER_ADDITIONS, require_complete, resolve_checkpoint
 from .tiny import TinyQwen2_5_VLProcessor, load_tiny
@@ -32,6 +33,9 @@ def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtyp
         return load_tiny(path)
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if trust_remote_code:
+        # Older remote code (LLaVA-OneVision-1.5) imports what transformers 5 removed (livr_model.compat).
+        install_remote_code_shims()
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, processor
@@ -43,27 +47,50 @@ def _read_text(path: Path) -> str:
 
 def make_encoder(cfg: TrainConfig, model, processor, latent_token_ids: Sequence[int]) -> PromptEncoder:
     """The prompt encoder of ``cfg.mode`` for ``model``."""
-    return PromptEncoder.for_model(cfg.mode, model, processor, latent_token_ids, cfg.latents, cfg.max_length)
+    return PromptEncoder.for_model(cfg.mode, model, processor, latent_token_ids, cfg.latents, cfg.max_length,
+                                   **{name: getattr(cfg, name) for name in PIXEL_LIMITS})
+
+
+def mode_latent_ids(cfg: TrainConfig, model, processor) -> tuple:
+    """The mode's latent token ids: K new tokens (added to tokenizer and model here), K existing
+    vocabulary tokens, or none."""
+    mode = cfg.mode_spec
+    if mode.new_latents:
+        return tuple(int(i) for i in add_latent_tokens(model, processor, k=cfg.latents, seed=cfg.seed))
+    if mode.vocab_latents:
+        return tuple(vocabulary_latent_ids(processor, cfg.latents))
+    return ()
+
+
+def id_marked_latents(cfg: TrainConfig, latent_ids) -> tuple:
+    """The latent ids the attention patch marks LATENT wherever they occur: new tokens only
+    (borrowed vocabulary tokens are LATENT by position, through the encoder's segment ids)."""
+    return tuple(latent_ids) if cfg.mode_spec.new_latents else ()
 
 
 def build_trainable_model(cfg: TrainConfig, model, processor):
-    """Latent tokens (modes that add them), LoRA on the language model, everything else frozen,
-    and the LIVR attention patch. Returns (peft model, handle, latent token ids)."""
+    """Latent tokens (modes that use them), LoRA on the language model, everything else frozen,
+    and the LIVR attention patch. Returns (peft model, handle, latent token ids).
+
+    A mode that does not train LoRA (prompt tuning) still carries the adapters, frozen at their
+    zero initialisation (B = 0, so they add exactly nothing): one checkpoint format for all modes."""
     arch, mode = get_arch(model), cfg.mode_spec
-    latent_ids = ()
-    if mode.new_latents:
-        latent_ids = tuple(int(i) for i in add_latent_tokens(model, processor, k=cfg.latents, seed=cfg.seed))
+    latent_ids = mode_latent_ids(cfg, model, processor)
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=arch.lora_target_regex)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora)
+    if not mode.trains_lora:
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
     if TRAIN_LATENT_ROWS in mode.trains:
         restrict_embedding_grad(peft_model, latent_ids)
     if cfg.gradient_checkpointing:
         peft_model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
-    handle = patch_attention(peft_model, rule=stage_plan(cfg)[0].rule, latent_token_ids=latent_ids)
+    handle = patch_attention(peft_model, rule=stage_plan(cfg)[0].rule, latent_token_ids=id_marked_latents(cfg, latent_ids))
     return peft_model, handle, latent_ids
 
 
@@ -133,10 +160,9 @@ def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = 
                 "(trust_remote_code=True) if you trust that code"
             )
         model, processor = load_model_and_processor(cfg.model, trust_remote_code=trust_remote_code)
-    latent_ids = ()
+    latent_ids = mode_latent_ids(cfg, model, processor)
     if cfg.mode_spec.new_latents:
         additions = json.loads((checkpoint_dir / TOKENIZER_ADDITIONS).read_text())
-        latent_ids = tuple(int(i) for i in add_latent_tokens(model, processor, k=cfg.latents, seed=cfg.seed))
         if list(latent_ids) != list(additions["ids"]):
             raise ValueError(
                 f"the latent tokens got ids {list(latent_ids)} but the checkpoint was trained with {additions['ids']}: "
@@ -146,6 +172,6 @@ def load_trained(path, *, model=None, processor=None, trust_remote_code: bool = 
     if latent_ids:
         load_latent_state_dict(peft_model, load_safetensors(checkpoint_dir / LATENT_WEIGHTS), list(latent_ids))
     peft_model.eval()
-    handle = patch_attention(peft_model, rule=cfg.eval_rule, latent_token_ids=latent_ids)
+    handle = patch_attention(peft_model, rule=cfg.eval_rule, latent_token_ids=id_marked_latents(cfg, latent_ids))
     encoder = make_encoder(cfg, peft_model, processor, latent_ids)
     return LoadedRun(peft_model, processor, handle, encoder, cfg, checkpoint_dir, latent_ids)

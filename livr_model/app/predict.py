@@ -61,6 +61,7 @@ def generate_replies(model, encoder: PromptEncoder, examples: Sequence, *, handl
     tokenizer = tokenizer_of(encoder.processor)
     device = device_of(model)
     replies = []
+    # New latent tokens are never words; mask-only's borrowed tokens stay ordinary vocabulary.
     suppress = list(encoder.latent_token_ids) or None
     with eval_mode(model):
         for chunk in chunks(list(examples), batch_size):

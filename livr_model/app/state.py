@@ -173,6 +173,7 @@ def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, sc
         }
         if latent_rows is not None:
             files[LATENT_WEIGHTS] = lambda p: atomic_save_safetensors(p, latent_rows)
+        if cfg.mode_spec.new_latents:
             files[TOKENIZER_ADDITIONS] = json.dumps(
                 {"tokens": latent_token_strings(len(latent_ids)), "ids": list(latent_ids)}, indent=2) + "\n"
         for rank in range(accelerator.num_processes):

@@ -28,8 +28,9 @@ from livr_model.segment_ids import IGNORE_INDEX
 from .callbacks import Callback, RunContext, StepInfo, default_callbacks
 from .checkpoints import RUN_CONFIG_JSON, RUN_CONFIG_YAML, claim_output_dir, selected_from_latest
 from .config import TrainConfig, stage_plan
-from .data import prepare_data
+from .data import DataSplit, split_data
 from .data.fingerprint import dataset_fingerprint
+from .data.records import GIVEN, write_data_records
 from .files import atomic_write_json, atomic_write_yaml
 from .models import build_trainable_model, load_model_and_processor, make_encoder, trainable_summary
 from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
@@ -119,11 +120,15 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
     set_seed(cfg.seed)
     # The data before the model: a missing data file is reported at once, not after hub retries.
     if train_examples is None:
-        train_examples, loaded_val = prepare_data(cfg)
-        val_examples = loaded_val if val_examples is None else val_examples
+        # A resumed run reuses the validation split it recorded.
+        data = split_data(cfg, record_dir=Path(cfg.output_dir) if cfg.resume else None)
+        if val_examples is not None:
+            data = DataSplit(data.train, list(val_examples), GIVEN, pool_size=len(data.train))
+    else:
+        data = DataSplit(list(train_examples), list(val_examples or []), GIVEN, pool_size=len(train_examples))
+    train_examples, val_examples = data.train, data.val
     if model is None or processor is None:
         model, processor = load_model_and_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    val_examples = list(val_examples or [])
     if not train_examples:
         raise ValueError("train_examples must hold at least one Example")
 
@@ -156,9 +161,10 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(output_dir / RUN_CONFIG_YAML, cfg.to_dict())
         atomic_write_json(output_dir / RUN_CONFIG_JSON, cfg.to_dict())
+        write_data_records(output_dir, data)
     run = RunContext(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, handle=handle,
                      encoder=encoder, latent_ids=latent_ids, state=state, val_examples=val_examples,
-                     single_task=not _is_multitask(train_examples))
+                     single_task=not (cfg.multi_task or _is_multitask(train_examples)))
     return run, dataset, plan, processor, train_examples
 
 

@@ -1,23 +1,33 @@
 """Data sources and the ``--data`` specs that name them.
 
 A spec is ``<prefix><argument>`` for a registered source (``synthetic:counting,jigsaw``,
-``blink:Counting``) or else a JSONL path. Adding a source is one module here exposing
-``load_spec(argument, cfg, split)`` and one ``DataSource`` line in ``SOURCES``.
+``blink:Counting``) or else a JSONL path. ``--data`` takes several specs, separated by spaces or
+commas: ``blink:Counting,Jigsaw a.jsonl,b.jsonl``. A comma-separated piece that is neither a
+source prefix nor a file continues the source before it (``Jigsaw`` above is a BLINK subtask);
+JSONL paths therefore cannot contain spaces or commas.
+Examples keep their ``task``, and every report breaks accuracy down per task. Adding a source is
+one module here exposing ``load_spec(argument, cfg, split)`` and one ``DataSource`` line in
+``SOURCES``.
 """
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 from . import benchmarks, blink, jsonl, synthetic
+from .records import (HELD_OUT, NONE, SEPARATE, DataSplit, check_recorded_validation, drop_trained_items, read_validation_split,
+                      reuse_held_out)
 from .checks import DataWarning, warn_about_overlap
 from .blink import BLINK_SUBTASKS, PAPER_TASKS, load_blink
 from .jsonl import load_jsonl, save_jsonl
 from .synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
 
 SPLITS = ("train", "val")
+BLINK_PREFIX = "blink:"
+SPEC_SEPARATORS = re.compile(r"[\s,]+")
 VAL_SPLIT_SALT = 7919
 
 
@@ -34,7 +44,7 @@ SOURCES: Dict[str, DataSource] = {
     s.prefix: s
     for s in (
         DataSource("synthetic:", synthetic.load_spec, "synthetic:<task>[,<task>]", draws_validation=True),
-        DataSource("blink:", blink.load_spec, "blink:<Subtask>"),
+        DataSource(BLINK_PREFIX, blink.load_spec, "blink:<Subtask>[,<Subtask>]"),
         *(DataSource(f"{name}:", benchmarks.spec_loader(name), benchmarks.SPEC_USAGE[name]) for name in benchmarks.BENCHMARKS),
     )
 }
@@ -50,42 +60,90 @@ def source_of(spec: str):
     return JSONL_SOURCE, spec
 
 
-def load_examples(spec: str, cfg, *, split: str) -> list:
-    """Examples of one data spec (``SOURCES``, else a JSONL path) for the train or val split."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
-    if not isinstance(spec, str) or not spec:
+def split_specs(data: str) -> List[str]:
+    """The single-source specs inside a ``--data`` value (module docstring)."""
+    if not isinstance(data, str) or not data.strip():
         raise ValueError(f"data must be a JSONL path, {' or '.join(s.usage for s in SOURCES.values())}; got an empty value")
+    specs: List[str] = []
+    for piece in SPEC_SEPARATORS.split(data.strip()):
+        if not piece:
+            continue
+        prefixed = any(piece.startswith(prefix) for prefix in SOURCES)
+        if prefixed or Path(piece).is_file() or not specs or source_of(specs[-1])[0] is JSONL_SOURCE:
+            specs.append(piece)
+        else:
+            specs[-1] += "," + piece
+    return specs
+
+
+def _load_one(spec: str, cfg, split: str) -> list:
     source, argument = source_of(spec)
     if source is JSONL_SOURCE and not Path(spec).is_file():
         raise ValueError(f"data {spec!r} is not a file, nor {', nor '.join(s.usage for s in SOURCES.values())}")
     return source.load_spec(argument, cfg, split)
 
 
-def prepare_data(cfg) -> tuple:
-    """(train, validation) examples. Without ``val_data`` a source that draws its own validation
-    set does so; other data hold out ``val_fraction`` (a fixed, seeded choice). Duplicates and
-    validation examples that are also training examples are warned about (``DataWarning``)."""
-    train_examples, val_examples = _split_data(cfg)
-    warn_about_overlap(train_examples, val_examples, cfg.data, cfg.val_data)
-    return train_examples, val_examples
+def load_examples(spec: str, cfg, *, split: str) -> list:
+    """Examples of a ``--data`` value (one or several specs, concatenated in order) for the train
+    or val split."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
+    return [e for one in split_specs(spec) for e in _load_one(one, cfg, split)]
 
 
-def _split_data(cfg) -> tuple:
+def draws_validation(data: str) -> bool:
+    """Every source in ``data`` draws its own validation set."""
+    return all(source_of(spec)[0].draws_validation for spec in split_specs(data))
+
+
+def split_data(cfg, record_dir=None) -> DataSplit:
+    """Training and validation examples. Without ``val_data`` a source that draws its own
+    validation set does so; other data hold out ``val_fraction`` (a fixed, seeded choice). Validation
+    items that repeat a training item are warned about (``DataWarning``, as are repeated training
+    examples) and left out (``drop_trained_items``).
+
+    ``record_dir``: a run directory whose ``validation_split.json`` is reused (a resumed or
+    evaluated run): the same held-out indices, and an error if the items differ from the record."""
+    recorded = read_validation_split(record_dir) if record_dir is not None else None
+    split = _fresh_or_recorded_split(cfg, recorded, record_dir)
+    warn_about_overlap(split.train, split.val, cfg.data, cfg.val_data)
+    split = drop_trained_items(split)
+    if recorded is not None:
+        check_recorded_validation(split, recorded, record_dir)
+    return split
+
+
+def _fresh_or_recorded_split(cfg, recorded: Optional[dict], record_dir) -> DataSplit:
+    if cfg.val_data and any(spec.startswith(BLINK_PREFIX) for spec in split_specs(cfg.val_data)):
+        raise ValueError(
+            f"val_data {cfg.val_data!r}: BLINK's answered items are what livr-eval scores (with a split file, its "
+            "eval ids), so choosing checkpoints on them tunes on the test set; leave val_data out to hold out "
+            "val_fraction of the training items instead"
+        )
     train_examples = load_examples(cfg.data, cfg, split="train")
-    if cfg.val_data:
-        return train_examples, load_examples(cfg.val_data, cfg, split="val")
-    if source_of(cfg.data)[0].draws_validation:
-        return train_examples, load_examples(cfg.data, cfg, split="val")
+    if recorded is not None and recorded["source"] == HELD_OUT:
+        return reuse_held_out(train_examples, recorded, record_dir)
+    if cfg.val_data or draws_validation(cfg.data):
+        val = load_examples(cfg.val_data or cfg.data, cfg, split="val")
+        return DataSplit(train_examples, val, SEPARATE, pool_size=len(train_examples))
     if cfg.val_fraction <= 0:
-        return train_examples, []
+        return DataSplit(train_examples, [], NONE, pool_size=len(train_examples))
     order = random.Random(cfg.seed + VAL_SPLIT_SALT).sample(range(len(train_examples)), len(train_examples))
     n_val = max(1, round(cfg.val_fraction * len(train_examples)))
     if n_val >= len(train_examples):
         raise ValueError(f"val_fraction={cfg.val_fraction} leaves no training examples out of {len(train_examples)}")
-    held = set(order[:n_val])
-    return [e for i, e in enumerate(train_examples) if i not in held], [train_examples[i] for i in sorted(held)]
+    held = sorted(order[:n_val])
+    held_set = set(held)
+    return DataSplit([e for i, e in enumerate(train_examples) if i not in held_set], [train_examples[i] for i in held],
+                     HELD_OUT, held, len(train_examples))
 
 
-__all__ = ["BLINK_SUBTASKS", "PAPER_TASKS", "SOURCES", "SYNTHETIC_TASKS", "DataSource", "DataWarning", "load_blink", "load_examples",
-           "load_jsonl", "make_synthetic_dataset", "prepare_data", "save_jsonl"]
+def prepare_data(cfg, record_dir=None) -> tuple:
+    """(train, validation) examples of ``split_data``."""
+    split = split_data(cfg, record_dir)
+    return split.train, split.val
+
+
+__all__ = ["BLINK_SUBTASKS", "PAPER_TASKS", "SOURCES", "SYNTHETIC_TASKS", "DataSource", "DataSplit", "DataWarning",
+           "load_blink", "load_examples", "load_jsonl", "make_synthetic_dataset", "prepare_data", "save_jsonl", "split_data",
+           "split_specs"]
