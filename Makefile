@@ -1,26 +1,56 @@
-# One entry point for a fresh machine: `make test` and `make demo` build the virtual environment,
-# install torch first (the pinned CPU wheel; a loose `torch` would pull a multi-GB CUDA build),
-# then the project.
+# One entry point for a fresh machine. `make test` builds two virtual environments and tests
+# both ends of the supported version range (README, "Tested versions"):
+#   .venv         the newest stack (constraints/newest.txt): the whole suite and the compile check
+#   .venv-compat  the oldest stack (constraints/oldest.txt): what depends on triton and transformers
+# Each installs torch first, pinned to the CPU wheel (a loose `torch` would pull a multi-GB CUDA
+# build), then the project under the same constraints, so pip never replaces torch.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+COMPAT_VENV ?= .venv-compat
+NEWEST = constraints/newest.txt
+OLDEST = constraints/oldest.txt
+EXTRAS = dev,trl
 BIN = $(VENV)/bin
+COMPAT_BIN = $(COMPAT_VENV)/bin
 STAMP = $(VENV)/.livr-installed
+COMPAT_STAMP = $(COMPAT_VENV)/.livr-installed
+PYTEST_ARGS = -n 2 --timeout 900
+# The old stack runs what triton or transformers can break: the kernels under the interpreter,
+# the tile schedules, the model patch, and the check of the installed versions.
+COMPAT_TESTS = tests/test_versions.py tests/test_kernels.py tests/test_blocks.py \
+	tests/test_reference.py tests/test_model_segments.py tests/test_patch.py \
+	tests/test_patch_generation.py tests/test_patch_lora.py
 
-.PHONY: install test demo compile-check bench clean
+.PHONY: install install-compat test test-newest test-compat demo compile-check bench gpu-report clean
 
-$(STAMP): setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev]"
-	touch $(STAMP)
+# $(1): virtual environment folder, $(2): constraints file
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --upgrade pip
+	$(1)/bin/pip install -c $(2) torch
+	$(1)/bin/pip install -c $(2) -e ".[$(EXTRAS)]"
+	touch $(1)/.livr-installed
+endef
+
+$(STAMP): setup.py $(NEWEST)
+	$(call make_venv,$(VENV),$(NEWEST))
+
+$(COMPAT_STAMP): setup.py $(OLDEST)
+	$(call make_venv,$(COMPAT_VENV),$(OLDEST))
 
 install: $(STAMP)
 
-test: $(STAMP)
+install-compat: $(COMPAT_STAMP)
+
+test: test-newest test-compat
+
+test-newest: $(STAMP)
 	$(BIN)/python -m livr_kernels.compile_check
-	$(BIN)/python -m pytest tests -n 2 --timeout 900
+	LIVR_CONSTRAINTS=$(NEWEST) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_BIN)/python -m livr_kernels.compile_check
+	LIVR_CONSTRAINTS=$(OLDEST) $(COMPAT_BIN)/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/livr-train --demo --output-dir demo_out
@@ -31,5 +61,9 @@ compile-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 
+# On a GPU machine: the torch and triton already installed there, never a venv or a pip install.
+gpu-report:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} python3 benchmarks/gpu_report.py
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .benchmarks
+	rm -rf $(VENV) $(COMPAT_VENV) demo_out .pytest_cache .benchmarks
