@@ -25,7 +25,8 @@ COMPAT_TESTS = tests/test_versions.py \
 	tests/test_model_segments.py $(wildcard tests/test_patch*.py) \
 	tests/test_tiny.py tests/test_latents.py tests/test_train.py tests/test_evaluate.py
 
-.PHONY: install install-compat test test-newest test-compat demo compile-check bench gpu-report clean
+.PHONY: install install-compat test test-newest test-compat pytest-newest pytest-compat compile-check \
+	compile-check-compat demo bench gpu-report clean
 
 # $(1): virtual environment folder, $(2): constraints file
 define make_venv
@@ -46,17 +47,22 @@ install: $(STAMP)
 
 install-compat: $(COMPAT_STAMP)
 
-# -k: the old stack runs even when the new one fails, so one CI run reports both; any failure
-# (pytest's exit 5, no test collected, included) fails the target.
+# -k: every check runs even when an earlier one fails, so one CI run reports both stacks; any
+# failure (pytest's exit 5, no test collected, included) fails the target.
 test:
 	$(MAKE) -k test-newest test-compat
 
-test-newest: $(STAMP)
-	$(BIN)/python -m livr_kernels.compile_check
+test-newest: compile-check pytest-newest
+
+test-compat: compile-check-compat pytest-compat
+
+pytest-newest: $(STAMP)
 	LIVR_CONSTRAINTS=$(NEWEST) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-test-compat: $(COMPAT_STAMP)
+compile-check-compat: $(COMPAT_STAMP)
 	$(COMPAT_BIN)/python -m livr_kernels.compile_check
+
+pytest-compat: $(COMPAT_STAMP)
 	LIVR_CONSTRAINTS=$(OLDEST) $(COMPAT_BIN)/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
