@@ -132,6 +132,7 @@ def test_trl_sft_trainer_trains_a_patched_model_with_a_custom_collator(tmp_path)
         losses = [model(**batch).loss.item() for batch in batches]
     before = copy.deepcopy(model.state_dict())
 
+    # bf16=False: SFTConfig turns bf16 autocast on by default; the tiny model is plain fp32.
     config = trl.SFTConfig(
         output_dir=str(tmp_path), max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=False,
