@@ -8,14 +8,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["livr_kernels", "livr_kernels.*", "livr_model", "livr_model.*"]),
-    # torch is deliberately unpinned above its floor: install the build you want first
-    # (the README pins the CPU wheel used in development and CI).
+    # The range CI tests, no wider (README, "Tested versions"; constraints/ pins both ends).
+    # torch 2.11 is the benchmark GPU machine's; CI runs the 2.13 CPU wheel. Install torch first:
+    # a loose `pip install torch` pulls a multi-GB CUDA build.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.2",
-        "transformers>=5.0",
-        "peft>=0.17",
-        "accelerate>=1.0",
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<3.10",
+        "transformers>=5.17,<5.25",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.15,<1.16",
         "einops",
         "numpy",
         "pillow",
@@ -26,6 +27,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "pytest-timeout", "datasets", "trl"],
         "blink": ["datasets"],
+        "trl": ["trl>=1.0,<1.17"],
     },
     entry_points={
         "console_scripts": [
