@@ -20,6 +20,7 @@ segment layout carries padding and the rule), but unpatched forwards still run t
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from typing import List, Optional
@@ -77,3 +78,21 @@ def install_remote_code_shims() -> List[str]:
         ROPE_INIT_FUNCTIONS[DEFAULT_ROPE] = default_rope_parameters
         added.append(f"ROPE_INIT_FUNCTIONS[{DEFAULT_ROPE!r}]")
     return added
+
+
+def enable_activation_checkpointing(model, checkpointing_kwargs: Optional[dict] = None) -> None:
+    """Turn on activation (gradient) checkpointing under every supported transformers: 5.24 names it
+    ``activation_checkpointing_enable``, 5.17 only ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(checkpointing_kwargs)
+
+
+def is_activation_checkpointing(model) -> bool:
+    """Whether activation checkpointing is on (``is_activation_checkpointing`` from 5.24, else the old name)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(model.is_gradient_checkpointing if flag is None else flag)
+
+
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

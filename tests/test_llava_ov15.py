@@ -1,10 +1,12 @@
 """LLaVA-OneVision-1.5 through the explicit module patch (on a mirror of its remote code's module
 tree, tests/ov15_mirror.py), the remote-code shims for transformers 5, and Qwen3.5's refusal."""
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, Qwen3_5Config
 
@@ -114,24 +116,34 @@ def test_a_patched_module_refuses_to_run_outside_its_model():
 
 
 SHIM_CHECK = """
-import importlib
+import importlib, json
 try:
     importlib.import_module("transformers.modeling_attn_mask_utils")
-    before = "importable"
+    mask_missing = False
 except ImportError:
-    before = "missing"
+    mask_missing = True
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+rope_missing = "default" not in ROPE_INIT_FUNCTIONS
 from livr_model.compat import install_remote_code_shims
 added = install_remote_code_shims()
 from transformers.modeling_attn_mask_utils import AttentionMaskConverter
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-print(before, len(added), AttentionMaskConverter.__module__, "default" in ROPE_INIT_FUNCTIONS, install_remote_code_shims())
+print(json.dumps({"mask_missing": mask_missing, "rope_missing": rope_missing, "added": len(added),
+                  "module": AttentionMaskConverter.__module__, "default": "default" in ROPE_INIT_FUNCTIONS,
+                  "again": install_remote_code_shims()}))
 """
 
 
 def test_remote_code_shims_make_the_old_imports_work():
+    """The shims add exactly what this transformers lacks (5.24: both; 5.17 still has both) and never
+    replace what exists."""
     out = subprocess.run([sys.executable, "-c", SHIM_CHECK], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["missing", "2", "livr_model.compat", "True", "[]"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["added"] == int(result["mask_missing"]) + int(result["rope_missing"])
+    assert result["module"] == ("livr_model.compat" if result["mask_missing"] else "transformers.modeling_attn_mask_utils")
+    assert result["default"] and result["again"] == []
+    if transformers.__version__.startswith("5.24"):
+        assert result["mask_missing"] and result["rope_missing"], "transformers 5.24 dropped both: the shims are needed"
 
 
 def test_shim_helpers_do_what_the_remote_code_expects():

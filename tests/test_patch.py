@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from livr_kernels import RULES, AttentionRule, Segment
 from livr_model import build_segment_ids, get_arch, get_handle, patch_attention
+from livr_model.compat import cache_kwarg, enable_activation_checkpointing
 from livr_model.patch import register_backend
 from tiny_models import (
     ARCHS,
@@ -81,7 +82,7 @@ def test_standard_rule_matches_loss_and_gradients_in_train(arch, checkpointing):
     batch = _batch(arch, "right")
     loss_ref, grads_ref = _loss_and_grads(model, batch)
     if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(model, {"use_reentrant": False})
     _patch(model, "standard")
     loss, grads = _loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, atol=EXACT, rtol=0)
@@ -322,11 +323,11 @@ def test_errors_are_value_errors_naming_the_problem():
 
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
-        model(**batch, cache=cache, use_cache=True)
+        model(**batch, **{cache_kwarg(model): cache}, use_cache=True)
     handle = _patch(model, "bottleneck")
     step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": torch.ones(2, batch["input_ids"].shape[1] + 1, dtype=torch.long)}
     with pytest.raises(ValueError, match="KV cache holds"):
-        _logits(model, dict(step, cache=cache))
+        _logits(model, dict(step, **{cache_kwarg(model): cache}))
     handle.remove()
 
     register_backend()

@@ -4,6 +4,7 @@ import torch
 
 from livr_kernels import Segment
 from livr_model import build_segment_ids, patch_attention
+from livr_model.compat import cache_kwarg
 from tiny_models import (
     ARCHS,
     TINY_TOKENS,
@@ -134,7 +135,8 @@ def test_manual_decode_with_the_returned_cache_and_documents():
         prefill = model(**prompt, doc_ids=docs, use_cache=True)
         token = prefill.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([prompt["attention_mask"], torch.ones_like(token)], dim=1)
-        step = model(input_ids=token, attention_mask=mask, cache=prefill.cache, use_cache=True)
+        name = cache_kwarg(model)
+        step = model(input_ids=token, attention_mask=mask, use_cache=True, **{name: getattr(prefill, name)})
         full_ids = torch.cat([prompt["input_ids"], token], dim=1)
         full_segments = torch.cat([segments, torch.full_like(token, int(Segment.ANSWER))], dim=1)
         full_docs = torch.cat([docs, docs[:, -1:]], dim=1)

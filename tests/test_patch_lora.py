@@ -6,6 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from livr_model import build_segment_ids, get_arch, patch_attention
+from livr_model.compat import enable_activation_checkpointing
 from tiny_models import ARCHS, TINY_TOKENS, BatchSpec, SampleLayout, build_tiny_model, explicit_mask_inputs, image_token_ids, make_batch
 
 STEPS = 4
@@ -55,7 +56,7 @@ def test_lora_steps_with_patch_match_explicit_mask(arch):
     expected = _train(reference, reference_batches)
 
     # Gradient checkpointing on the patched side: the layer replay must see the same segment ids.
-    patched.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(patched.get_base_model(), {"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in patched.get_base_model().model.language_model.layers)
     patch_attention(patched, rule="bottleneck", latent_token_ids=TINY_TOKENS.latents)
     got = _train(patched, batches)

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from livr_model.archs import get_arch
-from livr_model.compat import install_remote_code_shims
+from livr_model.compat import enable_activation_checkpointing, install_remote_code_shims
 from livr_model.latents import DELTA_PARAMETER, add_latent_tokens, load_latent_state_dict, restrict_embedding_grad
 from livr_model.modes import TRAIN_LATENT_ROWS
 from livr_model.patch import patch_attention
@@ -89,7 +89,7 @@ def build_trainable_model(cfg: TrainConfig, model, processor):
     if TRAIN_LATENT_ROWS in mode.trains:
         restrict_embedding_grad(peft_model, latent_ids)
     if cfg.gradient_checkpointing:
-        peft_model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(peft_model.get_base_model(), {"use_reentrant": False})
     handle = patch_attention(peft_model, rule=stage_plan(cfg)[0].rule, latent_token_ids=id_marked_latents(cfg, latent_ids))
     return peft_model, handle, latent_ids
 
