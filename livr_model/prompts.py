@@ -23,6 +23,7 @@ from livr_kernels import Segment
 from .archs import get_arch, tokenizer_of
 from .latents import latent_token_strings
 from .modes import get_mode
+from .packing import pack_examples, plan_packing, row_starts
 from .segment_ids import IGNORE_INDEX, build_segment_ids
 
 LETTERS = string.ascii_uppercase
@@ -246,6 +247,11 @@ def collate(encoded: Sequence[Dict[str, torch.Tensor]], pad_token_id: int, paddi
     return batch
 
 
+def _plain(encoded: Sequence[dict]) -> list:
+    """The model inputs of ``encode`` outputs, without their bookkeeping keys."""
+    return [{k: v for k, v in e.items() if not k.startswith(PRIVATE_PREFIX)} for e in encoded]
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -323,8 +329,23 @@ class PromptEncoder:
 
     def collate(self, encoded: Sequence[dict], padding_side: str, device=None) -> tuple:
         """(model inputs, labels, segment ids) for a list of ``encode`` outputs, on ``device`` if given."""
-        plain = [{k: v for k, v in e.items() if not k.startswith(PRIVATE_PREFIX)} for e in encoded]
-        batch = collate(plain, self.pad_token_id, padding_side=padding_side)
+        batch = collate(_plain(encoded), self.pad_token_id, padding_side=padding_side)
+        width = batch["input_ids"].shape[1]
+        starts = [(row, width - e["input_ids"].numel() if padding_side == "left" else 0) for row, e in enumerate(encoded)]
+        return self._with_segments(batch, encoded, starts, device)
+
+    def collate_packed(self, encoded: Sequence[dict], max_length: Optional[int], model_or_config, device=None) -> tuple:
+        """``collate`` with the examples packed into rows of at most ``max_length`` tokens
+        (``livr_model.packing``): the model inputs also carry ``doc_ids`` and ``position_ids``."""
+        plain = _plain(encoded)
+        lengths = [e["input_ids"].numel() for e in plain]
+        plan = plan_packing(lengths, max_length)
+        batch = pack_examples(plain, max_length, model_or_config=model_or_config, pad_token_id=self.pad_token_id, plan=plan)
+        starts = row_starts(plan, lengths)
+        return self._with_segments(batch, encoded, [starts[i] for i in range(len(encoded))], device)
+
+    def _with_segments(self, batch: dict, encoded: Sequence[dict], starts: Sequence[tuple], device) -> tuple:
+        """(inputs, labels, segment ids); ``starts``: (row, first position) of each example."""
         labels = batch.pop("labels")
         segment_ids = build_segment_ids(
             batch["input_ids"],
@@ -333,10 +354,8 @@ class PromptEncoder:
             labels=labels,
             attention_mask=batch["attention_mask"],
         )
-        width = batch["input_ids"].shape[1]
-        for row, e in enumerate(encoded):
+        for (row, offset), e in zip(starts, encoded):
             if SLOT_END in e:
-                offset = width - e["input_ids"].numel() if padding_side == "left" else 0
                 end = offset + e[SLOT_END]
                 segment_ids[row, end - self.slot_count:end] = int(Segment.LATENT)
         if device is not None:

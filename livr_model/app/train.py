@@ -167,8 +167,12 @@ def _optimizer_step(run: RunContext, dataset: EncodedCache, group: Sequence) -> 
     cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
     total_loss = 0.0
     for micro_index, indices in enumerate(group):
-        batch, labels, segment_ids = run.encoder.collate([dataset[i] for i in indices], padding_side="right",
-                                                         device=accelerator.device)
+        encoded = [dataset[i] for i in indices]
+        if cfg.packing:
+            batch, labels, segment_ids = run.encoder.collate_packed(encoded, cfg.max_length, run.handle.model,
+                                                                    device=accelerator.device)
+        else:
+            batch, labels, segment_ids = run.encoder.collate(encoded, padding_side="right", device=accelerator.device)
         last = micro_index == len(group) - 1
         with (nullcontext() if last else accelerator.no_sync(model)):
             with accelerator.autocast():
