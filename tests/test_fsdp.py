@@ -149,5 +149,17 @@ def test_fsdp_kill_and_resume_matches_uninterrupted_and_single_process(tmp_path)
 
 
 
+def test_livr_train_refuses_deepspeed(tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+    import livr_model.app.train as train_module
+
+    class DeepSpeedAccelerator:
+        distributed_type = DistributedType.DEEPSPEED
+
+    monkeypatch.setattr(train_module, "_make_accelerator", lambda cfg: DeepSpeedAccelerator())
+    with pytest.raises(ValueError, match="livr-train does not run under DeepSpeed.*accelerate_fsdp.yaml"):
+        train_module.train(run_config(tmp_path, 1), model=None, processor=None, train_examples=[], val_examples=[])
+
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])))

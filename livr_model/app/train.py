@@ -113,6 +113,12 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
     """Everything before the first step: model, encoder, encoded data, optimizer, schedule, resume
     state. Returns (run context, encoded training set, stage plan, processor, training examples)."""
     accelerator = _make_accelerator(cfg)
+    if str(accelerator.distributed_type).endswith("DEEPSPEED"):
+        raise ValueError(
+            "livr-train does not run under DeepSpeed: its loop accumulates gradients itself and reads the trainable "
+            "tensors directly for checkpoints and exact resume, which ZeRO partitions. Launch with FSDP instead "
+            "(examples/accelerate_fsdp.yaml); DeepSpeed fits the Trainer route (examples/accelerate_deepspeed_zero3.yaml)"
+        )
     main = accelerator.is_main_process
     claim_output_dir(cfg, main)
     accelerator.wait_for_everyone()
