@@ -177,3 +177,63 @@ def test_livr_train_with_packing_gives_the_losses_of_padded_training(tmp_path):
         # Adam divides by sqrt(v): float-level gradient differences on near-zero gradients move weights by
         # up to ~3e-5 after 4 steps at lr 1e-2 (measured), well under one step's size.
         assert (packed_weights[name] - padded_weights[name]).abs().max().item() < WEIGHT_TOL * cfg.lr, name
+
+
+@pytest.fixture(scope="module")
+def tiny_app():
+    from livr_model.app.data.synthetic import make_synthetic_dataset
+    from livr_model.app.tiny import build_tiny_model as build_app_model, build_tiny_processor
+    from livr_model.latents import add_latent_tokens
+
+    processor = build_tiny_processor(28)
+    model = build_app_model(processor, text_hidden=32, vision_hidden=32, layers=1, vision_depth=1)
+    latent_ids = add_latent_tokens(model, processor, 4)
+    examples = make_synthetic_dataset("counting", 2, image_size=28) + make_synthetic_dataset("jigsaw", 2, image_size=28)
+    return model, processor, latent_ids, examples
+
+
+@pytest.mark.parametrize("mode", ["livr", "mask-only", "image-twice", "sft"])
+def test_encoder_packs_every_examples_kinds_and_labels_as_padded(tiny_app, mode):
+    from livr_model.prompts import PromptEncoder
+
+    model, processor, latent_ids, examples = tiny_app
+    encoder = PromptEncoder.for_model(mode, model, processor, latent_ids, 4)
+    encoded = [encoder.encode(e, with_answer=True) for e in examples]
+    lengths = [e["input_ids"].numel() for e in encoded]
+    max_length = max(lengths) + min(lengths)
+    padded, padded_labels, padded_kinds = encoder.collate(encoded, padding_side="right")
+    packed, packed_labels, packed_kinds = encoder.collate_packed(encoded, max_length, model)
+    assert packed["input_ids"].shape[0] < len(examples)
+    assert packed["position_ids"].shape[0] == 3 and "doc_ids" in packed
+    starts = row_starts(plan_packing(lengths, max_length), lengths)
+    for index, n in enumerate(lengths):
+        row, start = starts[index]
+        span = slice(start, start + n)
+        # mask-only marks latent slots by position: the offsets must follow the example into its row.
+        assert torch.equal(packed_kinds[row, span], padded_kinds[index, :n]), f"{mode} example {index}"
+        assert torch.equal(packed_labels[row, start + 1:start + n], padded_labels[index, 1:n])
+        assert torch.equal(packed["doc_ids"][row, span], torch.full((n,), packed["doc_ids"][row, start].item()))
+    assert torch.equal(packed["pixel_values"].sort(0).values, padded["pixel_values"].sort(0).values)
+
+
+def test_packing_flag_reaches_the_config():
+    from livr_model.app.cli import resolve_train_config
+
+    assert resolve_train_config(["--data", "synthetic:counting", "--packing"])[0].packing is True
+    assert resolve_train_config(["--data", "synthetic:counting"])[0].packing is False
+    with pytest.raises(ValueError, match="packing: expected true or false"):
+        from livr_model.app.config import TrainConfig
+        TrainConfig(packing="yes")
+
+
+def test_pack_examples_rejects_bad_input(patched):
+    arch, model, _ = patched
+    examples = _examples(arch, LAYOUTS[:2])
+    with pytest.raises(ValueError, match="packing supports image inputs only"):
+        pack_examples([dict(examples[0], video_grid_thw=torch.ones(1, 3))], None, model_or_config=model, pad_token_id=0)
+    with pytest.raises(ValueError, match="must place each of the 2 examples exactly once"):
+        pack_examples(examples, None, model_or_config=model, pad_token_id=0, plan=[[0]])
+    with pytest.raises(ValueError, match="example 0 has"):
+        pack_examples(examples, 3, model_or_config=model, pad_token_id=0)
+    with pytest.raises(ValueError, match="encoded\\[1\\] must be an encode_example output"):
+        pack_examples([examples[0], {"input_ids": torch.zeros(2, 2)}], None, model_or_config=model, pad_token_id=0)
