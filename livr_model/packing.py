@@ -14,6 +14,7 @@ previous example's last token. Run alone nothing predicts it either, so losses a
 """
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Dict, List, Optional, Sequence
 
@@ -113,8 +114,11 @@ class _RopeIndex:
             return torch.arange(input_ids.numel(), device=input_ids.device)[None]
         if "mm_token_type_ids" not in example:
             raise ValueError("packing for a multimodal-RoPE (Qwen) model needs mm_token_type_ids in every encoded example")
-        positions, _ = self.fn(input_ids[None], mm_token_type_ids=example["mm_token_type_ids"][None],
-                               image_grid_thw=images.get("image_grid_thw"))
+        kwargs = {"image_grid_thw": images.get("image_grid_thw")}
+        # A get_rope_index without token types (other transformers versions) finds placeholders by token id.
+        if "mm_token_type_ids" in inspect.signature(self.fn).parameters:
+            kwargs["mm_token_type_ids"] = example["mm_token_type_ids"][None]
+        positions, _ = self.fn(input_ids[None], **kwargs)
         return positions[:, 0]
 
 
