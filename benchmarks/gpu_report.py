@@ -13,6 +13,8 @@ Uses the torch and triton already installed (it never installs anything). Steps:
    mask prebuilt and built per call, FlexAttention's FLASH backend and flash-attn where they import.
    Forward, backward (forward+backward minus forward) and TFLOP/s of the required work.
 3. FlexAttention recompiles: first-call time of each new sequence length.
+4. The model step packed vs padded (``benchmarks/test_model_step.py -k packing``): real tokens per
+   second of one training step on the same examples laid out each way.
 
 The markdown lands in ``--results`` (appended) and on stdout; ``--json`` keeps every number.
 """
@@ -84,6 +86,34 @@ def run_cuda_tests() -> dict:
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     print("\n".join(tail), flush=True)
     return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.perf_counter() - start}
+
+
+def run_packing_step() -> list:
+    """Rows of the packed vs padded model-step benchmark, or one row saying why there are none."""
+    out = ROOT / "benchmarks" / ".packing_step.json"
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "test_model_step.py"), "-k", "packing", "-q",
+           "-p", "no:cacheprovider", "--benchmark-only", f"--benchmark-json={out}"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return [{"error": f"timed out after {TEST_TIMEOUT_S} s"}]
+    if proc.returncode != 0 or not out.exists():
+        return [{"error": ((proc.stdout + proc.stderr).strip().splitlines() or ["no output"])[-1]}]
+    rows = [b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]]
+    out.unlink()
+    return rows
+
+
+def packing_markdown(rows: list) -> list:
+    lines = ["", "Model step, packed vs padded (benchmarks/test_model_step.py -k packing):", "",
+             "| layout | batch shape | real tokens | median step s | real tokens/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| failed: {r['error']} | - | - | - | - |")
+        else:
+            lines.append(f"| {r['layout']} | {r['shape']} | {r['real_tokens']} | {r.get('median_step_s', 0):.4f} | "
+                         f"{r.get('real_tokens_per_s', '-')} |")
+    return lines
 
 
 def flex_flash_runner():
@@ -191,7 +221,7 @@ def benchmark(lengths, layouts, repeat_ms) -> list:
     return rows
 
 
-def markdown(info: dict, tests: dict, rows: list, recompiles: list) -> str:
+def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: list = ()) -> str:
     lines = [
         f"## {datetime.date.today().isoformat()}, {info.get('device', 'no GPU')} ({info.get('capability', '-')}): make gpu-report",
         "",
@@ -222,6 +252,8 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list) -> str:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
                   "| N | first call s | steady ms |", "|---|---|---|"]
         lines += [f"| {r['n']} | {r['first_call_s']:.1f} | {r['steady_ms']:.3f} |" for r in recompiles]
+    if packing:
+        lines += packing_markdown(packing)
     return "\n".join(lines) + "\n"
 
 
@@ -247,12 +279,14 @@ def main(argv=None) -> int:
     lengths = args.lengths or ((4096, 8192) if args.quick else bench.SHAPE.seq_lens)
     rows = benchmark(lengths, bench.LAYOUT_NAMES, QUICK_REPEAT_MS if args.quick else REPEAT_MS)
     recompiles = flex_recompile_times("single", (3000, 5000, 7000))
-    report = markdown(info, tests, rows, recompiles)
+    packing = run_packing_step()
+    report = markdown(info, tests, rows, recompiles, packing)
     print(report, flush=True)
     with open(args.results, "a", encoding="utf-8") as fh:
         fh.write("\n" + report)
     if args.json:
-        args.json.write_text(json.dumps({"versions": info, "tests": tests, "rows": rows, "recompiles": recompiles}, indent=1))
+        args.json.write_text(json.dumps({"versions": info, "tests": tests, "rows": rows, "recompiles": recompiles,
+                                               "packing": packing}, indent=1))
     return 0 if tests["returncode"] in (0, None) else 1
 
 

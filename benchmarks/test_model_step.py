@@ -155,7 +155,7 @@ def setup():
     )
     assert int((segment_ids == int(Segment.IMAGE)).sum()) == shape.batch * shape.image_tokens
     reference_loss = _train_step(model, _dense_mask_inputs(batch, segment_ids, shape.dtype))
-    return dict(device=device, shape=shape, model=model, batch=batch, latent_ids=latent_ids,
+    return dict(device=device, shape=shape, model=model, batch=batch, latent_ids=latent_ids, specials=specials,
                 segment_ids=segment_ids, reference_loss=reference_loss)
 
 
@@ -199,3 +199,66 @@ def test_model_train_step(benchmark, setup, variant):
     )
     if benchmark.stats is not None:
         benchmark.extra_info["median_step_s"] = benchmark.stats.stats.median
+
+
+# Packed vs padded: examples of different lengths (a BLINK-like spread of image tokens), one
+# micro-batch laid out each way; the same loss, and real (non-padding) tokens per second.
+PACKING_LAYOUTS = ("padded", "packed")
+CUDA_PACK_IMAGE_TOKENS = (2592, 648, 1296, 324)
+CPU_PACK_IMAGE_TOKENS = (196, 49, 98, 25)
+
+
+def _varied_examples(shape: StepShape, specials: dict, latent_ids: list, image_tokens) -> list:
+    """1-D encoded examples like ``encode_example``'s, one per image size (no pixels: the frozen
+    vision tower is not what is measured, so every token is text to the rotary embedding)."""
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for count in image_tokens:
+        text = torch.randint(0, latent_ids[0], (48 + shape.answer_tokens,), generator=generator).tolist()
+        ids = text[:24] + [specials["start"]] + [specials["image"]] * count + [specials["end"]] + text[24:48] + latent_ids + text[48:]
+        ids_t = torch.tensor(ids)
+        labels = torch.full_like(ids_t, IGNORE_INDEX)
+        labels[-shape.answer_tokens:] = ids_t[-shape.answer_tokens:]
+        examples.append({"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "labels": labels,
+                         "mm_token_type_ids": torch.zeros_like(ids_t)})
+    return examples
+
+
+@pytest.mark.parametrize("layout", PACKING_LAYOUTS)
+def test_model_train_step_packing(benchmark, setup, layout):
+    from livr_model.packing import pack_examples
+    from livr_model.prompts import collate
+
+    device, shape, model = setup["device"], setup["shape"], setup["model"]
+    image_tokens = CUDA_PACK_IMAGE_TOKENS if device.type == "cuda" else CPU_PACK_IMAGE_TOKENS
+    examples = _varied_examples(shape, setup["specials"], setup["latent_ids"], image_tokens)
+    padded = collate(examples, pad_token_id=0)
+    if layout == "packed":
+        batch = pack_examples(examples, None, model_or_config=model, pad_token_id=0)
+    else:
+        batch = padded
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    real_tokens = int(padded["attention_mask"].sum())
+    handle = patch_attention(model, rule=RULE, latent_token_ids=setup["latent_ids"])
+    try:
+        loss = _train_step(model, inputs)
+        reference = _train_step(model, {k: v.to(device) for k, v in padded.items()})
+        tolerance = 2e-2 if shape.dtype == torch.bfloat16 else 1e-4
+        assert abs(loss.item() - reference.item()) < tolerance
+
+        def step():
+            _train_step(model, inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        benchmark.pedantic(step, rounds=shape.rounds, warmup_rounds=1, iterations=1)
+    finally:
+        handle.remove()
+    benchmark.extra_info.update(
+        layout=layout, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        dtype=str(shape.dtype).replace("torch.", ""), examples=len(examples), real_tokens=real_tokens,
+        shape=list(inputs["input_ids"].shape), layers=shape.layers,
+    )
+    if benchmark.stats is not None:
+        benchmark.extra_info["median_step_s"] = benchmark.stats.stats.median
+        benchmark.extra_info["real_tokens_per_s"] = round(real_tokens / benchmark.stats.stats.median)

@@ -23,6 +23,7 @@ from .examples import CHOICES_HEADER, LETTERS, Example, answer_text, format_prom
 from .images import check_image_sizes, image_size_kwargs
 from .latents import latent_token_strings
 from .modes import get_mode, unchanged
+from .packing import pack_examples, plan_packing, row_starts
 from .rows import conversation_from_row, count_image_parts, is_livr_row, last_text, livr_row_fields, split_turns, with_latents
 from .segment_ids import IGNORE_INDEX, build_segment_ids
 
@@ -169,6 +170,11 @@ def collate(encoded: Sequence[Dict[str, torch.Tensor]], pad_token_id: int, paddi
     for key in vision_keys:
         batch[key] = torch.cat([item[key] for item in encoded if key in item])
     return batch
+
+
+def _plain(encoded: Sequence[dict]) -> list:
+    """The model inputs of ``encode`` outputs, without their bookkeeping keys."""
+    return [{k: v for k, v in e.items() if not k.startswith(PRIVATE_PREFIX)} for e in encoded]
 
 
 def to_device(batch: dict, device) -> dict:
@@ -327,8 +333,23 @@ class PromptEncoder:
 
     def collate(self, encoded: Sequence[dict], padding_side: str, device=None) -> tuple:
         """(model inputs, labels, segment ids) for a list of ``encode`` outputs, on ``device`` if given."""
-        plain = [{k: v for k, v in e.items() if not k.startswith(PRIVATE_PREFIX)} for e in encoded]
-        batch = collate(plain, self.pad_token_id, padding_side=padding_side)
+        batch = collate(_plain(encoded), self.pad_token_id, padding_side=padding_side)
+        width = batch["input_ids"].shape[1]
+        starts = [(row, width - e["input_ids"].numel() if padding_side == "left" else 0) for row, e in enumerate(encoded)]
+        return self._with_segments(batch, encoded, starts, device)
+
+    def collate_packed(self, encoded: Sequence[dict], max_length: Optional[int], model_or_config, device=None) -> tuple:
+        """``collate`` with the examples packed into rows of at most ``max_length`` tokens
+        (``livr_model.packing``): the model inputs also carry ``doc_ids`` and ``position_ids``."""
+        plain = _plain(encoded)
+        lengths = [e["input_ids"].numel() for e in plain]
+        plan = plan_packing(lengths, max_length)
+        batch = pack_examples(plain, max_length, model_or_config=model_or_config, pad_token_id=self.pad_token_id, plan=plan)
+        starts = row_starts(plan, lengths)
+        return self._with_segments(batch, encoded, [starts[i] for i in range(len(encoded))], device)
+
+    def _with_segments(self, batch: dict, encoded: Sequence[dict], starts: Sequence[tuple], device) -> tuple:
+        """(inputs, labels, segment ids); ``starts``: (row, first position) of each example."""
         labels = batch.pop("labels")
         segment_ids = build_segment_ids(
             batch["input_ids"],
@@ -337,10 +358,8 @@ class PromptEncoder:
             labels=labels,
             attention_mask=batch["attention_mask"],
         )
-        width = batch["input_ids"].shape[1]
-        for row, e in enumerate(encoded):
+        for (row, offset), e in zip(starts, encoded):
             if SLOT_END in e:
-                offset = width - e["input_ids"].numel() if padding_side == "left" else 0
                 end = offset + e[SLOT_END]
                 segment_ids[row, end - len(self.vocab_latent_ids):end] = int(Segment.LATENT)
         if device is not None:

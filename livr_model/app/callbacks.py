@@ -16,7 +16,7 @@ from livr_model.modes import Stage
 from .config import TrainConfig
 from .predict import predict, rule_forced
 from .scoring import result_from_records
-from .state import ResumeState, save_training_checkpoint, unwrap
+from .state import ResumeState, is_fsdp, save_training_checkpoint, unwrap
 
 
 @dataclass
@@ -108,12 +108,22 @@ def validation_accuracy(run: RunContext) -> Optional[float]:
     if not run.val_examples:
         return None
     examples = run.val_examples[: cfg.val_limit] if cfg.val_limit else run.val_examples
-    shard = examples[accelerator.process_index::accelerator.num_processes]
+    sharded = is_fsdp(accelerator)
+    # Under FSDP every forward gathers weights collectively, so every process must run the same
+    # forwards: all of them score every example. Generation enters below the wrapped root
+    # module, so the root's own weights (embeddings, vision tower, head) are gathered by hand.
+    shard = examples if sharded else examples[accelerator.process_index::accelerator.num_processes]
     unwrapped = unwrap(accelerator, run.model)
-    with rule_forced(run.handle, cfg.eval_rule):
-        records = predict(unwrapped, run.encoder, shard, method=cfg.eval_method, handle=run.handle,
-                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if shard else []
-    if accelerator.num_processes > 1:
+    if sharded:
+        unwrapped.unshard()
+    try:
+        with rule_forced(run.handle, cfg.eval_rule):
+            records = predict(unwrapped, run.encoder, shard, method=cfg.eval_method, handle=run.handle,
+                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if shard else []
+    finally:
+        if sharded:
+            unwrapped.reshard()
+    if accelerator.num_processes > 1 and not sharded:
         records = gather_object(records)
     result = result_from_records(records)
     run.val_per_task = {t: score.accuracy for t, score in sorted(result.per_task.items())}

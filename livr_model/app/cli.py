@@ -93,6 +93,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "resume", "continue the run in --output-dir from its latest checkpoint")
     _bool_flag(p, "overwrite", "start afresh in an --output-dir that holds another run (deletes its checkpoints)")
     _bool_flag(p, "allow-outside-paths", "let JSONL image paths be absolute or climb out of the data folder with '..'")
+    _bool_flag(p, "packing", "pack each micro-batch's examples into rows of at most --max-length tokens (same losses, less padding)")
     _bool_flag(p, "gradient-checkpointing", "recompute activations in backward to save memory")
     _bool_flag(p, "bf16", "bf16 autocast on CUDA (ignored on CPU)")
     _bool_flag(p, "reset-optimizer-per-stage", "fresh AdamW moments at the start of stage 2")

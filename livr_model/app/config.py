@@ -145,6 +145,7 @@ FIELD_CHECKS = {
     "gradient_checkpointing": BOOL,
     "bf16": BOOL,
     "max_length": _int(1, optional=True),
+    "packing": BOOL,
     "eval_method": Check("str", choices=EVAL_METHODS),
     "eval_rule": Check("str", choices=tuple(RULES)),
     "eval_batch_size": _int(1),
@@ -198,6 +199,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     bf16: bool = True
     max_length: Optional[int] = None
+    # Pack each micro-batch's examples into rows of at most max_length tokens (one row when None).
+    packing: bool = False
     eval_method: str = "generate"
     eval_rule: str = "standard"
     eval_batch_size: int = 8

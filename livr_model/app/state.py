@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from livr_model.latents import DELTA_PARAMETER, STATE_EMBEDDINGS, STATE_TOKEN_IDS, latent_state_dict, latent_token_strings
 
@@ -123,6 +125,9 @@ def _trained_tensors(accelerator, model, latent_ids) -> tuple:
         rows = latent_state_dict(unwrapped, list(latent_ids)) if latent_ids else None
         return get_peft_model_state_dict(unwrapped), trainable_state_dict(unwrapped), rows
     full = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        # The full state dict is gathered onto the main process only; the others write nothing.
+        return {}, {}, None
     names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
     trainable = {n: full[n].detach().cpu().clone() for n in names if n in full}
     rows = None
@@ -132,6 +137,19 @@ def _trained_tensors(accelerator, model, latent_ids) -> tuple:
         ids = torch.tensor(list(latent_ids))
         rows = {STATE_EMBEDDINGS: (weight[ids].float() + full[delta_key].float()).cpu(), STATE_TOKEN_IDS: ids}
     return get_peft_model_state_dict(unwrapped, state_dict=full), trainable, rows
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _optimizer_state(accelerator, model, optimizer) -> dict:
+    """The optimizer state to save; under FSDP the shards gathered into one full state keyed by
+    parameter name (a collective: every process calls this; the main process gets the result)."""
+    if not is_fsdp(accelerator):
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(model, _inner_optimizer(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, scheduler, state: ResumeState,
@@ -144,6 +162,7 @@ def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, sc
     rng_name = RNG_STATE_TEMPLATE.format(rank=accelerator.process_index)
     atomic_torch_save(staging / rng_name, get_rng_state())
     adapter, trainable, latent_rows = _trained_tensors(accelerator, model, latent_ids)
+    optimizer_state = _optimizer_state(accelerator, model, optimizer)
     accelerator.wait_for_everyone()
     if select:
         state.selected_step = state.global_step
@@ -153,8 +172,7 @@ def save_training_checkpoint(accelerator, cfg: TrainConfig, model, optimizer, sc
         peft_config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.items()}
         training_state = {
             "trainable": trainable,
-            # FSDP shards the optimizer state; a rank-0 copy could not resume the run (see load_resume).
-            "optimizer": None if is_fsdp(accelerator) else optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "resume": state.to_dict(),
             "world_size": accelerator.num_processes,
@@ -219,10 +237,10 @@ def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler,
                 f"--resume: the {name} data differ from the data the run in {cfg.output_dir} was trained on "
                 "(reordered, cut, extended or relabelled examples, or changed images); an exact resume needs the same data"
             )
-    if is_fsdp(accelerator) or training["optimizer"] is None:
+    if training["optimizer"] is None:
         raise ValueError(
-            "--resume: exact resume (optimizer state included) is supported for single-process and DDP runs, not FSDP; "
-            f"the checkpoints in {cfg.output_dir} still hold the adapter and latent rows for evaluation"
+            f"--resume: the checkpoints in {cfg.output_dir} hold no optimizer state (an FSDP run of an older livr wrote "
+            "them); they still hold the adapter and latent rows for evaluation, but cannot continue the run exactly"
         )
     if training["world_size"] != accelerator.num_processes:
         raise ValueError(
@@ -234,11 +252,17 @@ def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler,
     missing = sorted(set(training["trainable"]) - set(params))
     if missing:
         raise ValueError(f"--resume: the checkpoint holds trainable tensors this model lacks: {missing[:5]}")
-    with torch.no_grad():
-        # The exact tensors, not the exported adapter: bit-identical continuation.
-        for name, value in training["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(training["optimizer"])
+    # The exact tensors, not the exported adapter: bit-identical continuation.
+    if is_fsdp(accelerator):
+        # Every process reads the full tensors and keeps its own shard.
+        set_model_state_dict(model, training["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, _inner_optimizer(optimizer), training["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            for name, value in training["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     set_rng_state(torch_load(latest / RNG_STATE_TEMPLATE.format(rank=accelerator.process_index)))
     state = ResumeState.from_dict(training["resume"])

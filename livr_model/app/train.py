@@ -114,6 +114,12 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
     """Everything before the first step: model, encoder, encoded data, optimizer, schedule, resume
     state. Returns (run context, encoded training set, stage plan, processor, training examples)."""
     accelerator = _make_accelerator(cfg)
+    if str(accelerator.distributed_type).endswith("DEEPSPEED"):
+        raise ValueError(
+            "livr-train does not run under DeepSpeed: its loop accumulates gradients itself and reads the trainable "
+            "tensors directly for checkpoints and exact resume, which ZeRO partitions. Launch with FSDP instead "
+            "(examples/accelerate_fsdp.yaml); DeepSpeed fits the Trainer route (examples/accelerate_deepspeed_zero3.yaml)"
+        )
     main = accelerator.is_main_process
     claim_output_dir(cfg, main)
     accelerator.wait_for_everyone()
@@ -173,8 +179,12 @@ def _optimizer_step(run: RunContext, dataset: EncodedCache, group: Sequence) -> 
     cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
     total_loss = 0.0
     for micro_index, indices in enumerate(group):
-        batch, labels, segment_ids = run.encoder.collate([dataset[i] for i in indices], padding_side="right",
-                                                         device=accelerator.device)
+        encoded = [dataset[i] for i in indices]
+        if cfg.packing:
+            batch, labels, segment_ids = run.encoder.collate_packed(encoded, cfg.max_length, run.handle.model,
+                                                                    device=accelerator.device)
+        else:
+            batch, labels, segment_ids = run.encoder.collate(encoded, padding_side="right", device=accelerator.device)
         last = micro_index == len(group) - 1
         with (nullcontext() if last else accelerator.no_sync(model)):
             with accelerator.autocast():
