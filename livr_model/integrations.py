@@ -60,6 +60,9 @@ class LivrCollator:
     the assistant turn. ``num_latents``: K for ``mask-only`` (the last K text tokens of the user
     turn are marked LATENT). ``max_length``: rows longer than this are an error (never truncated:
     truncation would cut image tokens or the answer). ``image_root``: folder for image paths.
+    ``packing=True`` packs the batch's rows into rows of at most ``max_length`` tokens
+    (``livr_model.packing``; ``model`` gives the rotary positions each sample restarts), and adds
+    ``doc_ids`` (no token attends across samples) and ``position_ids``.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (-100 except on the answer and its
     end-of-turn token), the vision tensors (``pixel_values``, ``image_grid_thw``), ``mm_token_type_ids``
@@ -68,8 +71,13 @@ class LivrCollator:
 
     def __init__(self, processor, latent_token_ids: Sequence[int] = (), mode="livr", max_length: Optional[int] = None, *,
                  num_latents: Optional[int] = None, image_token_ids: Optional[Sequence[int]] = None, image_root=None,
-                 return_segment_ids: bool = True):
+                 return_segment_ids: bool = True, packing: bool = False, model=None):
         spec = get_mode(mode)
+        if not isinstance(packing, bool):
+            raise ValueError(f"packing must be True or False; got {packing!r}")
+        if packing and model is None:
+            raise ValueError("packing=True needs model= (the model, or its config): packed samples restart their "
+                             "rotary positions, which the model's own position rule computes")
         latent_ids = tuple(int(i) for i in (latent_token_ids.tolist() if torch.is_tensor(latent_token_ids) else latent_token_ids))
         tokenizer = tokenizer_of(processor)
         if tokenizer.pad_token_id is None:
@@ -106,6 +114,9 @@ class LivrCollator:
         self.image_root = image_root
         self.return_segment_ids = return_segment_ids
         self.keep_token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
+        self.packing = packing
+        self.max_length = max_length
+        self.model = model
 
     def encode(self, rows: Sequence[dict]) -> list:
         encoded = []
@@ -119,7 +130,10 @@ class LivrCollator:
     def __call__(self, rows: Sequence[dict]) -> dict:
         if not rows:
             raise ValueError("the collator got an empty batch")
-        batch, labels, segment_ids = self.encoder.collate(self.encode(rows), padding_side="right")
+        if self.packing:
+            batch, labels, segment_ids = self.encoder.collate_packed(self.encode(rows), self.max_length, self.model)
+        else:
+            batch, labels, segment_ids = self.encoder.collate(self.encode(rows), padding_side="right")
         if not self.keep_token_types:
             batch.pop("mm_token_type_ids", None)
         batch["labels"] = labels

@@ -383,3 +383,22 @@ def test_callback_checks_the_epoch_count(base_dir, tmp_path):
                       train_dataset=chat_rows(2), callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1))])
     with pytest.raises(ValueError, match="set num_train_epochs=2"):
         trainer.train()
+
+
+def test_packing_collator_gives_the_loss_of_the_padded_batch(base_dir):
+    model, processor, ids = fresh(base_dir)
+    handle = patch_attention(model, rule="bottleneck", latent_token_ids=ids)
+    examples = make_synthetic_dataset("counting", 2, seed=8) + make_synthetic_dataset("visual_similarity", 1, seed=8)
+    rows = [ROW_FORMATS["messages"](e) for e in examples]
+    padded = LivrCollator(processor, latent_token_ids=ids)(rows)
+    packed = LivrCollator(processor, latent_token_ids=ids, packing=True, model=model, max_length=4096)(rows)
+    assert packed["input_ids"].shape[0] == 1 < padded["input_ids"].shape[0]
+    assert packed["doc_ids"].unique().numel() == len(rows)
+    assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
+    model.eval()
+    with torch.no_grad():
+        want, got = model(**padded).loss, model(**packed).loss
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="packing=True needs model="):
+        LivrCollator(processor, latent_token_ids=ids, packing=True)
+    handle.remove()
