@@ -22,6 +22,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "pytest-timeout", "datasets"],
@@ -31,6 +32,7 @@ setup(
         "console_scripts": [
             "livr-train=livr_model.app.cli:train_main",
             "livr-eval=livr_model.app.cli:eval_main",
+            "livr-study=livr_model.app.study:study_main",
         ]
     },
 )
