@@ -26,7 +26,7 @@ from livr_model.modes import MODES
 
 from .config import TrainConfig
 from .data import SYNTHETIC_TASKS
-from .demo import DEMO_SEED, DEMO_SIZES, DEMO_THREADS, build_demo_base, cpu_seconds, demo_config
+from .demo import DEMO_LATENTS, DEMO_LR, DEMO_SEED, DEMO_SIZES, DEMO_THREADS, build_demo_base, cpu_seconds, demo_config
 from .figures import draw_study_bars
 from .files import atomic_write_bytes, atomic_write_json
 from .models import load_trained
@@ -56,8 +56,8 @@ class Grid:
     train_examples: int = 200
     val_examples: int = 100
     stage_epochs: tuple = (2, 3)
-    latents: int = 4
-    lr: float = 2e-3
+    latents: int = DEMO_LATENTS
+    lr: float = DEMO_LR
     grad_accum: int = 4
     lora_r: int = 16
     eval_method: str = "generate"
