@@ -3,6 +3,7 @@ training curves of a run, and the study's accuracy per mode."""
 from __future__ import annotations
 
 import io
+import math
 import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +20,8 @@ from .files import atomic_write_bytes  # noqa: E402
 HEATMAP_ALPHA = 0.75
 HEATMAP_CMAP = "inferno"
 PANEL_INCHES = 2.4
+# Panels per row of the attention figure (K=16 latents would make one unreadable strip).
+MAX_COLUMNS = 6
 TITLE_WIDTH = 90
 DPI = 110
 # The moving average drawn over the raw per-step loss, in optimizer steps.
@@ -63,9 +66,16 @@ def draw_heatmap(images: Sequence, maps: Sequence[torch.Tensor], path, *, title:
     vmin, vmax = min(float(p.min()) for p in values), max(float(p.max()) for p in values)
     if vmax <= vmin:
         vmax = vmin + 1e-6
-    # Per-latent maps: a row per image (the image itself, then its panels); 2-D maps: images side by side.
-    rows, cols = (len(images), 1 + len(per_image[0])) if per_latent else (1, len(images))
+    # Per-latent maps: rows of at most MAX_COLUMNS panels per image (the image itself, then its
+    # panels); 2-D maps: images side by side.
+    if per_latent:
+        cols = min(MAX_COLUMNS, 1 + len(per_image[0]))
+        rows_per_image = math.ceil((1 + len(per_image[0])) / cols)
+        rows = rows_per_image * len(images)
+    else:
+        rows, cols, rows_per_image = 1, len(images), 1
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL_INCHES * cols + 1.2, PANEL_INCHES * rows + 1.0), squeeze=False)
+    slots = lambda i: [axes[i * rows_per_image + k // cols][k % cols] for k in range(rows_per_image * cols)]  # noqa: E731
     shown = None
     for i, image in enumerate(images):
         pixels = np.asarray(image.convert("RGB"))
@@ -73,9 +83,12 @@ def draw_heatmap(images: Sequence, maps: Sequence[torch.Tensor], path, *, title:
         height, width = pixels.shape[:2]
         extent = (0, width, height, 0)
         if per_latent:
-            axes[i][0].imshow(pixels, extent=extent, interpolation="nearest")
-            axes[i][0].set_title("input image" if len(images) == 1 else f"input image {i + 1}", fontsize=9)
-            targets = [(axes[i][j + 1], name, heat) for j, (name, heat) in enumerate(per_image[i])]
+            own = slots(i)
+            own[0].imshow(pixels, extent=extent, interpolation="nearest")
+            own[0].set_title("input image" if len(images) == 1 else f"input image {i + 1}", fontsize=9)
+            targets = [(own[j + 1], name, heat) for j, (name, heat) in enumerate(per_image[i])]
+            for unused in own[1 + len(per_image[i]):]:
+                unused.axis("off")
         else:
             targets = [(axes[0][i], f"image {i + 1}", per_image[i][0][1])]
         for ax, name, heat in targets:
