@@ -80,3 +80,37 @@ def test_livr_eval_reproduces_the_demo_accuracy(small_demo, tmp_path):
     assert eval_main(["--checkpoint", str(out), "--output-dir", str(tmp_path / "eval"), "--no-probes"]) == 0
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["accuracy"]["average"] == pytest.approx(accuracy)
+
+
+def fabricated_metrics(predictions, answers, forced=None):
+    records = [{"task": "counting", "answer": a, "prediction": p, "correct": a == p} for a, p in zip(answers, predictions)]
+    accuracy = sum(r["correct"] for r in records) / len(records)
+    counts = {a: answers.count(a) for a in set(answers)}
+    metrics = {"accuracy": {"average": accuracy}, "chance": {"counting": 0.25}, "options": {"counting": 4},
+               "majority": {"counting": max(counts.values()) / len(answers)}, "predictions": records,
+               "probes": {"bottleneck_forced": None if forced is None else {"average": forced},
+                          "latents_removed": {"average": 0.3}, "answer_to_latent_attention": 0.1}}
+    return metrics
+
+
+def test_verdict_rejects_a_constant_answer_that_beats_chance():
+    # B is the gold answer 40% of the time: always answering B beats chance (25%) by 15 points.
+    answers = list("BBBBACDACD")
+    metrics = fabricated_metrics(["B"] * 10, answers, forced=0.4)
+    verdict = learning_verdict(metrics)
+    assert metrics["accuracy"]["average"] == 0.4 and not verdict.learned
+    assert "DID NOT LEARN" in verdict.text and "only 1 distinct" in verdict.text
+    with pytest.raises(AssertionError):
+        check_demo_learned(metrics)
+
+
+def test_verdict_accepts_a_model_that_learned_and_reports_the_signature():
+    answers = list("ABCDABCDAB")
+    predictions = list("ABCDABCDAA")
+    learned = learning_verdict(fabricated_metrics(predictions, answers, forced=0.8))
+    assert learned.learned and learned.signature and "drop of 60.0 points" in learned.text
+    check_demo_learned(fabricated_metrics(predictions, answers, forced=0.8))
+    weak = learning_verdict(fabricated_metrics(predictions, answers, forced=0.45))
+    assert weak.learned and weak.signature is False and "NOT shown" in weak.text
+    with pytest.raises(AssertionError, match="bottleneck-forced"):
+        check_demo_learned(fabricated_metrics(predictions, answers, forced=0.45))
