@@ -162,27 +162,18 @@ def draw_training_curves(steps: Sequence[dict], epochs: Sequence[dict], path, *,
     return _save(fig, path)
 
 
-def draw_study_bars(summary: Sequence[dict], path, *, metric: str = "accuracy", chance: Optional[dict] = None,
-                    title: Optional[str] = None) -> Path:
-    """Grouped bars: one group per task, one bar per mode, height = mean of ``metric`` over seeds
-    (in %), error bar = its standard deviation, seed count under each bar.
-
-    ``summary``: ``{"task", "mode", metric + "_mean", metric + "_std", "seeds"}`` dicts.
-    """
-    rows = [r for r in summary if r.get(f"{metric}_mean") is not None]
-    if not rows:
-        raise ValueError(f"summary holds no {metric!r} values to plot")
+def _study_panel(ax, rows: Sequence[dict], metric: str, chance: Optional[dict], legend: bool) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     cmap = plt.get_cmap("tab10")
     width = BAR_WIDTH / len(modes)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * len(modes) / 2 + 2), 4.5))
     for m, mode in enumerate(modes):
         for t, task in enumerate(tasks):
             row = next((r for r in rows if r["task"] == task and r["mode"] == mode), None)
-            if row is None:
-                continue
             x = t + (m - (len(modes) - 1) / 2) * width
+            if row is None or row.get(f"{metric}_mean") is None:
+                ax.text(x, 2, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
+                continue
             mean, std = 100 * row[f"{metric}_mean"], 100 * (row.get(f"{metric}_std") or 0.0)
             ax.bar(x, mean, width * 0.95, yerr=std, capsize=3, color=cmap(m % 10), label=mode if t == 0 else None)
             ax.text(x, 1, f"n={row['seeds']}", ha="center", va="bottom", fontsize=6, rotation=90, color="white")
@@ -194,9 +185,28 @@ def draw_study_bars(summary: Sequence[dict], path, *, metric: str = "accuracy", 
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks)
     ax.set_ylim(0, 105)
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean ± std over seeds")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)\nmean ± std over seeds", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(modes) + 1, 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    ax.set_title(textwrap.fill(title or f"{metric} per mode and task", TITLE_WIDTH), fontsize=10)
-    return _save(fig, path)
+    if legend:
+        ax.legend(fontsize=8, ncol=min(len(modes) + 1, 6), loc="upper center", bbox_to_anchor=(0.5, -0.12))
 
+
+def draw_study_bars(summary: Sequence[dict], path, *, metrics: Sequence[str] = ("accuracy", "bottleneck_forced"),
+                    chance: Optional[dict] = None, title: Optional[str] = None) -> Path:
+    """One panel per metric (accuracy, then the probes), grouped bars: one group per task, one bar
+    per mode, height = mean over seeds (in %), error bar = standard deviation, seed count in the bar;
+    "n/a" where a mode has no such probe.
+
+    ``summary``: ``{"task", "mode", metric + "_mean", metric + "_std", "seeds"}`` dicts.
+    """
+    if not any(r.get(f"{metrics[0]}_mean") is not None for r in summary):
+        raise ValueError(f"summary holds no {metrics[0]!r} values to plot")
+    tasks = list(dict.fromkeys(r["task"] for r in summary))
+    modes = list(dict.fromkeys(r["mode"] for r in summary))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7.0, 0.6 * len(tasks) * len(modes) + 2), 3.6 * len(metrics)),
+                             squeeze=False)
+    for i, metric in enumerate(metrics):
+        _study_panel(axes[i][0], summary, metric, chance, legend=i == len(metrics) - 1)
+        axes[i][0].set_title(f"{metric.replace('_', ' ')} per mode and task", fontsize=9)
+    fig.suptitle(textwrap.fill(title or "livr-study", TITLE_WIDTH), fontsize=10)
+    return _save(fig, path)

@@ -168,7 +168,10 @@ def aggregate(records: Sequence[dict]) -> List[dict]:
     for r in records:
         groups.setdefault((r["task"], r["mode"]), []).append(r)
     rows = []
-    for (task, mode), cells in groups.items():
+    order = {name: i for i, name in enumerate(MODES)}
+    keys = sorted(groups, key=lambda k: (list(dict.fromkeys(t for t, _ in groups)).index(k[0]), order.get(k[1], len(order)), k[1]))
+    for task, mode in keys:
+        cells = groups[(task, mode)]
         row = {"task": task, "mode": mode, "seeds": len(cells), "learned": sum(bool(c.get("learned")) for c in cells)}
         for name in METRICS:
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([c.get(name) for c in cells])
@@ -210,7 +213,7 @@ def write_study(study_dir, records: Sequence[dict], *, title: str = "") -> List[
             "chance and the majority-class rate alongside.\n\n" + study_markdown(rows))
     atomic_write_bytes(study_dir / STUDY_MD, text.encode())
     chance = {r["task"]: r["chance_mean"] for r in rows}
-    draw_study_bars(rows, study_dir / STUDY_PNG, chance=chance, title=title or "accuracy per mode and task")
+    draw_study_bars(rows, study_dir / STUDY_PNG, chance=chance, title=title or "livr-study")
     return rows
 
 
