@@ -114,3 +114,11 @@ def test_verdict_accepts_a_model_that_learned_and_reports_the_signature():
     assert weak.learned and weak.signature is False and "NOT shown" in weak.text
     with pytest.raises(AssertionError, match="bottleneck-forced"):
         check_demo_learned(fabricated_metrics(predictions, answers, forced=0.45))
+
+
+def test_demo_exits_non_zero_when_the_model_did_not_learn(monkeypatch, tmp_path):
+    from livr_model.app import cli
+
+    for learned, code in ((False, 1), (True, 0)):
+        monkeypatch.setattr(cli, "run_demo", lambda cfg, size, learned=learned: {"verdict": {"learned": learned}})
+        assert cli.train_main(["--demo", "--demo-size", "small", "--output-dir", str(tmp_path)]) == code
