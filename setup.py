@@ -23,6 +23,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "pytest-timeout", "datasets", "trl"],
@@ -34,6 +35,7 @@ setup(
             "livr-train=livr_model.app.cli:train_main",
             "livr-eval=livr_model.app.cli:eval_main",
             "livr-data=livr_model.app.data_cli:main",
+            "livr-study=livr_model.app.study:study_main",
         ]
     },
 )

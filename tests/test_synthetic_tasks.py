@@ -86,6 +86,13 @@ def solve_object_localization(example: Example) -> str:
     return LETTERS[inside.index(True)]
 
 
+def solve_quadrant(example: Example) -> str:
+    top, bottom, left, right = bounding_box(foreground(example.images[0]))
+    height, width = example.images[0].height, example.images[0].width
+    lower, righter = (top + bottom) / 2 >= height / 2, (left + right) / 2 >= width / 2
+    return LETTERS[2 * int(lower) + int(righter)]
+
+
 def solve_visual_correspondence(example: Example) -> str:
     first, second = (pixels(image) for image in example.images)
     target = marked_square_color(first, MARKERS[REFERENCE_MARKER])
@@ -117,6 +124,7 @@ SOLVERS = {
     "counting": solve_counting,
     "counting_open": solve_counting,
     "object_localization": solve_object_localization,
+    "quadrant": solve_quadrant,
     "visual_correspondence": solve_visual_correspondence,
     "jigsaw": solve_jigsaw,
     "visual_similarity": solve_visual_similarity,

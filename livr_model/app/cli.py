@@ -151,8 +151,9 @@ def resolve_train_config(argv: Optional[Sequence[str]] = None, base: Optional[di
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, args = resolve_train_config(argv)
     if args.demo:
-        run_demo(cfg, DEMO_SIZES[args.demo_size])
-        return 0
+        metrics = run_demo(cfg, DEMO_SIZES[args.demo_size])
+        # A demo that did not learn is a failure, not a result.
+        return 0 if metrics["verdict"]["learned"] else 1
     if not cfg.data:
         raise SystemExit("livr-train: --data is required (or use --demo); see --help")
     train(cfg)

@@ -7,6 +7,8 @@ mode's choice (``livr_model.modes``).
 """
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,10 +55,11 @@ def answer_latent_attention(model, handle, encoder: PromptEncoder, examples: Seq
 
 
 @torch.no_grad()
-def latent_image_attention(model, handle, encoder: PromptEncoder, example) -> Optional[list]:
+def latent_image_attention(model, handle, encoder: PromptEncoder, example, *, per_latent: bool = False) -> Optional[list]:
     """Per image of ``example``, a 2-D map (merged patch grid) of the attention the latent tokens pay
-    to its image tokens, averaged over layers, heads and latents. None when there are no latents or
-    the model gives no ``image_grid_thw`` (non-Qwen layouts)."""
+    to its image tokens, averaged over layers, heads and latents (``per_latent``: a
+    (latents, rows, cols) map, not averaged over latents). None when there are no latents or the
+    model gives no ``image_grid_thw`` (non-Qwen layouts)."""
     device = device_of(model)
     batch, _, segment_ids = encoder.batch([example], with_answer=False, padding_side="right", device=device)
     grid_thw = batch.get("image_grid_thw")
@@ -70,17 +73,27 @@ def latent_image_attention(model, handle, encoder: PromptEncoder, example) -> Op
     if not queries.any() or not keys.any():
         return None
     weights = torch.stack([w[0].float().mean(dim=0).cpu() for w in capture.weights]).mean(dim=0)
-    per_token = weights[queries][:, keys].mean(dim=0)
+    # [latents, image tokens]
+    per_token = weights[queries][:, keys]
+    if not per_latent:
+        per_token = per_token.mean(dim=0, keepdim=True)
     merge = _merge_size(model, encoder.processor)
     maps, start = [], 0
     for t, h, w in grid_thw.tolist():
         rows, cols = h // merge, w // merge
         count = t * rows * cols
-        maps.append(per_token[start:start + count].reshape(t, rows, cols).mean(dim=0))
+        grid = per_token[:, start:start + count].reshape(-1, t, rows, cols).mean(dim=1)
+        maps.append(grid if per_latent else grid[0])
         start += count
-    if start != per_token.numel():
-        raise ValueError(f"image_grid_thw accounts for {start} image tokens but the prompt holds {per_token.numel()}")
+    if start != per_token.shape[1]:
+        raise ValueError(f"image_grid_thw accounts for {start} image tokens but the prompt holds {per_token.shape[1]}")
     return maps
+
+
+def _layer_count(model) -> int:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", config)
+    return int(getattr(text, "num_hidden_layers", 0))
 
 
 def _merge_size(model, processor) -> int:
@@ -119,6 +132,8 @@ def evaluate_model(model, handle, encoder: PromptEncoder, examples: Sequence, *,
         "num_examples": len(examples),
         "accuracy": main.to_dict(),
         "chance": chance_accuracy(examples),
+        "majority": majority_rate(examples),
+        "options": {ex.task: len(ex.choices) for ex in examples},
         "predictions": main.predictions,
     }
     applies = get_mode(encoder.mode).probes
@@ -136,10 +151,14 @@ def evaluate_model(model, handle, encoder: PromptEncoder, examples: Sequence, *,
                 probe[PROBE_BOTTLENECK_FORCED] = result_from_records(predict(model, encoder, examples, **options)).to_dict()
         if PROBE_HEATMAP in applies and output_dir is not None:
             with rule_forced(handle, rule):
-                maps = latent_image_attention(model, handle, encoder, examples[0])
+                maps = latent_image_attention(model, handle, encoder, examples[0], per_latent=True)
             if maps is not None:
                 shown = encoder.prepare(examples[0]).images
-                draw_heatmap(shown, maps, Path(output_dir) / HEATMAP_FILE)
+                first = examples[0]
+                title = (f"Latent->image attention (mean over {_layer_count(model)} text layers and heads), rule {rule}, "
+                         f"mode {encoder.mode}; validation example 1 ({first.task}): {first.question!r}, gold answer "
+                         f"{first.answer}, predicted {main.predictions[0]['prediction']}")
+                draw_heatmap(shown, maps, Path(output_dir) / HEATMAP_FILE, title=title)
                 probe[PROBE_HEATMAP] = HEATMAP_FILE
         metrics["probes"] = probe
     if extra:
@@ -149,3 +168,81 @@ def evaluate_model(model, handle, encoder: PromptEncoder, examples: Sequence, *,
     if verbose:
         print(metrics_table(metrics), flush=True)
     return metrics
+
+
+# "Learned" means beating the stronger of chance and always giving the most common answer by this
+# many accuracy points, with at least this many distinct answers (fewer when there are fewer options).
+LEARNED_MARGIN = 0.10
+MIN_DISTINCT_ANSWERS = 3
+# The paper's signature: accuracy with the bottleneck forced at test this far above chance.
+SIGNATURE_MARGIN = 0.25
+
+
+def majority_rate(examples) -> dict:
+    """Per task, the accuracy of always giving that task's most common gold answer."""
+    answers = {}
+    for ex in examples:
+        answers.setdefault(ex.task, []).append(ex.answer)
+    return {t: Counter(vals).most_common(1)[0][1] / len(vals) for t, vals in answers.items()}
+
+
+@dataclass
+class Verdict:
+    """Did the model learn, judged against chance and the majority-class rate, and does it show
+    the mechanism signature (accuracy with the bottleneck forced well above chance)?"""
+
+    learned: bool
+    signature: Optional[bool]
+    text: str
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def learning_verdict(metrics: dict, *, margin: float = LEARNED_MARGIN, min_distinct: int = MIN_DISTINCT_ANSWERS,
+                     signature_margin: float = SIGNATURE_MARGIN) -> Verdict:
+    """A plain-language verdict on ``metrics`` (``evaluate_model``'s dict, with ``majority``)."""
+    accuracy = metrics["accuracy"]["average"]
+    chance = _mean(metrics.get("chance", {}).values())
+    majority = _mean(metrics.get("majority", {}).values())
+    baseline = max(v for v in (chance, majority, 0.0) if v is not None)
+    predictions = [r["prediction"] for r in metrics.get("predictions", [])]
+    distinct = len({p for p in predictions if p is not None})
+    # Open-ended tasks have no option count; they need the full number of distinct answers.
+    options = min((n for n in metrics.get("options", {}).values() if n), default=min_distinct)
+    needed = min(min_distinct, options)
+    learned = accuracy >= baseline + margin and distinct >= needed
+    lines = [f"accuracy {100 * accuracy:.1f}% against chance {_pct(chance)} and always-the-most-common-answer "
+             f"{_pct(majority)}; {distinct} distinct answers given."]
+    if learned:
+        lines.append(f"Verdict: LEARNED (at least {100 * margin:.0f} points above both, and {needed}+ distinct answers).")
+    else:
+        why = []
+        if accuracy < baseline + margin:
+            why.append(f"accuracy is not {100 * margin:.0f} points above {100 * baseline:.1f}%")
+        if distinct < needed:
+            why.append(f"only {distinct} distinct answer(s)")
+        lines.append(f"Verdict: DID NOT LEARN ({'; '.join(why)}).")
+    probes = metrics.get("probes") or {}
+    forced = probes.get("bottleneck_forced")
+    signature = None
+    if forced and chance is not None:
+        forced_acc = forced["average"]
+        signature = forced_acc >= chance + signature_margin
+        removed = probes.get("latents_removed")
+        attention = probes.get("answer_to_latent_attention")
+        detail = [f"with the bottleneck forced at test {100 * forced_acc:.1f}% (chance {100 * chance:.1f}%)"]
+        if removed:
+            detail.append(f"with the latents removed {100 * removed['average']:.1f}% "
+                          f"(a drop of {100 * (accuracy - removed['average']):.1f} points)")
+        if attention is not None:
+            detail.append(f"mean answer->latent attention {attention:.3f}")
+        shown = "shown" if signature else "NOT shown"
+        lines.append(f"Mechanism signature {shown}: " + "; ".join(detail) + ".")
+    return Verdict(learned=learned, signature=signature, text="\n".join(lines))
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"

@@ -33,6 +33,8 @@ GRID = 4
 BOX_COLORS = ("red", "blue")
 SHAPES = ("circle", "square", "triangle")
 CANDIDATE_CHOICES = ("the second image", "the third image")
+# The four-way localization's options, in the order of the grid's quadrants (row-major).
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 MAX_COUNT = 4
 NUM_CORRESPONDENCE_SQUARES = 4
 # Cells a visual-similarity shape spans per side, and the margins (in pixels) kept inside a cell.
@@ -104,6 +106,22 @@ def _object_localization(rng: random.Random, size: int) -> Example:
     choices = [f"the {color} box" for color in box_colors]
     meta = {"object_color": object_color, "box_colors": box_colors, "object_cell": object_cell, "empty_cell": empty_cell}
     return Example([image], question, choices, LETTERS[correct], task="object_localization", meta=meta)
+
+
+def _quadrant(rng: random.Random, size: int) -> Example:
+    """Four-way localization: one shape fills a grid cell; which quarter of the image holds it?"""
+    quadrant = rng.randrange(len(QUADRANTS))
+    shape = rng.choice(SHAPES)
+    color = rng.choice(sorted(PALETTE))
+    half = GRID // 2
+    row = (quadrant // 2) * half + rng.randrange(half)
+    column = (quadrant % 2) * half + rng.randrange(half)
+    cell = size // GRID
+    image, draw = _canvas(size)
+    _draw_shape(draw, shape, _cell_box(row * GRID + column, cell, OBJECT_INSET), PALETTE[color])
+    question = f"Where is the {color} {shape} in the image?"
+    meta = {"quadrant": quadrant, "shape": shape, "color": color, "cell": row * GRID + column}
+    return Example([image], question, list(QUADRANTS), LETTERS[quadrant], task="quadrant", meta=meta)
 
 
 def _visual_correspondence(rng: random.Random, size: int) -> Example:
@@ -204,6 +222,7 @@ SYNTHETIC_GENERATORS = {
     "counting": lambda rng, size: _counting(rng, size, open_ended=False),
     "counting_open": lambda rng, size: _counting(rng, size, open_ended=True),
     "object_localization": _object_localization,
+    "quadrant": _quadrant,
     "visual_correspondence": _visual_correspondence,
     "jigsaw": _jigsaw,
     "visual_similarity": _visual_similarity,

@@ -1,0 +1,104 @@
+"""livr-study's aggregation on fabricated run directories with known numbers, its grid checks and
+its resume (finished cells are skipped)."""
+import csv
+import json
+
+import pytest
+
+from livr_model.app import study
+from livr_model.app.study import CELL_FILE, Grid, aggregate, cell_dir, collect, load_grid, write_study
+
+
+def fabricate(study_dir, task, mode, seed, accuracy, forced=None, attention=None):
+    out = cell_dir(study_dir, task, mode, seed)
+    out.mkdir(parents=True)
+    record = {"task": task, "mode": mode, "seed": seed, "accuracy": accuracy, "majority": 0.3, "chance": 0.25,
+              "latents_removed": None, "bottleneck_forced": forced, "answer_to_latent_attention": attention,
+              "distinct_answers": 4, "learned": accuracy > 0.4, "cpu_seconds": 10.0 + seed}
+    (out / CELL_FILE).write_text(json.dumps(record))
+
+
+def test_aggregate_means_and_spreads_over_seeds(tmp_path):
+    for seed, acc, forced in ((0, 0.8, 0.6), (1, 0.6, 0.4), (2, 0.7, 0.5)):
+        fabricate(tmp_path, "counting", "livr", seed, acc, forced, attention=0.1 * (seed + 1))
+    for seed, acc in ((0, 0.5), (1, 0.3)):
+        fabricate(tmp_path, "counting", "sft", seed, acc)
+    fabricate(tmp_path, "jigsaw", "sft", 0, 0.9)
+    rows = {(r["task"], r["mode"]): r for r in aggregate(collect(tmp_path))}
+    livr = rows[("counting", "livr")]
+    assert livr["seeds"] == 3 and livr["learned"] == 3
+    assert livr["accuracy_mean"] == pytest.approx(0.7)
+    assert livr["accuracy_std"] == pytest.approx(0.1)
+    assert livr["bottleneck_forced_mean"] == pytest.approx(0.5)
+    assert livr["answer_to_latent_attention_mean"] == pytest.approx(0.2)
+    assert livr["cpu_seconds_mean"] == pytest.approx(11.0)
+    sft = rows[("counting", "sft")]
+    assert sft["accuracy_mean"] == pytest.approx(0.4) and sft["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert sft["learned"] == 1 and sft["bottleneck_forced_mean"] is None
+    single = rows[("jigsaw", "sft")]
+    assert single["seeds"] == 1 and single["accuracy_std"] == 0.0
+
+
+def test_write_study_tables_and_plot(tmp_path):
+    for seed, acc in ((0, 0.8), (1, 0.6)):
+        fabricate(tmp_path, "counting", "livr", seed, acc, forced=0.55)
+        fabricate(tmp_path, "counting", "sft", seed, acc - 0.2)
+    write_study(tmp_path, collect(tmp_path), title="fabricated")
+    with open(tmp_path / study.STUDY_CSV) as f:
+        table = {(r["task"], r["mode"]): r for r in csv.DictReader(f)}
+    assert float(table[("counting", "livr")]["accuracy_mean"]) == pytest.approx(0.7)
+    assert float(table[("counting", "sft")]["accuracy_mean"]) == pytest.approx(0.5)
+    md = (tmp_path / study.STUDY_MD).read_text()
+    assert "| counting | livr | 2 | 2/2 | 70.0 ± 14.1 |" in md
+    assert "| counting | sft | 2 |" in md and "55.0 ± 0.0" in md
+    png = (tmp_path / study.STUDY_PNG).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    # Other numbers, another picture.
+    other = tmp_path / "other"
+    for seed, acc in ((0, 0.3), (1, 0.35)):
+        fabricate(other, "counting", "livr", seed, acc)
+        fabricate(other, "counting", "sft", seed, acc)
+    write_study(other, collect(other))
+    assert (other / study.STUDY_PNG).read_bytes() != png
+
+
+def test_write_study_without_cells_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no finished cells"):
+        write_study(tmp_path, collect(tmp_path))
+
+
+def test_finished_cells_are_skipped(tmp_path, monkeypatch):
+    grid = Grid(model="some/model", modes=("sft", "livr"), tasks=("data.jsonl",), seeds=(0, 1))
+    fabricate(tmp_path, "data.jsonl", "sft", 0, 0.5)
+    ran = []
+
+    def fake_cell(grid, base, task, mode, seed, out):
+        ran.append((task, mode, seed))
+        record = {"task": task, "mode": mode, "seed": seed, "accuracy": 0.6, "learned": True}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CELL_FILE).write_text(json.dumps(record))
+        return dict(record, cpu_seconds=1.0)
+
+    monkeypatch.setattr(study, "run_cell", fake_cell)
+    rows = study.run_study(grid, tmp_path, log=lambda line: None)
+    assert sorted(ran) == [("data.jsonl", "livr", 0), ("data.jsonl", "livr", 1), ("data.jsonl", "sft", 1)]
+    assert {(r["mode"], r["seeds"]) for r in rows} == {("sft", 2), ("livr", 2)}
+    ran.clear()
+    study.run_study(grid, tmp_path, log=lambda line: None)
+    assert ran == []
+
+
+def test_grid_checks(tmp_path):
+    with pytest.raises(ValueError, match="not registered"):
+        Grid(modes=("livr", "nonsense"))
+    with pytest.raises(ValueError, match="synthetic tasks only"):
+        Grid(tasks=("counting", "mine.jsonl"))
+    with pytest.raises(ValueError, match="seeds must be a non-empty list"):
+        Grid(seeds=3)
+    path = tmp_path / "grid.yaml"
+    path.write_text("modes: [sft, livr]\ntasks: [counting]\nseeds: [0, 1, 2]\nepochs: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['epochs'\]"):
+        load_grid(path)
+    path.write_text("modes: [sft, livr]\ntasks: [counting]\nseeds: [0, 1, 2]\n")
+    grid = load_grid(path)
+    assert grid.modes == ("sft", "livr") and grid.seeds == (0, 1, 2)
