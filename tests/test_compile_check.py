@@ -156,3 +156,16 @@ def test_spill_is_detected_and_matches_ptxas(compiled):
     assert spilled["stack"] == int(frame.group(1)) > 0
     assert int(frame.group(2)) > 0
     assert any("spills" in p for p in spilled["problems"])
+
+
+def test_config_follows_the_triton_release():
+    """Triton 3.6 spills 8 B in some forwards that fit under 3.9: those get their own tiles, the rest is shared."""
+    import torch
+    from livr_kernels.config import triton_version
+
+    ampere_old = default_config(128, (8, 0), torch.bfloat16, version=(3, 6))
+    ampere_new = default_config(128, (8, 0), torch.bfloat16, version=(3, 9))
+    assert ampere_old.fwd_block_n < ampere_new.fwd_block_n
+    assert default_config(64, (9, 0), torch.float16, version=(3, 6)).fwd_warps == 8
+    assert default_config(256, (9, 0), torch.float16, version=(3, 6)) == default_config(256, (9, 0), torch.float16, version=(3, 9))
+    assert default_config(128, (8, 0), torch.bfloat16) == default_config(128, (8, 0), torch.bfloat16, version=triton_version())
