@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 
 MIN_HEAD_DIM_BLOCK = 16
 MAX_HEAD_DIM = 256
+# Largest padded head dim the autotuner varies tiles for.
+TUNED_MAX_HEAD_DIM = 128
 HOPPER = (9, 0)
 # Releases before this allocate registers differently: some forward tiles that fit under
 # Triton 3.9 spill 8 B under 3.6 (compile_check under each release finds them).
@@ -33,11 +35,13 @@ class KernelConfig:
     fwd_warps: int = 4
     bwd_warps: int = 8
     num_stages: int = 3
+    # Parts each GQA group's dK/dV is split into (0: chosen from the grid size and SM count).
+    dkv_split: int = 0
 
 
 # Register use grows with BLOCK_D: the dK/dV kernel keeps K, V, dK and dV of a key block on chip,
 # so large head dims get smaller key blocks. Every entry compiles without spills
-# (`python -m livr_kernels.compile_check` checks this in CI).
+# (`python -m livr_kernels.compile_check` checks this in CI, under the oldest and newest Triton).
 _HOPPER_CONFIGS = {
     16: KernelConfig(),
     32: KernelConfig(),
@@ -48,18 +52,50 @@ _HOPPER_CONFIGS = {
         fwd_warps=8, num_stages=2,
     ),
 }
-# Ampere's mma.sync keeps accumulators in registers, not shared memory: smaller backward tiles.
+# Ampere's mma.sync keeps accumulators in registers, not shared memory: 8 forward warps, 32-key
+# forward tiles and smaller backward tiles at D=80/128 (128x64 spills 16-24 B with three K/V buffers).
 _AMPERE_CONFIGS = {
-    **_HOPPER_CONFIGS,
-    128: KernelConfig(fwd_warps=8, dkv_block_n=64, dq_block_m=64),
+    **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, dq_block_m=64),
+    256: _HOPPER_CONFIGS[256],
+}
+# sm_86 / sm_89 (and sm_120): 99 KiB of shared memory per block, Ampere-style mma.sync.
+_SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
+# sm_100: tcgen05 MMA, 227 KiB of shared memory. The Hopper tiles spill here: the forward at
+# D<=64 (104 B at 4 warps) and dK/dV at D=80/128 (160 B at 32x128, whose accumulators stay in
+# registers because of the GQA loop around the tile loops).
+_BLACKWELL_CONFIGS = {
+    **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
+    128: KernelConfig(fwd_warps=8, dkv_block_n=64),
+    256: _HOPPER_CONFIGS[256],
+}
+
+# Triton 3.6 only, checked with its compile_check: the Hopper forward at D=64 with doc ids
+# (255 registers + 8 B stack at 4 warps) gets 8 warps (195 registers).
+_OLD_TRITON_OVERRIDES = {"hopper": {64: KernelConfig(fwd_warps=8)}}
+
+GENERATIONS = {
+    "ampere": _AMPERE_CONFIGS,
+    "ampere_small_shared": _SMALL_SHARED_CONFIGS,
+    "hopper": _HOPPER_CONFIGS,
+    "blackwell": _BLACKWELL_CONFIGS,
+    "blackwell_small_shared": _SMALL_SHARED_CONFIGS,
 }
 
 
-# Triton 3.6 only, checked with its compile_check: the Ampere forward at D=80/128 (255 registers
-# + 8 B stack at 128x64) gets 32-key tiles (200 registers); the Hopper forward at D=64 with doc ids
-# (255 + 8 B at 4 warps) gets 8 warps (195 registers).
-_OLD_TRITON_HOPPER_CONFIGS = {**_HOPPER_CONFIGS, 64: KernelConfig(fwd_warps=8)}
-_OLD_TRITON_AMPERE_CONFIGS = {**_AMPERE_CONFIGS, 128: replace(_AMPERE_CONFIGS[128], fwd_block_n=32)}
+def generation(capability: Tuple[int, int]) -> str:
+    """The config table of a compute capability: sm_80/87 Ampere, sm_86/89 (99 KiB shared
+    memory), sm_90 Hopper, sm_100/103 Blackwell, sm_120/121 consumer Blackwell (99 KiB)."""
+    major, minor = capability
+    if major >= 12:
+        return "blackwell_small_shared"
+    if major >= 10:
+        return "blackwell"
+    if major == 9:
+        return "hopper"
+    if (major, minor) in ((8, 6), (8, 9)):
+        return "ampere_small_shared"
+    return "ampere"
 
 
 # fp32 runs exact IEEE dots without tensor cores: every product sits in registers, so the
@@ -77,6 +113,30 @@ _FP32_CONFIGS = {
 }
 
 
+# dK/dV splits its GQA group across programs until the grid fills this many waves of SMs.
+DKV_SPLIT_WAVES = 2
+
+
+def dkv_split(config: KernelConfig, num_programs: int, group: int, device: torch.device) -> int:
+    """Parts to split each GQA group's dK/dV into: the config's choice, or (0) the fewest that
+    give at least DKV_SPLIT_WAVES programs per SM, halving the group until it fills the GPU.
+    No split on CPU (the interpreter), where there are no SMs to fill."""
+    if config.dkv_split:
+        if group % config.dkv_split:
+            raise ValueError(f"KernelConfig.dkv_split must divide the GQA group size {group}; got {config.dkv_split}")
+        return config.dkv_split
+    if device.type != "cuda":
+        return 1
+    return group_split(num_programs, group, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def group_split(num_programs: int, group: int, sm_count: int) -> int:
+    split = 1
+    while num_programs * split < DKV_SPLIT_WAVES * sm_count and group % (2 * split) == 0:
+        split *= 2
+    return split
+
+
 def head_dim_block(head_dim: int) -> int:
     return max(MIN_HEAD_DIM_BLOCK, triton.next_power_of_2(head_dim))
 
@@ -89,11 +149,37 @@ def default_config(
 ) -> KernelConfig:
     """The launch settings for a head dim and dtype on a GPU of compute ``capability`` (Hopper by
     default), compiled by Triton ``version`` (the installed one by default)."""
-    old = (version or triton_version()) < NEW_REGISTER_ALLOCATION
+    block_d = head_dim_block(head_dim)
     if dtype == torch.float32:
-        table = _FP32_CONFIGS
-    elif (capability or HOPPER) >= HOPPER:
-        table = _OLD_TRITON_HOPPER_CONFIGS if old else _HOPPER_CONFIGS
-    else:
-        table = _OLD_TRITON_AMPERE_CONFIGS if old else _AMPERE_CONFIGS
-    return table[head_dim_block(head_dim)]
+        return _FP32_CONFIGS[block_d]
+    name = generation(capability or HOPPER)
+    if (version or triton_version()) < NEW_REGISTER_ALLOCATION:
+        override = _OLD_TRITON_OVERRIDES.get(name, {}).get(block_d)
+        if override is not None:
+            return override
+    return GENERATIONS[name][block_d]
+
+
+def tuning_space(
+    head_dim: int, capability: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+) -> List[KernelConfig]:
+    """The configs the autotuner times for one (GPU generation, dtype, head dim): the static entry
+    first, then one step away from it on each axis (key tile of the forward, warps, pipeline
+    depth, dQ key tile, dK/dV query tile). fp32 and D=256 are not tuned (their tiles are at the
+    register limit already)."""
+    base = default_config(head_dim, capability, dtype)
+    if dtype == torch.float32 or head_dim_block(head_dim) > TUNED_MAX_HEAD_DIM:
+        return [base]
+    large_shared = generation(capability or HOPPER) in ("hopper", "blackwell")
+    steps = [
+        replace(base, fwd_block_n=2 * base.fwd_block_n),
+        replace(base, fwd_warps=12 - base.fwd_warps),
+        replace(base, num_stages=base.num_stages + (1 if large_shared else -1)),
+        replace(base, dq_block_n=2 * base.dq_block_n),
+        replace(base, dkv_block_m=2 * base.dkv_block_m),
+    ]
+    space = [base]
+    for config in steps:
+        if config not in space:
+            space.append(config)
+    return space
