@@ -87,7 +87,8 @@ def mma_kind(ptx: str) -> str:
 
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+# "@P1 BRA 0x1710" and, on sm_120, "BRA.U !UP0, 0x2a90" (the predicate as an operand).
+_SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+(?:!?U?P[T\d]+,\s*)?0x([0-9a-f]+)")
 
 
 @dataclass(frozen=True)

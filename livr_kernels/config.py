@@ -43,36 +43,41 @@ class KernelConfig:
 # so large head dims get smaller key blocks. Every entry compiles without spills
 # (`python -m livr_kernels.compile_check` checks this in CI, under the oldest and newest Triton).
 _HOPPER_CONFIGS = {
-    16: KernelConfig(),
-    32: KernelConfig(),
-    64: KernelConfig(),
-    128: KernelConfig(fwd_warps=8),
+    # 128-key forward tiles with 8 warps (206 registers at D=64; 4 warps spill 392 B); dK/dV and
+    # dQ twice as wide as at D=128.
+    **{block_d: KernelConfig(fwd_block_n=128, fwd_warps=8, dkv_block_m=64, dq_block_n=64) for block_d in (16, 32, 64)},
+    # 128 keys spill the forward here (255 registers + 16 B); dQ takes 64-key tiles (254 registers).
+    128: KernelConfig(fwd_warps=8, dq_block_n=64),
+    # 64x64 forward tiles: 255 registers, no spill under 3.6 and 3.9, half the SASS per key of 64x32.
     256: KernelConfig(
-        fwd_block_m=64, fwd_block_n=32, dkv_block_m=16, dkv_block_n=32, dq_block_m=64, dq_block_n=16,
+        fwd_block_m=64, fwd_block_n=64, dkv_block_m=16, dkv_block_n=32, dq_block_m=64, dq_block_n=16,
         fwd_warps=8, num_stages=2,
     ),
 }
+_D256_NARROW = replace(_HOPPER_CONFIGS[256], fwd_block_n=32)
 # Ampere's mma.sync keeps accumulators in registers, not shared memory: 8 forward warps, 32-key
 # forward tiles and smaller backward tiles at D=80/128 (128x64 spills 16-24 B with three K/V buffers).
 _AMPERE_CONFIGS = {
     **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
     128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, dq_block_m=64),
-    256: _HOPPER_CONFIGS[256],
+    256: _D256_NARROW,
 }
 # sm_86 / sm_89 (and sm_120): 99 KiB of shared memory per block, Ampere-style mma.sync.
 _SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
 # sm_100: tcgen05 MMA, 227 KiB of shared memory. The Hopper tiles spill here: the forward at
-# D<=64 (104 B at 4 warps) and dK/dV at D=80/128 (160 B at 32x128, whose accumulators stay in
-# registers because of the GQA loop around the tile loops).
+# D<=64 (104 B at 128x64 with 4 warps) and D=128 (24 B at 128x64), dK/dV at D=80/128 (160 B at
+# 32x128, whose accumulators stay in registers because of the GQA loop around the tile loops).
 _BLACKWELL_CONFIGS = {
     **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
-    128: KernelConfig(fwd_warps=8, dkv_block_n=64),
-    256: _HOPPER_CONFIGS[256],
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64),
+    256: _D256_NARROW,
 }
 
-# Triton 3.6 only, checked with its compile_check: the Hopper forward at D=64 with doc ids
-# (255 registers + 8 B stack at 4 warps) gets 8 warps (195 registers).
-_OLD_TRITON_OVERRIDES = {"hopper": {64: KernelConfig(fwd_warps=8)}}
+# Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: the Hopper
+# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles.
+_OLD_TRITON_OVERRIDES = {
+    "hopper": {block_d: replace(_HOPPER_CONFIGS[block_d], fwd_block_n=64) for block_d in (16, 32, 64)},
+}
 
 GENERATIONS = {
     "ampere": _AMPERE_CONFIGS,

@@ -19,6 +19,7 @@ from .config import KernelConfig, head_dim_block
 from .segments import NUM_SEGMENTS, AttentionRule, Segment
 
 LOG2E = 1.4426950408889634
+INT32_LIMIT = 2 ** 31
 PAD_KIND = tl.constexpr(int(Segment.PAD))
 NUM_KINDS = tl.constexpr(NUM_SEGMENTS)
 
@@ -60,13 +61,19 @@ def _fwd_tile(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    # A scalar (int64) offset per tile plus in-tile offsets the compiler may rematerialise: kept
-    # live across the loop they would cost 64 registers and spill the sm_80 forward at D=128.
+    # A scalar offset per tile plus in-tile offsets the compiler may rematerialise: kept live
+    # across the loop they would cost 64 registers and spill the sm_80 forward at D=128. The
+    # offset is int32 when every key position fits (one multiply instead of a 64-bit one).
     i_n0 = i_n * BLOCK_N
-    p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
-    p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
+    if INT32_OFFSETS:
+        p_k_tile = p_k + i_n0 * stride_kn
+        p_v_tile = p_v + i_n0 * stride_vn
+    else:
+        p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
+        p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
     # [BD, BN], [BN, BD]
     o_k = o_bn[None, :] * stride_kn + o_d[:, None]
     o_v = o_bn[:, None] * stride_vn + o_d[None, :]
@@ -103,7 +110,12 @@ def _fwd_tile(
     return b_acc, b_m_new, b_l
 
 
-@triton.heuristics({"DOT_PRECISION": dot_precision})
+def int32_key_offsets(args) -> bool:
+    """Do key offsets (position x row stride) of K and V fit int32? Then tiles are addressed in int32."""
+    return args["n_k"] * max(args["stride_kn"], args["stride_vn"], 1) < INT32_LIMIT
+
+
+@triton.heuristics({"DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_key_offsets})
 @triton.jit
 def segment_attention_fwd_kernel(
     q, k, v, o, lse, seg, doc,
@@ -123,6 +135,7 @@ def segment_attention_fwd_kernel(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HQ, i_bh % HQ
@@ -168,7 +181,7 @@ def segment_attention_fwd_kernel(
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
             i_n, n_k, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
         )
         i_n = i_next
     i_n = tl.load(p_partial)
@@ -177,7 +190,7 @@ def segment_attention_fwd_kernel(
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
             i_n, n_k, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
         )
         i_n = i_next
 
