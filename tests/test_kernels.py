@@ -172,6 +172,16 @@ def test_group_split_fills_the_gpu_only_when_the_grid_is_small():
     assert group_split(10, 1, 132) == 1
 
 
+def test_int64_key_offsets(monkeypatch):
+    """Keys past 2**31 elements get int64 tile offsets: force that branch on a small case."""
+    assert not forward_mod.int32_key_offsets({"n_k": 2 ** 20, "stride_kn": 2 ** 11, "stride_vn": 128})
+    assert forward_mod.int32_key_offsets({"n_k": 2 ** 20, "stride_kn": 2 ** 10, "stride_vn": 2 ** 10})
+    monkeypatch.setitem(forward_mod.segment_attention_fwd_kernel.values, "INT32_OFFSETS", lambda args: False)
+    seg = livr_layout(1, 50, pad=3)
+    q, k, v, do = random_qkv(1, 2, 1, 50, 50, 32)
+    assert_close_fp32(kernel(q, k, v, do, seg, "bottleneck", None), reference64(q, k, v, do, seg, "bottleneck", None))
+
+
 def test_negative_scale_is_rejected():
     seg = livr_layout(1, 20)
     q, k, v, _ = random_qkv(1, 2, 1, 20, 20, 16, requires_grad=False)
@@ -230,6 +240,28 @@ def test_random_layouts(n, kinds, docs, use_docs, rule, n_q_fraction):
     n_q = max(1, int(n * n_q_fraction))
     q, k, v, do = random_qkv(1, 2, 1, n_q, n, 16)
     assert_close_fp32(kernel(q, k, v, do, seg, rule, doc), reference64(q, k, v, do, seg, rule, doc))
+
+
+def test_interpreter_accepts_loop_bounds_loaded_from_memory():
+    """Triton 3.6's interpreter refuses ``range(0, tl.load(p))`` under NumPy 2.4 until patched."""
+    import triton
+    import triton.language as tl
+
+    from livr_kernels._interpreter import patch_interpreter
+
+    @triton.jit
+    def count_up(p_count, p_out):
+        i = tl.program_id(0)
+        b_sum = 0
+        for i_t in range(0, tl.load(p_count + i)):
+            b_sum += i_t
+        tl.store(p_out + i, b_sum)
+
+    patch_interpreter()
+    counts = torch.tensor([0, 1, 4], dtype=torch.int32)
+    out = torch.full((3,), -1, dtype=torch.int32)
+    count_up[(3,)](counts, out)
+    assert out.tolist() == [0, 0, 6]
 
 
 def test_auto_backend_on_cpu_is_reference():
