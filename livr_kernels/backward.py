@@ -20,6 +20,7 @@ from .segments import AttentionRule
 _alloc = torch.empty
 
 PREPROCESS_BLOCK_M = 64
+PREPROCESS_WARPS = 4
 
 
 @triton.jit
@@ -334,6 +335,7 @@ def segment_attention_bwd(
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
+        **config.launch_options(PREPROCESS_WARPS),
     )
 
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
@@ -342,7 +344,7 @@ def segment_attention_bwd(
     common = dict(
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
         RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
-        num_warps=config.bwd_warps, num_stages=config.num_stages,
+        **config.launch_options(config.bwd_warps),
     )
 
     bm, bn = config.dkv_block_m, config.dkv_block_n

@@ -9,6 +9,7 @@ import triton
 
 MIN_HEAD_DIM_BLOCK = 16
 MAX_HEAD_DIM = 256
+MAX_REGISTERS = 255
 # Largest padded head dim the autotuner varies tiles for.
 TUNED_MAX_HEAD_DIM = 128
 HOPPER = (9, 0)
@@ -37,6 +38,16 @@ class KernelConfig:
     num_stages: int = 3
     # Parts each GQA group's dK/dV is split into (0: chosen from the grid size and SM count).
     dkv_split: int = 0
+    # Register cap handed to ptxas (0: its own choice). Blackwell's ptxas picks 80-128 registers
+    # for some kernels and spills; an explicit cap of 255 lets it use what the others get.
+    maxnreg: int = 0
+
+    def launch_options(self, num_warps: int) -> dict:
+        """Keyword arguments of a kernel launch with ``num_warps`` warps."""
+        options = dict(num_warps=num_warps, num_stages=self.num_stages)
+        if self.maxnreg:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 # Register use grows with BLOCK_D: the dK/dV kernel keeps K, V, dK and dV of a key block on chip,
@@ -67,10 +78,12 @@ _SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
 # sm_100: tcgen05 MMA, 227 KiB of shared memory. The Hopper tiles spill here: the forward at
 # D<=64 (104 B at 128x64 with 4 warps) and D=128 (24 B at 128x64), dK/dV at D=80/128 (160 B at
 # 32x128, whose accumulators stay in registers because of the GQA loop around the tile loops).
+# Without a register cap, ptxas-blackwell stops at 128 registers in the forward at D=128 (24 B
+# spilled) and at 80 in the backward preprocess (8 B); with maxnreg=255: 160 and 81, no spill.
 _BLACKWELL_CONFIGS = {
-    **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
-    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64),
-    256: _D256_NARROW,
+    **{block_d: KernelConfig(fwd_warps=8, maxnreg=MAX_REGISTERS) for block_d in (16, 32, 64)},
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, maxnreg=MAX_REGISTERS),
+    256: replace(_D256_NARROW, maxnreg=MAX_REGISTERS),
 }
 
 # Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: the Hopper

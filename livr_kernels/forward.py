@@ -237,6 +237,6 @@ def segment_attention_fwd(
         n_q, n_k, num_q_blocks, num_k_blocks,
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=head_dim_block(head_dim),
         BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
-        num_warps=config.fwd_warps, num_stages=config.num_stages,
+        **config.launch_options(config.fwd_warps),
     )
     return o, lse

@@ -261,7 +261,7 @@ def causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
         o.stride(0), o.stride(1), o.stride(2),
         n, HQ=hq, GROUP=hq // k.shape[1], D=head_dim, BLOCK_D=head_dim_block(head_dim),
         BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n,
-        num_warps=config.fwd_warps, num_stages=config.num_stages,
+        **config.launch_options(config.fwd_warps),
     )
     return o, lse
 
@@ -276,7 +276,7 @@ def causal_bwd(do, q, k, v, o, lse, scale: float, config: KernelConfig):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(
         HQ=heads, D=head_dim, BLOCK_D=head_dim_block(head_dim),
-        num_warps=config.bwd_warps, num_stages=config.num_stages,
+        **config.launch_options(config.bwd_warps),
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     causal_bwd_dkv_kernel[(n // config.dkv_block_n, batch * heads)](

@@ -275,3 +275,13 @@ def test_yardstick_computes_causal_attention():
     want_grads = torch.autograd.grad(want, (q64, k64, v64), do.double())
     for got, ref in zip((o,) + tuple(grads), (want,) + want_grads):
         assert (got.double() - ref).abs().max().item() < 1e-5
+
+
+def test_blackwell_launches_carry_a_register_cap():
+    """ptxas-blackwell spills at 80-128 registers unless given maxnreg (see config.py); others launch without."""
+    import torch
+
+    blackwell = default_config(128, (10, 0), torch.bfloat16).launch_options(8)
+    assert blackwell == {"num_warps": 8, "num_stages": 3, "maxnreg": 255}
+    assert "maxnreg" not in default_config(128, (9, 0), torch.bfloat16).launch_options(8)
+    assert "maxnreg" not in default_config(128, (12, 0), torch.bfloat16).launch_options(8)
