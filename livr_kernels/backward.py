@@ -19,7 +19,9 @@ from .segments import AttentionRule
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
 _alloc = torch.empty
 
-PREPROCESS_BLOCK_M = 64
+# Rows x head dim the preprocess reads per program (64 rows at D=128; fewer rows at D=256, where
+# 64 rows spill 96 B on sm_100 under Triton 3.6).
+PREPROCESS_ELEMENTS = 64 * 128
 PREPROCESS_WARPS = 4
 
 
@@ -330,11 +332,12 @@ def segment_attention_bwd(
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
 
     delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
-    segment_attention_bwd_kernel_preprocess[(triton.cdiv(n_q, PREPROCESS_BLOCK_M), batch * hq)](
+    preprocess_m = PREPROCESS_ELEMENTS // block_d
+    segment_attention_bwd_kernel_preprocess[(triton.cdiv(n_q, preprocess_m), batch * hq)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
+        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_m,
         **config.launch_options(PREPROCESS_WARPS),
     )
 

@@ -17,8 +17,6 @@ import triton.language as tl
 from .config import KernelConfig, head_dim_block
 from .forward import LOG2E, dot_precision, head_dim_mask
 
-PREPROCESS_BLOCK_M = 64
-
 
 @triton.jit
 def _causal_fwd_tile(
