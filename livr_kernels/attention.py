@@ -8,8 +8,9 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from .autotune import select_config
 from .blocks import SegmentLayout, TileShape
-from .config import MAX_HEAD_DIM, KernelConfig, default_config
+from .config import MAX_HEAD_DIM, KernelConfig
 from .reference import reference_attention
 from .segments import AttentionRule, RuleLike, resolve_rule
 
@@ -100,8 +101,7 @@ def segment_attention(
 
         patch_interpreter_dot()
     if config is None:
-        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-        config = default_config(q.shape[-1], capability, q.dtype)
+        config = select_config(q, k, v, layout, rule, scale)
     return SegmentAttentionFunction.apply(q, k, v, layout, rule, scale, config)
 
 

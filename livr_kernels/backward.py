@@ -12,14 +12,17 @@ import triton
 import triton.language as tl
 
 from .blocks import SegmentLayout
-from .config import KernelConfig, head_dim_block
-from .forward import LOG2E, PAD_KIND, dot_precision, segment_allowed
+from .config import KernelConfig, dkv_split, head_dim_block
+from .forward import LOG2E, PAD_KIND, dot_precision, head_dim_mask, segment_allowed
 from .segments import AttentionRule
 
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
 _alloc = torch.empty
 
-PREPROCESS_BLOCK_M = 64
+# Rows x head dim the preprocess reads per program (64 rows at D=128; fewer rows at D=256, where
+# 64 rows spill 96 B on sm_100 under Triton 3.6).
+PREPROCESS_ELEMENTS = 64 * 128
+PREPROCESS_WARPS = 4
 
 
 @triton.jit
@@ -49,26 +52,33 @@ def segment_attention_bwd_kernel_preprocess(
 @triton.jit
 def _dkv_tile(
     b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n,
-    p_q, p_do, p_lse, p_delta, p_seg, p_doc, i_m, n_q, offset,
-    stride_qn, stride_don, o_d, m_d, scale_log2,
+    p_q, p_do, p_lse, p_delta, p_seg, p_doc, o_bm, o_d, m_d, i_m, n_q, offset,
+    stride_qn, stride_don, scale_log2,
     BLOCK_M: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # A scalar offset per tile plus [BM, BD] offsets the compiler rematerialises (kept live across
+    # the loop they would cost dK/dV 32 registers and spill it).
+    i_m0 = i_m * BLOCK_M
+    o_m = i_m0 + o_bm
+    p_q_tile = p_q + i_m0.to(tl.int64) * stride_qn
+    p_do_tile = p_do + i_m0.to(tl.int64) * stride_don
+    o_q = o_bm[:, None] * stride_qn + o_d[None, :]
+    o_do = o_bm[:, None] * stride_don + o_d[None, :]
     if MASKED:
         m_m = o_m < n_q
         # [BM, BD]
-        b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_q = tl.load(p_q_tile + o_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_do = tl.load(p_do_tile + o_do, mask=m_m[:, None] & m_d[None, :], other=0.0)
         # Out-of-range rows get lse = +inf, hence p = 0.
         b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     else:
-        b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_d[None, :], other=0.0)
-        b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_d[None, :], other=0.0)
+        b_q = tl.load(p_q_tile + o_q, mask=m_d[None, :], other=0.0)
+        b_do = tl.load(p_do_tile + o_do, mask=m_d[None, :], other=0.0)
         b_lse = tl.load(p_lse + o_m)
         b_delta = tl.load(p_delta + o_m)
     # [BN, BM]: the tile transposed, keys along rows.
@@ -106,6 +116,7 @@ def segment_attention_bwd_kernel_dkv(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     GROUP: tl.constexpr,
+    SPLIT: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -114,15 +125,19 @@ def segment_attention_bwd_kernel_dkv(
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    # Program (key block, batch x K/V head x part): each of the SPLIT parts owns GROUP // SPLIT
+    # query heads of the group and writes its own partial dK/dV (head i_kvh * SPLIT + i_s).
+    i_n, i_bhs = tl.program_id(0), tl.program_id(1)
+    i_bh, i_s = i_bhs // SPLIT, i_bhs % SPLIT
     i_b, i_kvh = i_bh // HKV, i_bh % HKV
     i_b64 = i_b.to(tl.int64)
     offset = n_k - n_q
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_bm = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < n_k
-    m_d = o_d < D
+    m_d = head_dim_mask(o_d, D, BLOCK_D)
     m_nd = m_n[:, None] & m_d[None, :]
 
     p_seg = seg + i_b64 * n_k
@@ -144,28 +159,32 @@ def segment_attention_bwd_kernel_dkv(
     n_partial = tl.load(partial_count + i_row)
     p_full = full_index + i_row.to(tl.int64) * num_q_blocks
     p_partial = partial_index + i_row.to(tl.int64) * num_q_blocks
-    for i_g in range(GROUP):
-        i_h = i_kvh * GROUP + i_g
+    for i_g in range(GROUP // SPLIT):
+        i_h = i_kvh * GROUP + i_s * (GROUP // SPLIT) + i_g
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
         p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse = lse + i_bhq * n_q
         p_delta = delta + i_bhq * n_q
+        # Unlike the forward and dQ, the tile index is loaded in the iteration that uses it: read one
+        # iteration ahead it would buy a third Q/dO buffer but spills this kernel at D=128 on sm_90
+        # (255 registers + 40 B stack at 32x128); the pipeliner then keeps two buffers.
         for i_t in range(0, n_full):
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                tl.load(p_full + i_t), n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
+                o_bm, o_d, m_d, tl.load(p_full + i_t), n_q, offset, stride_qn, stride_don, scale_log2,
                 BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
             )
         for i_t in range(0, n_partial):
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, o_d, m_d, scale_log2,
+                o_bm, o_d, m_d, tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, scale_log2,
                 BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
             )
 
-    p_dk = dk + i_b64 * stride_dkb + i_kvh.to(tl.int64) * stride_dkh
-    p_dv = dv + i_b64 * stride_dvb + i_kvh.to(tl.int64) * stride_dvh
+    i_out = (i_kvh * SPLIT + i_s).to(tl.int64)
+    p_dk = dk + i_b64 * stride_dkb + i_out * stride_dkh
+    p_dv = dv + i_b64 * stride_dvb + i_out * stride_dvh
     tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_nd)
     tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_nd)
 
@@ -173,23 +192,26 @@ def segment_attention_bwd_kernel_dkv(
 @triton.jit
 def _dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q,
-    p_k, p_v, p_seg, p_doc, i_n, n_k,
-    stride_kn, stride_vn, o_d, m_d, scale_log2,
+    p_k, p_v, p_seg, p_doc, o_kt, o_vt, o_bn, m_d, i_n, n_k,
+    stride_kn, stride_vn, scale_log2,
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_n0 = i_n * BLOCK_N
+    o_n = i_n0 + o_bn
+    p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
+    p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
     if MASKED:
         m_n = o_n < n_k
         # [BD, BN]
-        b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
-        b_vt = tl.load(p_v + o_n[None, :] * stride_vn + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
+        b_kt = tl.load(p_k_tile + o_kt, mask=m_n[None, :] & m_d[:, None], other=0.0)
+        b_vt = tl.load(p_v_tile + o_vt, mask=m_n[None, :] & m_d[:, None], other=0.0)
     else:
-        b_kt = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
-        b_vt = tl.load(p_v + o_n[None, :] * stride_vn + o_d[:, None], mask=m_d[:, None], other=0.0)
+        b_kt = tl.load(p_k_tile + o_kt, mask=m_d[:, None], other=0.0)
+        b_vt = tl.load(p_v_tile + o_vt, mask=m_d[:, None], other=0.0)
     # [BM, BN]
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * scale_log2
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
@@ -235,11 +257,15 @@ def segment_attention_bwd_kernel_dq(
     offset = n_k - n_q
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_bn = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < n_q
-    m_d = o_d < D
+    m_d = head_dim_mask(o_d, D, BLOCK_D)
     m_md = m_m[:, None] & m_d[None, :]
     b_pos_q = offset + o_m
+    # [BD, BN] offsets inside one key tile.
+    o_kt = o_bn[None, :] * stride_kn + o_d[:, None]
+    o_vt = o_bn[None, :] * stride_vn + o_d[:, None]
 
     p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
     p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
@@ -260,19 +286,28 @@ def segment_attention_bwd_kernel_dq(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     i_row = i_b * num_q_blocks + i_m
     p_full = full_index + i_row.to(tl.int64) * num_k_blocks
-    for i_t in range(0, tl.load(full_count + i_row)):
+    p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
+    n_full = tl.load(full_count + i_row)
+    n_partial = tl.load(partial_count + i_row)
+    # Tile indices read one iteration ahead, as in the forward.
+    i_n = tl.load(p_full)
+    for i_t in range(0, n_full):
+        i_next = tl.load(p_full + tl.minimum(i_t + 1, num_k_blocks - 1))
         b_dq = _dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
-            tl.load(p_full + i_t), n_k, stride_kn, stride_vn, o_d, m_d, scale_log2,
+            o_kt, o_vt, o_bn, m_d, i_n, n_k, stride_kn, stride_vn, scale_log2,
             BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
         )
-    p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
-    for i_t in range(0, tl.load(partial_count + i_row)):
+        i_n = i_next
+    i_n = tl.load(p_partial)
+    for i_t in range(0, n_partial):
+        i_next = tl.load(p_partial + tl.minimum(i_t + 1, num_k_blocks - 1))
         b_dq = _dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
-            tl.load(p_partial + i_t), n_k, stride_kn, stride_vn, o_d, m_d, scale_log2,
+            o_kt, o_vt, o_bn, m_d, i_n, n_k, stride_kn, stride_vn, scale_log2,
             BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
         )
+        i_n = i_next
     p_dq = dq + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqn + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
 
@@ -297,11 +332,13 @@ def segment_attention_bwd(
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
 
     delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
-    segment_attention_bwd_kernel_preprocess[(triton.cdiv(n_q, PREPROCESS_BLOCK_M), batch * hq)](
+    preprocess_m = PREPROCESS_ELEMENTS // block_d
+    segment_attention_bwd_kernel_preprocess[(triton.cdiv(n_q, preprocess_m), batch * hq)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
+        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_m,
+        **config.launch_options(PREPROCESS_WARPS),
     )
 
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
@@ -310,25 +347,35 @@ def segment_attention_bwd(
     common = dict(
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
         RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
-        num_warps=config.bwd_warps, num_stages=config.num_stages,
+        **config.launch_options(config.bwd_warps),
     )
 
     bm, bn = config.dkv_block_m, config.dkv_block_n
     schedule = layout.schedule(rule, bm, bn, n_q, by_key=True)
     num_k_blocks, num_q_blocks = schedule.full_index.shape[1:]
-    segment_attention_bwd_kernel_dkv[(num_k_blocks, batch * hkv)](
-        q, k, v, do, lse, delta, dk, dv, layout.segment_ids, doc,
+    split = dkv_split(config, num_k_blocks * batch * hkv, hq // hkv, q.device)
+    if split > 1:
+        # Each part's partial sums in fp32, added in a fixed order below: deterministic, no atomics.
+        dk_parts = _alloc((batch, hkv * split, n_k, head_dim), dtype=torch.float32, device=k.device)
+        dv_parts = _alloc((batch, hkv * split, n_k, head_dim), dtype=torch.float32, device=v.device)
+    else:
+        dk_parts, dv_parts = dk, dv
+    segment_attention_bwd_kernel_dkv[(num_k_blocks, batch * hkv * split)](
+        q, k, v, do, lse, delta, dk_parts, dv_parts, layout.segment_ids, doc,
         schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        dk_parts.stride(0), dk_parts.stride(1), dk_parts.stride(2),
+        dv_parts.stride(0), dv_parts.stride(1), dv_parts.stride(2),
         n_q, n_k, num_q_blocks, num_k_blocks,
-        HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, **common,
+        HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, **common,
     )
+    if split > 1:
+        dk.copy_(dk_parts.view(batch, hkv, split, n_k, head_dim).sum(2))
+        dv.copy_(dv_parts.view(batch, hkv, split, n_k, head_dim).sum(2))
 
     bm, bn = config.dq_block_m, config.dq_block_n
     schedule = layout.schedule(rule, bm, bn, n_q)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every kernel variant for sm_80 and sm_90: registers, spills, shared memory.
+"""Ahead-of-time compile of every kernel variant: registers, spills, shared memory, and the SASS yardstick.
 
 No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole
 pipeline down to a cubin with the ptxas shipped in the Triton wheel, and the wheel's ``cuobjdump
@@ -13,18 +13,20 @@ tests/test_compile_check.py): the compiled kernel's metadata carries only shared
 equals ptxas's register count and its STACK equals ptxas's stack frame, which is where spills go;
 its LOCAL column stays 0 even when ptxas spills, so a spill is STACK + LOCAL > 0.
 
-    python -m livr_kernels.compile_check [--arch 80 90] [--quick | --full] [--dtypes ...] [--rules ...]
-                                         [--markdown] [--jobs N]
+The yardstick (``yardstick.py``, a plain causal flash attention) is compiled with the same tiles;
+the SASS instructions per token of livr's full-tile loops must stay within ``YARDSTICK_LIMIT`` of
+its unmasked loops (``compiled_stats.py``).
+
+    python -m livr_kernels.compile_check [--arch 80 86 89 90 100 120] [--quick | --full] [--dtypes ...]
+        [--rules ...] [--markdown] [--jobs N] [--no-yardstick] [--yardstick-scale X]
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
-import re
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -32,17 +34,41 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .compiled_stats import (  # noqa: F401  (re-exported: the tests and tools read them from here)
+    ASYNC_COPY,
+    MMA_KINDS,
+    SASS_MMA,
+    YARDSTICK_COLUMNS,
+    YARDSTICK_LIMIT,
+    ResourceUsage,
+    SassLoop,
+    YardstickRow,
+    cuobjdump_path,
+    format_yardstick,
+    loop_step,
+    mma_kind,
+    parse_resource_usage,
+    pipeline_buffers,
+    read_resource_usage,
+    read_sass,
+    sass_tile_loops,
+)
+
 KIB = 1024
-ARCHS = (80, 90)
+# Every GPU generation a fine-tuner may own: A100, RTX 30xx/A10/A40, RTX 40xx/L4/L40, H100/H200,
+# B200, RTX 50xx. CI compiles the two that differ most by default; --arch takes any of them.
+ARCHS = (80, 86, 89, 90, 100, 120)
+DEFAULT_ARCHS = (80, 90)
 # Largest shared memory one block may use (the opt-in maximum), per architecture.
-SHARED_LIMIT = {80: 163 * KIB, 90: 227 * KIB}
+SHARED_LIMIT = {80: 163 * KIB, 86: 99 * KIB, 89: 99 * KIB, 90: 227 * KIB, 100: 227 * KIB, 120: 99 * KIB}
 WARP_SIZE = 32
 # What gets compiled: (dtype, head dim) pairs and rules. fp16 and bf16 compile to the same
-# schedule, so the padded (80) and largest (256) head dims are checked in bf16 only by default;
-# --full takes every head-dim block, --dtypes adds fp32 (IEEE dots: no tensor cores) and --rules
-# other shipped rules (RULE_BITS is a constexpr, but the rule changes no resource count).
+# schedule (identical registers and shared memory in every table so far), so CI compiles bf16
+# only and `--dtypes fp16 bf16` adds fp16 (at D=64/128); --full takes every head-dim block,
+# --dtypes fp32 the IEEE-dot kernels (no tensor cores) and --rules other shipped rules
+# (RULE_BITS is a constexpr, but the rule changes no resource count).
 DTYPES = ("fp16", "bf16", "fp32")
-DEFAULT_DTYPES = ("fp16", "bf16")
+DEFAULT_DTYPES = ("bf16",)
 HALF_DTYPES = ("fp16", "bf16")
 CORE_HEAD_DIMS = (64, 128)
 EXTRA_HEAD_DIMS = (80, 256)
@@ -62,9 +88,17 @@ KERNELS = {
     "bwd_dkv": ("livr_kernels.backward", "segment_attention_bwd_kernel_dkv"),
     "bwd_dq": ("livr_kernels.backward", "segment_attention_bwd_kernel_dq"),
 }
-# PTX instruction prefixes of the tensor-core paths, most specific first.
-MMA_KINDS = (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
-ASYNC_COPY = "cp.async"
+# The plain causal kernels (livr_kernels/yardstick.py) that livr's main kernels are measured against.
+YARDSTICK_KERNELS = {
+    "fwd": ("livr_kernels.yardstick", "causal_fwd_kernel"),
+    "bwd_dkv": ("livr_kernels.yardstick", "causal_bwd_dkv_kernel"),
+    "bwd_dq": ("livr_kernels.yardstick", "causal_bwd_dq_kernel"),
+}
+YARDSTICK_PREFIX = "yardstick_"
+ALL_KERNELS = {**KERNELS, **{YARDSTICK_PREFIX + name: where for name, where in YARDSTICK_KERNELS.items()}}
+YARDSTICK_DTYPES = ("bf16", "fp16")
+# The yardstick has no bounds masks: its length is a multiple of every block size.
+YARDSTICK_SEQ_LEN = 1024
 _FP_FUSION_WARNING = ".*TRITON_DEFAULT_FP_FUSION.*"
 
 
@@ -95,16 +129,6 @@ class Variant:
     rule: Optional[str]
 
 
-@dataclass(frozen=True)
-class ResourceUsage:
-    """One function's line of ``cuobjdump -res-usage``; sizes in bytes (stack and local per thread)."""
-
-    registers: int
-    stack: int
-    static_shared: int
-    local: int
-
-
 @dataclass
 class KernelReport:
     variant: Variant
@@ -117,6 +141,10 @@ class KernelReport:
     shared: int = 0
     mma: str = "none"
     async_copies: bool = False
+    # SASS instructions of each innermost tensor-core loop (full-tile loop first), and the
+    # software pipeliner's buffer count per multi-buffered tile (TTGIR).
+    loop_instructions: List[int] = field(default_factory=list)
+    buffers: List[int] = field(default_factory=list)
     seconds: float = 0.0
     error: Optional[str] = None
 
@@ -144,58 +172,6 @@ class KernelReport:
         return found
 
 
-_FUNCTION_LINE = re.compile(r"^\s*Function\s+(\S+?)\s*:\s*$")
-_FIELD = re.compile(r"\b([A-Z]+):(\d+)")
-
-
-def parse_resource_usage(text: str) -> Dict[str, ResourceUsage]:
-    """Parse ``cuobjdump -res-usage`` output into one entry per function."""
-    usage: Dict[str, ResourceUsage] = {}
-    name = None
-    for line in text.splitlines():
-        match = _FUNCTION_LINE.match(line)
-        if match:
-            name = match.group(1)
-            continue
-        if name is None or "REG:" not in line:
-            continue
-        fields = {key: int(value) for key, value in _FIELD.findall(line)}
-        usage[name] = ResourceUsage(
-            registers=fields.get("REG", 0),
-            stack=fields.get("STACK", 0),
-            static_shared=fields.get("SHARED", 0),
-            local=fields.get("LOCAL", 0),
-        )
-        name = None
-    return usage
-
-
-def cuobjdump_path() -> str:
-    """The cuobjdump shipped in the Triton wheel (``TRITON_CUOBJDUMP_PATH`` overrides it)."""
-    from triton import knobs
-
-    return knobs.nvidia.cuobjdump.path
-
-
-def read_resource_usage(cubin: bytes, function: str) -> ResourceUsage:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = subprocess.run([cuobjdump_path(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    usage = parse_resource_usage(out)
-    if function not in usage:
-        raise RuntimeError(f"cuobjdump reported no function {function!r}; its output was:\n{out}")
-    return usage[function]
-
-
-def mma_kind(ptx: str) -> str:
-    for name, instruction in MMA_KINDS:
-        if instruction in ptx:
-            return name
-    return "none"
-
-
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -203,7 +179,7 @@ def interpreter_on() -> bool:
 def _jit_function(kernel: str):
     from triton.runtime.jit import JITFunction
 
-    module, attr = KERNELS[kernel]
+    module, attr = ALL_KERNELS[kernel]
     fn = getattr(importlib.import_module(module), attr)
     # Heuristics / autotuner wrappers keep the JITFunction in ``.fn``.
     while not isinstance(fn, JITFunction):
@@ -221,28 +197,9 @@ def _target(arch: int):
     return GPUTarget("cuda", arch, WARP_SIZE)
 
 
-def capture_launches(
-    arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str, config=None
-) -> List[KernelLaunch]:
-    """Run the forward and backward host wrappers on CPU tensors, recording each kernel launch.
-
-    ``config`` (a ``KernelConfig``) replaces ``default_config`` to try other tile sizes.
-    """
-    if interpreter_on():
-        raise RuntimeError("capture_launches needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
-    import torch
-    from triton.compiler.compiler import make_backend
+def _recording(backend, launches: List["KernelLaunch"], kernels: Sequence[str]):
+    """Context: each named kernel's launches are recorded (in launch form), not run."""
     from triton.runtime.jit import create_function_from_signature
-
-    from .backward import segment_attention_bwd
-    from .blocks import SegmentLayout
-    from .config import default_config
-    from .forward import segment_attention_fwd
-    from .segments import Segment, resolve_rule
-
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    backend = make_backend(_target(arch))
-    launches: List[KernelLaunch] = []
 
     def recorder(kernel: str, fn):
         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -262,33 +219,86 @@ def capture_launches(
 
         return run
 
-    batch, n = 1, CAPTURE_SEQ_LEN
-    seg = torch.full((batch, n), int(Segment.TEXT), dtype=torch.int32)
+    class Recording:
+        def __enter__(self):
+            self.patched = []
+            for kernel in kernels:
+                fn = _jit_function(kernel)
+                fn.run = recorder(kernel, fn)
+                self.patched.append(fn)
+
+        def __exit__(self, *exc):
+            for fn in self.patched:
+                del fn.run
+
+    return Recording()
+
+
+def _capture_inputs(dtype: str, head_dim: int, n: int, kv_heads: int):
+    import torch
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    shape_q = (1, TARGET_Q_HEADS, n, head_dim)
+    shape_kv = (1, kv_heads, n, head_dim)
+    q, do = torch.zeros(shape_q, dtype=torch_dtype), torch.zeros(shape_q, dtype=torch_dtype)
+    k, v = torch.zeros(shape_kv, dtype=torch_dtype), torch.zeros(shape_kv, dtype=torch_dtype)
+    return torch_dtype, q, k, v, do
+
+
+def capture_launches(
+    arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str, config=None
+) -> List[KernelLaunch]:
+    """Run the forward and backward host wrappers on CPU tensors, recording each kernel launch.
+
+    ``config`` (a ``KernelConfig``) replaces ``default_config`` to try other tile sizes.
+    """
+    if interpreter_on():
+        raise RuntimeError("capture_launches needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
+    import torch
+    from triton.compiler.compiler import make_backend
+
+    from .backward import segment_attention_bwd
+    from .blocks import SegmentLayout
+    from .config import default_config
+    from .forward import segment_attention_fwd
+    from .segments import Segment, resolve_rule
+
+    n = CAPTURE_SEQ_LEN
+    seg = torch.full((1, n), int(Segment.TEXT), dtype=torch.int32)
     seg[:, n // 8: n // 2] = int(Segment.IMAGE)
     seg[:, n // 2 + n // 16: n // 2 + n // 8] = int(Segment.LATENT)
     seg[:, n - n // 16:] = int(Segment.ANSWER)
     doc = torch.arange(n, dtype=torch.int32)[None] * CAPTURE_DOCS // n if has_docs else None
     layout = SegmentLayout(seg, doc)
-    shape_q = (batch, TARGET_Q_HEADS, n, head_dim)
-    shape_kv = (batch, TARGET_KV_HEADS, n, head_dim)
-    q, do = torch.zeros(shape_q, dtype=torch_dtype), torch.zeros(shape_q, dtype=torch_dtype)
-    k, v = torch.zeros(shape_kv, dtype=torch_dtype), torch.zeros(shape_kv, dtype=torch_dtype)
+    torch_dtype, q, k, v, do = _capture_inputs(dtype, head_dim, n, TARGET_KV_HEADS)
     config = config or default_config(head_dim, _capability(arch), torch_dtype)
     resolved = resolve_rule(rule)
     scale = head_dim ** -0.5
-
-    patched = []
-    try:
-        for kernel in KERNELS:
-            fn = _jit_function(kernel)
-            fn.run = recorder(kernel, fn)
-            patched.append(fn)
+    launches: List[KernelLaunch] = []
+    with _recording(make_backend(_target(arch)), launches, list(KERNELS)):
         # The launches are only recorded, so o and lse come back uninitialised: fine for the capture.
         o, lse = segment_attention_fwd(q, k, v, layout, resolved, scale, config)
         segment_attention_bwd(do, q, k, v, o, lse, layout, resolved, scale, config)
-    finally:
-        for fn in patched:
-            del fn.run
+    return launches
+
+
+def capture_yardstick_launches(arch: int, dtype: str, head_dim: int, config=None) -> List[KernelLaunch]:
+    """The yardstick's launches with the tiles, warps and stages livr uses (``default_config``)."""
+    if interpreter_on():
+        raise RuntimeError("capture needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
+    from triton.compiler.compiler import make_backend
+
+    from .config import default_config
+    from .yardstick import causal_bwd, causal_fwd
+
+    torch_dtype, q, k, v, do = _capture_inputs(dtype, head_dim, YARDSTICK_SEQ_LEN, TARGET_KV_HEADS)
+    config = config or default_config(head_dim, _capability(arch), torch_dtype)
+    scale = head_dim ** -0.5
+    launches: List[KernelLaunch] = []
+    with _recording(make_backend(_target(arch)), launches, [YARDSTICK_PREFIX + name for name in YARDSTICK_KERNELS]):
+        o, lse = causal_fwd(q, k, v, scale, config)
+        # The yardstick backward has no GQA; one head group's K and V stand in (same tiles).
+        causal_bwd(do, q, q, q, o, lse, scale, config)
     return launches
 
 
@@ -324,6 +334,8 @@ def compile_launch(launch: KernelLaunch, variant: Variant) -> KernelReport:
     report.mma = mma_kind(compiled.asm["ptx"])
     # Triton's software pipelining issues the loop's loads as asynchronous copies.
     report.async_copies = ASYNC_COPY in compiled.asm["ptx"]
+    report.loop_instructions = [loop.instructions for loop in sass_tile_loops(read_sass(compiled.asm["cubin"]))]
+    report.buffers = pipeline_buffers(compiled.asm["ttgir"])
     return report
 
 
@@ -364,6 +376,44 @@ def plan(archs: Sequence[int], pairs: Sequence[Tuple[str, int]], rules: Sequence
                         )
                         jobs.setdefault(f"{arch}|{launch.key()}", (launch, variant))
     return list(jobs.values())
+
+
+def yardstick_plan(archs: Sequence[int], pairs: Sequence[Tuple[str, int]]) -> List[Tuple[KernelLaunch, Variant]]:
+    """The yardstick's compiles: one per main kernel, for each (arch, head dim) of the half-precision dtypes
+    selected (bf16 when both are: fp16 compiles to the same loop)."""
+    half = [d for d in YARDSTICK_DTYPES if any(p[0] == d for p in pairs)][:1]
+    jobs = []
+    for arch in archs:
+        for dtype, head_dim in pairs:
+            if dtype not in half:
+                continue
+            for launch in capture_yardstick_launches(arch, dtype, head_dim):
+                jobs.append((launch, Variant(launch.kernel, arch, dtype, head_dim, None, None)))
+    return jobs
+
+
+def yardstick_rows(reports: Sequence[KernelReport]) -> List[YardstickRow]:
+    """Pair each yardstick compile with livr's kernel of the same arch, dtype and head dim (no doc ids)."""
+    livr = {}
+    for r in reports:
+        v = r.variant
+        if v.kernel in YARDSTICK_KERNELS and v.has_docs is False and r.error is None:
+            livr.setdefault((v.kernel, v.arch, v.dtype, v.head_dim), r)
+    rows = []
+    for r in reports:
+        v = r.variant
+        if not v.kernel.startswith(YARDSTICK_PREFIX) or r.error is not None:
+            continue
+        kernel = v.kernel[len(YARDSTICK_PREFIX):]
+        mine = livr.get((kernel, v.arch, v.dtype, v.head_dim))
+        if mine is None or not mine.loop_instructions or not r.loop_instructions:
+            continue
+        rows.append(YardstickRow(
+            kernel, v.arch, v.dtype, v.head_dim, mine.tile, loop_step(kernel, mine.tile),
+            mine.loop_instructions[0], r.loop_instructions[0],
+            min(mine.buffers, default=0), min(r.buffers, default=0),
+        ))
+    return sorted(rows, key=lambda row: (row.arch, list(KERNELS).index(row.kernel), row.dtype, row.head_dim))
 
 
 def _init_worker() -> None:
@@ -412,7 +462,7 @@ def format_markdown(reports: Sequence[KernelReport]) -> str:
 
 def _sort_key(r: KernelReport):
     v = r.variant
-    return (v.arch, list(KERNELS).index(v.kernel), v.dtype, v.head_dim, bool(v.has_docs), v.rule or "")
+    return (v.arch, list(ALL_KERNELS).index(v.kernel), v.dtype, v.head_dim, bool(v.has_docs), v.rule or "")
 
 
 def wgmma_summary(reports: Sequence[KernelReport]) -> List[str]:
@@ -436,18 +486,25 @@ def run_checks(
     rules: Sequence[str] = DEFAULT_RULES,
     workers: int = 1,
     dtypes: Sequence[str] = DEFAULT_DTYPES,
+    yardstick: bool = True,
 ) -> Tuple[List[KernelReport], float]:
+    """Compile livr's kernels (and the yardstick's, for the SASS comparison); yardstick reports
+    carry kernel names starting with YARDSTICK_PREFIX."""
     start = time.perf_counter()
-    reports = compile_all(plan(archs, selection(quick, full, dtypes), rules), workers)
+    pairs = selection(quick, full, dtypes)
+    jobs = plan(archs, pairs, rules) + (yardstick_plan(archs, pairs) if yardstick else [])
+    reports = compile_all(jobs, workers)
     return reports, time.perf_counter() - start
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m livr_kernels.compile_check",
-        description="Compile every livr kernel variant for sm_80/sm_90 without a GPU; fail on spills or too much shared memory.",
+        description="Compile every livr kernel variant without a GPU; fail on spills, too much shared memory, "
+                    "or a full-tile loop costlier than the yardstick allows.",
     )
-    parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS), help="target compute capabilities")
+    parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(DEFAULT_ARCHS),
+                        help=f"target compute capabilities (default {list(DEFAULT_ARCHS)}; all: {list(ARCHS)})")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help=f"head dims {CORE_HEAD_DIMS} only")
     group.add_argument("--full", action="store_true", help=f"head dims {FULL_HEAD_DIMS}")
@@ -455,6 +512,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="dtypes to compile (fp32 spills with the shared tile configs and compiles slowly)")
     parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), help="shipped rule names (RULE_BITS is a constexpr)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--no-yardstick", action="store_true", help="skip the SASS comparison with the plain causal kernels")
+    parser.add_argument("--yardstick-scale", type=float, default=1.0,
+                        help="multiply the yardstick limits (forward 1.05x, backward 1.10x) by this factor")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -472,11 +532,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return subprocess.run(cmd, env=env).returncode
 
     warnings.filterwarnings("ignore", message=_FP_FUSION_WARNING)
-    reports, seconds = run_checks(args.arch, args.quick, args.full, args.rules, args.jobs, args.dtypes)
-    print(format_markdown(reports) if args.markdown else format_table(reports))
-    for line in wgmma_summary(reports):
+    reports, seconds = run_checks(args.arch, args.quick, args.full, args.rules, args.jobs, args.dtypes, not args.no_yardstick)
+    livr = [r for r in reports if not r.variant.kernel.startswith(YARDSTICK_PREFIX)]
+    print(format_markdown(livr) if args.markdown else format_table(livr))
+    for line in wgmma_summary(livr):
         print(line)
     problems = [p for r in reports for p in r.problems()]
+    if not args.no_yardstick:
+        limits = {name: limit * args.yardstick_scale for name, limit in YARDSTICK_LIMIT.items()}
+        rows = yardstick_rows(reports)
+        print("\nSASS instructions per token in the full-tile loop, livr vs the plain causal yardstick "
+              "(same tiles; bufs = pipeline buffers per K/V or Q/dO tile):")
+        print(format_yardstick(rows, limits, args.markdown))
+        problems += [p for row in rows for p in row.problems(limits)]
     print(f"{len(reports)} kernels compiled for {', '.join(f'sm_{a}' for a in args.arch)} in {seconds:.0f} s "
           f"(registers and stack from cuobjdump; shared = Triton's dynamic + static)")
     if problems:
@@ -484,7 +552,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    print("compile_check passed: no spills, shared memory within limits")
+    print("compile_check passed: no spills, shared memory within limits"
+          + ("" if args.no_yardstick else ", full-tile loops within the yardstick limits"))
     return 0
 
 

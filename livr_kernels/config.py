@@ -1,15 +1,26 @@
 """Tile sizes and launch settings for the kernels, chosen by padded head dim and GPU generation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 
 MIN_HEAD_DIM_BLOCK = 16
 MAX_HEAD_DIM = 256
+MAX_REGISTERS = 255
+# Largest padded head dim the autotuner varies tiles for.
+TUNED_MAX_HEAD_DIM = 128
 HOPPER = (9, 0)
+# Releases before this allocate registers differently: some forward tiles that fit under
+# Triton 3.9 spill 8 B under 3.6 (compile_check under each release finds them).
+NEW_REGISTER_ALLOCATION = (3, 7)
+
+
+def triton_version() -> Tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 @dataclass(frozen=True)
@@ -25,26 +36,84 @@ class KernelConfig:
     fwd_warps: int = 4
     bwd_warps: int = 8
     num_stages: int = 3
+    # Parts each GQA group's dK/dV is split into (0: chosen from the grid size and SM count).
+    dkv_split: int = 0
+    # Register cap handed to ptxas (0: its own choice). Blackwell's ptxas picks 80-128 registers
+    # for some kernels and spills; an explicit cap of 255 lets it use what the others get.
+    maxnreg: int = 0
+
+    def launch_options(self, num_warps: int) -> dict:
+        """Keyword arguments of a kernel launch with ``num_warps`` warps."""
+        options = dict(num_warps=num_warps, num_stages=self.num_stages)
+        if self.maxnreg:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 # Register use grows with BLOCK_D: the dK/dV kernel keeps K, V, dK and dV of a key block on chip,
 # so large head dims get smaller key blocks. Every entry compiles without spills
-# (`python -m livr_kernels.compile_check` checks this in CI).
+# (`python -m livr_kernels.compile_check` checks this in CI, under the oldest and newest Triton).
 _HOPPER_CONFIGS = {
-    16: KernelConfig(),
-    32: KernelConfig(),
-    64: KernelConfig(),
-    128: KernelConfig(fwd_warps=8),
+    # 128-key forward tiles with 8 warps (206 registers at D=64; 4 warps spill 392 B); dK/dV and
+    # dQ twice as wide as at D=128.
+    **{block_d: KernelConfig(fwd_block_n=128, fwd_warps=8, dkv_block_m=64, dq_block_n=64) for block_d in (16, 32, 64)},
+    # 128 keys spill the forward here (255 registers + 16 B); dQ takes 64-key tiles (254 registers).
+    128: KernelConfig(fwd_warps=8, dq_block_n=64),
+    # 64x64 forward tiles: 255 registers, no spill under 3.6 and 3.9, half the SASS per key of 64x32.
     256: KernelConfig(
-        fwd_block_m=64, fwd_block_n=32, dkv_block_m=16, dkv_block_n=32, dq_block_m=64, dq_block_n=16,
+        fwd_block_m=64, fwd_block_n=64, dkv_block_m=16, dkv_block_n=32, dq_block_m=64, dq_block_n=16,
         fwd_warps=8, num_stages=2,
     ),
 }
-# Ampere's mma.sync keeps accumulators in registers, not shared memory: smaller backward tiles.
+_D256_NARROW = replace(_HOPPER_CONFIGS[256], fwd_block_n=32)
+# Ampere's mma.sync keeps accumulators in registers, not shared memory: 8 forward warps, 32-key
+# forward tiles and smaller backward tiles at D=80/128 (128x64 spills 16-24 B with three K/V buffers).
 _AMPERE_CONFIGS = {
-    **_HOPPER_CONFIGS,
-    128: KernelConfig(fwd_warps=8, dkv_block_n=64, dq_block_m=64),
+    **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, dq_block_m=64),
+    256: _D256_NARROW,
 }
+# sm_86 / sm_89 (and sm_120): 99 KiB of shared memory per block, Ampere-style mma.sync.
+_SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
+# sm_100: tcgen05 MMA, 227 KiB of shared memory. The Hopper tiles spill here: the forward at
+# D<=64 (104 B at 128x64 with 4 warps) and D=128 (24 B at 128x64), dK/dV at D=80/128 (160 B at
+# 32x128, whose accumulators stay in registers because of the GQA loop around the tile loops).
+# Without a register cap, ptxas-blackwell stops at 128 registers in the forward at D=128 (24 B
+# spilled) and at 80 in the backward preprocess (8 B); with maxnreg=255: 160 and 81, no spill.
+_BLACKWELL_CONFIGS = {
+    **{block_d: KernelConfig(fwd_warps=8, maxnreg=MAX_REGISTERS) for block_d in (16, 32, 64)},
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, maxnreg=MAX_REGISTERS),
+    256: replace(_D256_NARROW, maxnreg=MAX_REGISTERS),
+}
+
+# Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: the Hopper
+# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles.
+_OLD_TRITON_OVERRIDES = {
+    "hopper": {block_d: replace(_HOPPER_CONFIGS[block_d], fwd_block_n=64) for block_d in (16, 32, 64)},
+}
+
+GENERATIONS = {
+    "ampere": _AMPERE_CONFIGS,
+    "ampere_small_shared": _SMALL_SHARED_CONFIGS,
+    "hopper": _HOPPER_CONFIGS,
+    "blackwell": _BLACKWELL_CONFIGS,
+    "blackwell_small_shared": _SMALL_SHARED_CONFIGS,
+}
+
+
+def generation(capability: Tuple[int, int]) -> str:
+    """The config table of a compute capability: sm_80/87 Ampere, sm_86/89 (99 KiB shared
+    memory), sm_90 Hopper, sm_100/103 Blackwell, sm_120/121 consumer Blackwell (99 KiB)."""
+    major, minor = capability
+    if major >= 12:
+        return "blackwell_small_shared"
+    if major >= 10:
+        return "blackwell"
+    if major == 9:
+        return "hopper"
+    if (major, minor) in ((8, 6), (8, 9)):
+        return "ampere_small_shared"
+    return "ampere"
 
 
 # fp32 runs exact IEEE dots without tensor cores: every product sits in registers, so the
@@ -62,16 +131,73 @@ _FP32_CONFIGS = {
 }
 
 
+# dK/dV splits its GQA group across programs until the grid fills this many waves of SMs.
+DKV_SPLIT_WAVES = 2
+
+
+def dkv_split(config: KernelConfig, num_programs: int, group: int, device: torch.device) -> int:
+    """Parts to split each GQA group's dK/dV into: the config's choice, or (0) the fewest that
+    give at least DKV_SPLIT_WAVES programs per SM, halving the group until it fills the GPU.
+    No split on CPU (the interpreter), where there are no SMs to fill."""
+    if config.dkv_split:
+        if group % config.dkv_split:
+            raise ValueError(f"KernelConfig.dkv_split must divide the GQA group size {group}; got {config.dkv_split}")
+        return config.dkv_split
+    if device.type != "cuda":
+        return 1
+    return group_split(num_programs, group, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def group_split(num_programs: int, group: int, sm_count: int) -> int:
+    split = 1
+    while num_programs * split < DKV_SPLIT_WAVES * sm_count and group % (2 * split) == 0:
+        split *= 2
+    return split
+
+
 def head_dim_block(head_dim: int) -> int:
     return max(MIN_HEAD_DIM_BLOCK, triton.next_power_of_2(head_dim))
 
 
 def default_config(
-    head_dim: int, capability: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+    head_dim: int,
+    capability: Optional[Tuple[int, int]] = None,
+    dtype: Optional[torch.dtype] = None,
+    version: Optional[Tuple[int, int]] = None,
 ) -> KernelConfig:
-    """The launch settings for a head dim and dtype on a GPU of compute ``capability`` (Hopper by default)."""
+    """The launch settings for a head dim and dtype on a GPU of compute ``capability`` (Hopper by
+    default), compiled by Triton ``version`` (the installed one by default)."""
+    block_d = head_dim_block(head_dim)
     if dtype == torch.float32:
-        table = _FP32_CONFIGS
-    else:
-        table = _HOPPER_CONFIGS if (capability or HOPPER) >= HOPPER else _AMPERE_CONFIGS
-    return table[head_dim_block(head_dim)]
+        return _FP32_CONFIGS[block_d]
+    name = generation(capability or HOPPER)
+    if (version or triton_version()) < NEW_REGISTER_ALLOCATION:
+        override = _OLD_TRITON_OVERRIDES.get(name, {}).get(block_d)
+        if override is not None:
+            return override
+    return GENERATIONS[name][block_d]
+
+
+def tuning_space(
+    head_dim: int, capability: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+) -> List[KernelConfig]:
+    """The configs the autotuner times for one (GPU generation, dtype, head dim): the static entry
+    first, then one step away from it on each axis (key tile of the forward, warps, pipeline
+    depth, dQ key tile, dK/dV query tile). fp32 and D=256 are not tuned (their tiles are at the
+    register limit already)."""
+    base = default_config(head_dim, capability, dtype)
+    if dtype == torch.float32 or head_dim_block(head_dim) > TUNED_MAX_HEAD_DIM:
+        return [base]
+    large_shared = generation(capability or HOPPER) in ("hopper", "blackwell")
+    steps = [
+        replace(base, fwd_block_n=2 * base.fwd_block_n),
+        replace(base, fwd_warps=12 - base.fwd_warps),
+        replace(base, num_stages=base.num_stages + (1 if large_shared else -1)),
+        replace(base, dq_block_n=2 * base.dq_block_n),
+        replace(base, dkv_block_m=2 * base.dkv_block_m),
+    ]
+    space = [base]
+    for config in steps:
+        if config not in space:
+            space.append(config)
+    return space

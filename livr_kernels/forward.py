@@ -19,6 +19,7 @@ from .config import KernelConfig, head_dim_block
 from .segments import NUM_SEGMENTS, AttentionRule, Segment
 
 LOG2E = 1.4426950408889634
+INT32_LIMIT = 2 ** 31
 PAD_KIND = tl.constexpr(int(Segment.PAD))
 NUM_KINDS = tl.constexpr(NUM_SEGMENTS)
 
@@ -29,6 +30,16 @@ _alloc = torch.empty
 def dot_precision(args) -> Optional[str]:
     """fp32 inputs get exact IEEE dots (TF32 would miss the fp32 tolerance); half types the default."""
     return "ieee" if args["q"].dtype == torch.float32 else None
+
+
+@triton.jit
+def head_dim_mask(o_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BD] in-range mask; a constant when D needs no padding, so the loads drop it entirely."""
+    if BLOCK_D == D:
+        m_d = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        m_d = o_d < D
+    return m_d
 
 
 @triton.jit
@@ -44,26 +55,40 @@ def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_B
 @triton.jit
 def _fwd_tile(
     b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q,
-    p_k, p_v, p_seg, p_doc, i_n, n_k,
-    stride_kn, stride_vn, o_d, m_d, scale_log2,
+    p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d, i_n, n_k,
+    stride_kn, stride_vn, scale_log2,
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A scalar offset per tile plus in-tile offsets the compiler may rematerialise: kept live
+    # across the loop they would cost 64 registers and spill the sm_80 forward at D=128. The
+    # offset is int32 when every key position fits (one multiply instead of a 64-bit one).
+    i_n0 = i_n * BLOCK_N
+    if INT32_OFFSETS:
+        p_k_tile = p_k + i_n0 * stride_kn
+        p_v_tile = p_v + i_n0 * stride_vn
+    else:
+        p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
+        p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
+    # [BD, BN], [BN, BD]
+    o_k = o_bn[None, :] * stride_kn + o_d[:, None]
+    o_v = o_bn[:, None] * stride_vn + o_d[None, :]
     if MASKED:
+        o_n = i_n0 + o_bn
         m_n = o_n < n_k
         # [BD, BN]
-        b_k = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
+        b_k = tl.load(p_k_tile + o_k, mask=m_n[None, :] & m_d[:, None], other=0.0)
         # [BN, BD]
-        b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(p_v_tile + o_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
     else:
-        b_k = tl.load(p_k + o_n[None, :] * stride_kn + o_d[:, None], mask=m_d[:, None], other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_d[None, :], other=0.0)
-    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * scale_log2
-    # [BM, BN]
+        b_k = tl.load(p_k_tile + o_k, mask=m_d[:, None], other=0.0)
+        b_v = tl.load(p_v_tile + o_v, mask=m_d[None, :], other=0.0)
+    # [BM, BN] raw scores: the softmax scale goes into the exp2 argument below (one FMA per score).
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION)
     if MASKED:
         b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
         b_doc_k = b_seg_k
@@ -71,20 +96,26 @@ def _fwd_tile(
             b_doc_k = tl.load(p_doc + o_n, mask=m_n, other=-1)
         b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
         b_s = tl.where(b_allow, b_s, float("-inf"))
-    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # The scale is positive, so the row max commutes with it.
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
     if MASKED:
         # A row with nothing allowed so far keeps max -inf; shift by 0 instead to avoid inf - inf.
         b_m_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
     else:
         b_m_shift = b_m_new
-    b_p = tl.math.exp2(b_s - b_m_shift[:, None])
+    b_p = tl.math.exp2(b_s * scale_log2 - b_m_shift[:, None])
     b_alpha = tl.math.exp2(b_m - b_m_shift)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_acc, b_m_new, b_l
 
 
-@triton.heuristics({"DOT_PRECISION": dot_precision})
+def int32_key_offsets(args) -> bool:
+    """Do key offsets (position x row stride) of K and V fit int32? Then tiles are addressed in int32."""
+    return args["n_k"] * max(args["stride_kn"], args["stride_vn"], 1) < INT32_LIMIT
+
+
+@triton.heuristics({"DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_key_offsets})
 @triton.jit
 def segment_attention_fwd_kernel(
     q, k, v, o, lse, seg, doc,
@@ -104,6 +135,7 @@ def segment_attention_fwd_kernel(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HQ, i_bh % HQ
@@ -112,9 +144,10 @@ def segment_attention_fwd_kernel(
     offset = n_k - n_q
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_bn = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < n_q
-    m_d = o_d < D
+    m_d = head_dim_mask(o_d, D, BLOCK_D)
     b_pos_q = offset + o_m
 
     p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -135,17 +168,31 @@ def segment_attention_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     i_row = i_b * num_q_blocks + i_m
     p_full = full_index + i_row.to(tl.int64) * num_k_blocks
-    for i_t in range(0, tl.load(full_count + i_row)):
-        b_acc, b_m, b_l = _fwd_tile(
-            b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, tl.load(p_full + i_t), n_k,
-            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
-        )
     p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
-    for i_t in range(0, tl.load(partial_count + i_row)):
+    n_full = tl.load(full_count + i_row)
+    n_partial = tl.load(partial_count + i_row)
+    # Each loop reads the next tile's index one iteration ahead: K/V addresses then depend on a
+    # value carried in from the previous iteration, not on a load in the same one, and the
+    # software pipeliner keeps all its stages for K and V (3 buffers at num_stages=3, not 2).
+    # The clamp keeps the read inside the row; the last one is never used.
+    i_n = tl.load(p_full)
+    for i_t in range(0, n_full):
+        i_next = tl.load(p_full + tl.minimum(i_t + 1, num_k_blocks - 1))
         b_acc, b_m, b_l = _fwd_tile(
-            b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, tl.load(p_partial + i_t), n_k,
-            stride_kn, stride_vn, o_d, m_d, scale_log2, BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
+            b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
+            i_n, n_k, stride_kn, stride_vn, scale_log2,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
         )
+        i_n = i_next
+    i_n = tl.load(p_partial)
+    for i_t in range(0, n_partial):
+        i_next = tl.load(p_partial + tl.minimum(i_t + 1, num_k_blocks - 1))
+        b_acc, b_m, b_l = _fwd_tile(
+            b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
+            i_n, n_k, stride_kn, stride_vn, scale_log2,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
+        )
+        i_n = i_next
 
     # Rows that saw no allowed key: output 0, log-sum-exp +inf so the backward gives them p = 0.
     m_empty = b_l == 0.0
@@ -166,6 +213,9 @@ def segment_attention_fwd(
     config: KernelConfig,
 ):
     """Launch the forward. Returns (o, lse) with lse (B, Hq, Nq) fp32 in base 2."""
+    if not scale >= 0:
+        # The kernel takes the row max before scaling: only a non-negative scale commutes with it.
+        raise ValueError(f"scale must be a non-negative number; got {scale}")
     batch, hq, n_q, head_dim = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     # The kernels address the head dim with unit stride; only copy views that break that.
@@ -187,6 +237,6 @@ def segment_attention_fwd(
         n_q, n_k, num_q_blocks, num_k_blocks,
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=head_dim_block(head_dim),
         BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
-        num_warps=config.fwd_warps, num_stages=config.num_stages,
+        **config.launch_options(config.fwd_warps),
     )
     return o, lse

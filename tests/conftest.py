@@ -7,6 +7,8 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests run the static tile table (reproducible); tests/test_autotune.py covers the tuner itself.
+os.environ.setdefault("LIVR_AUTOTUNE", "0")
 # Two pytest workers on two cores: keep each to one BLAS thread to avoid oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

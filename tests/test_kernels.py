@@ -1,6 +1,8 @@
 """The Triton kernels (under the interpreter) against the float64 dense reference."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -10,6 +12,7 @@ import livr_kernels.forward as forward_mod
 from kernel_cases import livr_layout, packed_docs, random_qkv
 from livr_kernels import AttentionRule, KernelConfig, RULES, Segment, SegmentLayout, reference_attention, segment_attention
 from livr_kernels.blocks import TILE_EMPTY
+from livr_kernels.config import group_split
 
 # Small, unequal tiles so a short sequence spans many tiles of every class, and the forward,
 # dK/dV and dQ kernels each see different block boundaries.
@@ -141,6 +144,51 @@ def test_every_output_element_written(monkeypatch):
         assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
 
 
+@pytest.mark.parametrize("split", [2, 4])
+def test_dkv_split_across_the_gqa_group(split):
+    """dK/dV split into parts of the GQA group (partial sums added in torch) matches the reference."""
+    seg = livr_layout(2, 40, pad=5)
+    q, k, v, do = random_qkv(2, 8, 2, 40, 40, 32)
+    config = dataclasses.replace(SMALL_TILES, dkv_split=split)
+    got = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 40, 2), config=config)
+    assert_close_fp32(got, reference64(q, k, v, do, seg, "bottleneck", packed_docs(2, 40, 2)))
+    again = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 40, 2), config=config)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_dkv_split_must_divide_the_group():
+    seg = livr_layout(1, 20)
+    q, k, v, do = random_qkv(1, 4, 2, 20, 20, 16)
+    with pytest.raises(ValueError, match="dkv_split must divide the GQA group size 2"):
+        kernel(q, k, v, do, seg, "bottleneck", None, config=dataclasses.replace(SMALL_TILES, dkv_split=4))
+
+
+def test_group_split_fills_the_gpu_only_when_the_grid_is_small():
+    # 132 SMs: a grid of 1024 programs needs no split; 64 programs split a group of 8 until 2 waves.
+    assert group_split(1024, 8, 132) == 1
+    assert group_split(64, 8, 132) == 8
+    assert group_split(100, 8, 132) == 4
+    assert group_split(100, 6, 132) == 2
+    assert group_split(10, 1, 132) == 1
+
+
+def test_int64_key_offsets(monkeypatch):
+    """Keys past 2**31 elements get int64 tile offsets: force that branch on a small case."""
+    assert not forward_mod.int32_key_offsets({"n_k": 2 ** 20, "stride_kn": 2 ** 11, "stride_vn": 128})
+    assert forward_mod.int32_key_offsets({"n_k": 2 ** 20, "stride_kn": 2 ** 10, "stride_vn": 2 ** 10})
+    monkeypatch.setitem(forward_mod.segment_attention_fwd_kernel.values, "INT32_OFFSETS", lambda args: False)
+    seg = livr_layout(1, 50, pad=3)
+    q, k, v, do = random_qkv(1, 2, 1, 50, 50, 32)
+    assert_close_fp32(kernel(q, k, v, do, seg, "bottleneck", None), reference64(q, k, v, do, seg, "bottleneck", None))
+
+
+def test_negative_scale_is_rejected():
+    seg = livr_layout(1, 20)
+    q, k, v, _ = random_qkv(1, 2, 1, 20, 20, 16, requires_grad=False)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        segment_attention(q, k, v, seg, backend="triton", scale=-0.1)
+
+
 def test_backward_is_deterministic():
     seg = livr_layout(1, 64, pad=2)
     q, k, v, do = random_qkv(1, 8, 2, 64, 64, 32)
@@ -192,6 +240,28 @@ def test_random_layouts(n, kinds, docs, use_docs, rule, n_q_fraction):
     n_q = max(1, int(n * n_q_fraction))
     q, k, v, do = random_qkv(1, 2, 1, n_q, n, 16)
     assert_close_fp32(kernel(q, k, v, do, seg, rule, doc), reference64(q, k, v, do, seg, rule, doc))
+
+
+def test_interpreter_accepts_loop_bounds_loaded_from_memory():
+    """Triton 3.6's interpreter refuses ``range(0, tl.load(p))`` under NumPy 2.4 until patched."""
+    import triton
+    import triton.language as tl
+
+    from livr_kernels._interpreter import patch_interpreter
+
+    @triton.jit
+    def count_up(p_count, p_out):
+        i = tl.program_id(0)
+        b_sum = 0
+        for i_t in range(0, tl.load(p_count + i)):
+            b_sum += i_t
+        tl.store(p_out + i, b_sum)
+
+    patch_interpreter()
+    counts = torch.tensor([0, 1, 4], dtype=torch.int32)
+    out = torch.full((3,), -1, dtype=torch.int32)
+    count_up[(3,)](counts, out)
+    assert out.tolist() == [0, 0, 6]
 
 
 def test_auto_backend_on_cpu_is_reference():

@@ -1,0 +1,118 @@
+"""Autotuning logic on CPU: the space, the length buckets, the switch, and the disk cache."""
+import dataclasses
+
+import pytest
+import torch
+
+from livr_kernels import autotune
+from livr_kernels.config import KernelConfig, default_config, tuning_space
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    monkeypatch.setattr(autotune, "_memory", {})
+
+
+def _key(n=4096):
+    return autotune.tuning_key("NVIDIA H100", (9, 0), torch.bfloat16, 128, 16, 2, n, False)
+
+
+@pytest.mark.parametrize("n,bucket", [(1, 1024), (1000, 1024), (1024, 1024), (1025, 2048), (5000, 8192), (16384, 16384)])
+def test_length_bucket(n, bucket):
+    assert autotune.length_bucket(n) == bucket
+    assert _key(n) == _key(bucket)
+
+
+def test_keys_separate_what_changes_the_best_tiles():
+    base = _key()
+    assert base != _key(8192)
+    assert base != autotune.tuning_key("NVIDIA H100", (9, 0), torch.float16, 128, 16, 2, 4096, False)
+    assert base != autotune.tuning_key("NVIDIA H100", (9, 0), torch.bfloat16, 128, 16, 2, 4096, True)
+    assert base != autotune.tuning_key("NVIDIA A100", (8, 0), torch.bfloat16, 128, 16, 2, 4096, False)
+
+
+def test_switch(monkeypatch):
+    cuda = torch.device("cuda")
+    assert not autotune.autotune_enabled(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not autotune.autotune_enabled(cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("LIVR_AUTOTUNE", raising=False)
+    assert autotune.autotune_enabled(cuda), "on by default on CUDA"
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("LIVR_AUTOTUNE", off)
+        assert not autotune.autotune_enabled(cuda)
+    monkeypatch.setenv("LIVR_AUTOTUNE", "1")
+    assert autotune.autotune_enabled(cuda)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)])
+def test_space_starts_with_the_table_and_varies_one_axis_at_a_time(capability):
+    space = tuning_space(128, capability, torch.bfloat16)
+    base = default_config(128, capability, torch.bfloat16)
+    assert space[0] == base and len(space) == len(set(space)) >= 4
+    for config in space[1:]:
+        changed = [f.name for f in dataclasses.fields(KernelConfig) if getattr(config, f.name) != getattr(base, f.name)]
+        assert len(changed) == 1, changed
+    assert any(c.fwd_block_n == 2 * base.fwd_block_n for c in space)
+    deeper = [c.num_stages for c in space if c.num_stages != base.num_stages]
+    # Deeper pipelines only where shared memory is large (sm_90, sm_100); shallower elsewhere.
+    assert deeper == ([base.num_stages + 1] if capability in ((9, 0), (10, 0)) else [base.num_stages - 1])
+
+
+def test_space_is_the_table_alone_for_fp32_and_d256():
+    assert tuning_space(64, (9, 0), torch.float32) == [default_config(64, (9, 0), torch.float32)]
+    assert tuning_space(256, (9, 0), torch.bfloat16) == [default_config(256, (9, 0), torch.bfloat16)]
+
+
+def test_tune_picks_the_fastest_stores_it_and_reads_it_back():
+    space = tuning_space(128, (9, 0), torch.bfloat16)
+    times = {c: 1.0 + i for i, c in enumerate(space)}
+    fastest = space[3]
+    times[fastest] = 0.5
+    tried = []
+
+    def bench(config):
+        tried.append(config)
+        return times[config]
+
+    assert autotune.tune(_key(), space, bench) == fastest
+    assert tried == space
+    # Same process: memory, no timing. New process (memory cleared): the disk cache, no timing.
+    assert autotune.tune(_key(), space, bench) == fastest and len(tried) == len(space)
+    autotune._memory.clear()
+
+    def must_not_run(config):
+        raise AssertionError("timed although the result was on disk")
+
+    assert autotune.tune(_key(), space, must_not_run) == fastest
+    # Another bucket is tuned afresh.
+    assert autotune.tune(_key(16384), space, bench) == fastest and len(tried) == 2 * len(space)
+
+
+def test_candidates_that_fail_are_skipped():
+    space = tuning_space(128, (9, 0), torch.bfloat16)
+
+    def bench(config):
+        if config is space[0]:
+            raise RuntimeError("out of resources: shared memory")
+        return 2.0 if config is space[1] else 3.0
+
+    assert autotune.tune(_key(), space, bench) == space[1]
+    with pytest.raises(RuntimeError, match="no tile config"):
+        autotune.tune(_key(2048), space, lambda config: 1 / 0)
+
+
+def test_cpu_tensors_use_the_static_table_without_timing():
+    q = torch.randn(1, 4, 64, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
+    from livr_kernels import SegmentLayout
+
+    layout = SegmentLayout(torch.zeros(1, 64, dtype=torch.long))
+
+    def must_not_run(config):
+        raise AssertionError("timed on CPU")
+
+    got = autotune.select_config(q, k, k, layout, None, 1.0, benchmark=must_not_run)
+    assert got == default_config(128, None, torch.bfloat16)
