@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import test_attention as bench  # noqa: E402
+from livr_kernels import autotune  # noqa: E402
 
 WARMUP_MS = 50
 REPEAT_MS = 300
@@ -51,7 +52,7 @@ TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
     "fwd >= 450, bwd >= 300 TFLOP/s of required work"
 )
-METHODS = ("livr", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
+METHODS = ("livr", "livr_table", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
 
 
 def versions() -> dict:
@@ -131,6 +132,24 @@ def flex_flash_runner():
     return run
 
 
+def livr_table_runner(case, q, k, v):
+    """livr with the static tile table (``LIVR_AUTOTUNE=0``), beside ``livr`` which autotunes."""
+    previous = os.environ.get(autotune.ENV_VAR)
+    os.environ[autotune.ENV_VAR] = "0"
+    try:
+        return bench.run_livr(case, q, k, v)
+    finally:
+        if previous is None:
+            del os.environ[autotune.ENV_VAR]
+        else:
+            os.environ[autotune.ENV_VAR] = previous
+
+
+def tuned_configs() -> list:
+    """The configs the autotuner chose in this process, one line per tuning key."""
+    return [f"D={key[3]}, N bucket {key[6]}, docs {key[7]}: {config}" for key, config in autotune._memory.items()]
+
+
 def flash_attn_runner():
     """flash-attn's causal kernel (no LIVR mask; a second floor), or None where it is absent."""
     try:
@@ -190,7 +209,7 @@ def fmt_ms(ms) -> str:
 
 
 def benchmark(lengths, layouts, repeat_ms) -> list:
-    extra = {"flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
+    extra = {"livr_table": livr_table_runner, "flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
     for name, runner in extra.items():
         if runner is not None:
             bench.RUNNERS[name] = runner
@@ -281,6 +300,8 @@ def main(argv=None) -> int:
     recompiles = flex_recompile_times("single", (3000, 5000, 7000))
     packing = run_packing_step()
     report = markdown(info, tests, rows, recompiles, packing)
+    report += "\nConfigs the autotuner chose for `livr` (`livr_table` is the static table):\n\n" + "".join(
+        f"- {line}\n" for line in tuned_configs())
     print(report, flush=True)
     with open(args.results, "a", encoding="utf-8") as fh:
         fh.write("\n" + report)
