@@ -59,8 +59,10 @@ test-compat: compile-check-compat pytest-compat
 pytest-newest: $(STAMP)
 	LIVR_CONSTRAINTS=$(NEWEST) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# Spills and shared memory are checked on both stacks; the SASS yardstick only on the newest, since
+# triton 3.6 schedules dK/dV's loop 1.10-1.18x the yardstick's instructions (benchmarks/RESULTS.md).
 compile-check-compat: $(COMPAT_STAMP)
-	$(COMPAT_BIN)/python -m livr_kernels.compile_check
+	$(COMPAT_BIN)/python -m livr_kernels.compile_check --no-yardstick
 
 pytest-compat: $(COMPAT_STAMP)
 	LIVR_CONSTRAINTS=$(OLDEST) $(COMPAT_BIN)/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
