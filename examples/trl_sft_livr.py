@@ -25,7 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from livr_model import LivrCollator, LivrStageCallback, add_latent_tokens, get_arch, patch_attention
 from livr_model.app.data.jsonl import load_jsonl
 from livr_model.app.data.synthetic import make_synthetic_dataset
-from livr_model.app.tiny import build_tiny_model, build_tiny_processor, load_tiny, save_tiny
+from livr_model.app.tiny import load_or_build_tiny
 from livr_model.prompts import Example, answer_text, format_prompt
 
 TINY = "tiny"
@@ -38,10 +38,7 @@ def load_model(name: str, output_dir: Path):
     """(model, processor, base path for livr-eval). The tiny base is saved first so livr-eval can reload it."""
     if name == TINY:
         base = output_dir / "base"
-        if not (base / "config.json").is_file():
-            processor = build_tiny_processor()
-            save_tiny(build_tiny_model(processor), processor, base)
-        model, processor = load_tiny(base)
+        model, processor = load_or_build_tiny(base)
         return model, processor, str(base)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype), AutoProcessor.from_pretrained(name), name

@@ -283,3 +283,13 @@ def load_tiny(path):
     processor = TinyQwen2_5_VLProcessor.from_pretrained(path, local_files_only=True)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return model.eval(), processor
+
+
+def load_or_build_tiny(path):
+    """(model, processor) from ``path``, building and saving a fresh (untrained) tiny model there
+    first if it holds none: the examples' offline base, which livr-eval can later reload."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        processor = build_tiny_processor()
+        save_tiny(build_tiny_model(processor), processor, path)
+    return load_tiny(path)
