@@ -91,6 +91,10 @@ def _worker(out_dir: Path, kill_at: int, resume: bool) -> None:
         torch.save({"weights": {n: full[n].clone() for n in names}, "steps": result.state.global_step,
                     "history": result.state.history,
                     "world": accelerator.num_processes}, out_dir / "final.pt")
+    # Both ranks leave together and take the gloo group down first: a rank exiting while the other
+    # still saves, with the group alive, aborted at exit ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -156,7 +156,11 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if metrics["verdict"]["learned"] else 1
     if not cfg.data:
         raise SystemExit("livr-train: --data is required (or use --demo); see --help")
-    train(cfg)
+    result = train(cfg)
+    # Every rank leaves together and the process group goes down before exit (a gloo rank exiting
+    # while another still writes can abort at exit after a successful run).
+    result.accelerator.wait_for_everyone()
+    result.accelerator.end_training()
     return 0
 
 
