@@ -3,6 +3,8 @@
 * ``tl.dot`` on bfloat16 (Triton 3.9): the interpreter keeps bf16 tensors as raw uint16 bits
   and multiplies those bits as integers, which returns garbage silently. bf16 operands are widened
   to fp32 first: exact, since a bf16 is the top half of an fp32.
+* fp32 -> bf16 casts (Triton 3.6-3.9): the interpreter truncates the mantissa where the GPU rounds
+  to nearest even, so bf16 results lean toward zero; the cast is replaced by the GPU's rounding.
 * ``range(0, n)`` with a loaded scalar ``n`` (Triton 3.6): the interpreter holds every scalar as
   a 1-element array and its ``tensor.__index__`` calls ``int()`` on it, which NumPy 2.4 refuses
   ("only 0-dimensional arrays can be converted to Python scalars"). Triton 3.9 squeezes the array
@@ -27,6 +29,31 @@ def _bf16_to_fp32(handle):
         return handle
     bits = handle.data.astype(np.uint32) << np.uint32(16)
     return TensorHandle(bits.view(np.float32), tl.float32)
+
+
+BF16_SHIFT = 16
+BF16_HALF_ULP = 0x7FFF
+BF16_QUIET_BIT = 0x40
+
+
+def fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bit patterns of fp32 ``values``, rounded to nearest even as the GPU does."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (BF16_HALF_ULP + ((bits >> BF16_SHIFT) & 1))) >> BF16_SHIFT
+    nan = np.isnan(values)
+    rounded = np.where(nan, (bits >> BF16_SHIFT) | BF16_QUIET_BIT, rounded)
+    return rounded.astype(np.uint16)
+
+
+def _patch_bf16_cast(interpreter) -> None:
+    original = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(fp32_to_bf16_bits(src.data), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
 def _scalar_index(tensor) -> int:
@@ -54,13 +81,14 @@ def _patch_scalar_index(interpreter) -> None:
 
 
 def patch_interpreter() -> None:
-    """Install both fixes once per process (idempotent)."""
+    """Install the fixes once per process (idempotent)."""
     global _patched
     if _patched:
         return
     from triton.runtime import interpreter
 
     _patch_dot(interpreter)
+    _patch_bf16_cast(interpreter)
     _patch_scalar_index(interpreter)
     _patched = True
 
