@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from livr_kernels import Segment
 
 from .archs import tokenizer_of
 from .latents import HANDLE_ATTRIBUTE, _peft_token_layer, latent_state_dict, latent_token_strings
+from .lr import WARMUP_OFFSET, warmup_cosine
 from .modes import LATENTS_NONE, TRAIN_LATENT_ROWS, get_mode
 from .patch import STATE_KWARG, LivrAttentionHandle
 from .prompts import PromptEncoder, vocabulary_latent_ids
@@ -44,8 +44,6 @@ LATENT_WEIGHTS = "latents.safetensors"
 TOKENIZER_ADDITIONS = "tokenizer_additions.json"
 RUN_FILES = (RUN_FILE, LATENT_WEIGHTS, TOKENIZER_ADDITIONS)  # the last two only for modes with new latents
 RUN_FORMAT = 1
-# The first update of a stage must not have lr 0: warmup factor (s + 1) / (W + 1), as livr-train.
-WARMUP_OFFSET = 1
 STAGE_LOG_KEY = "livr_stage"
 EVAL_RULE = "standard"
 TMP_SUFFIX = ".tmp"
@@ -149,11 +147,7 @@ def stage_lr_factor(step: int, boundary: int, total: int, warmups: Sequence[int]
         start, length, warmup = 0, boundary, warmups[0]
     else:
         start, length, warmup = boundary, total - boundary, warmups[1]
-    local = step - start
-    if local < warmup:
-        return (local + 1) / (warmup + WARMUP_OFFSET)
-    progress = min(1.0, (local - warmup) / max(1, length - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(step - start, length, warmup, warmup_extra=WARMUP_OFFSET)
 
 
 def _atomic_write(path: Path, write) -> None:

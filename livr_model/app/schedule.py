@@ -6,20 +6,9 @@ from typing import Sequence
 
 import torch
 
+from livr_model.lr import WARMUP_OFFSET, warmup_cosine
+
 from .config import TrainConfig
-
-# The first update of a stage must not have lr 0: warmup factor is (s + 1) / (W + 1).
-WARMUP_OFFSET = 1
-
-
-def warmup_cosine(step: int, total: int, warmup: int, *, warmup_extra: int = 0, floor: float = 0.0) -> float:
-    """LR factor of ``step`` in a phase of ``total`` steps: linear warmup ``(step + 1) / (warmup +
-    warmup_extra)`` over the first ``warmup`` steps, then cosine decay from 1 to ``floor``."""
-    if step < warmup:
-        return (step + 1) / (warmup + warmup_extra)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
 
 class StageSchedule:
     """LR factor per optimizer step: per stage, linear warmup over ``warmup_ratio`` of its steps then

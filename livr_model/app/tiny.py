@@ -20,10 +20,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from livr_model.lr import warmup_cosine
 from livr_model.prompts import Example, answer_text, collate, encode_example, format_prompt
 
 from .data.synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
-from .schedule import warmup_cosine
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
