@@ -8,7 +8,8 @@ Uses the torch and triton already installed (it never installs anything). Steps:
    against the float64 reference.
 2. Timings (CUDA events, median, ``triton.testing.do_bench``) on the LIVR layouts of
    ``benchmarks/layouts.py`` at the issue's setting (bf16, D=128, Hq=16, Hkv=2, 16k tokens per
-   batch): livr with a prebuilt layout and with the layout built per call, SDPA with a dense mask,
+   batch): livr with a prebuilt layout (autotuned; the static table; the table launched in row
+   order instead of longest first) and with the layout built per call, SDPA with a dense mask,
    SDPA ``is_causal`` (no LIVR mask: the floor), FlexAttention (Triton backend) with the block
    mask prebuilt and built per call, FlexAttention's FLASH backend and flash-attn where they import.
    Forward, backward (forward+backward minus forward) and TFLOP/s of the required work.
@@ -21,6 +22,7 @@ The markdown lands in ``--results`` (appended) and on stdout; ``--json`` keeps e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -38,7 +40,8 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import test_attention as bench  # noqa: E402
-from livr_kernels import autotune  # noqa: E402
+from livr_kernels import autotune, segment_attention  # noqa: E402
+from livr_kernels.config import default_config  # noqa: E402
 
 WARMUP_MS = 50
 REPEAT_MS = 300
@@ -52,7 +55,7 @@ TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
     "fwd >= 450, bwd >= 300 TFLOP/s of required work"
 )
-METHODS = ("livr", "livr_table", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
+METHODS = ("livr", "livr_table", "livr_table_row_order", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
 
 
 def versions() -> dict:
@@ -145,6 +148,14 @@ def livr_table_runner(case, q, k, v):
             os.environ[autotune.ENV_VAR] = previous
 
 
+def livr_row_order_runner(case, q, k, v):
+    """``livr_table`` with the row blocks launched in row order, not longest first (the A/B of
+    ``KernelConfig.longest_first``; benchmarks/dispatch_model.py predicts the difference)."""
+    config = dataclasses.replace(default_config(q.shape[-1], torch.cuda.get_device_capability(q.device), q.dtype),
+                                 longest_first=False)
+    return segment_attention(q, k, v, case.seg_layout, rule=bench.RULE, backend="triton", config=config)
+
+
 def tuned_configs() -> list:
     """The configs the autotuner chose in this process, one line per tuning key."""
     return [f"D={key[3]}, N bucket {key[6]}, docs {key[7]}: {config}" for key, config in autotune._memory.items()]
@@ -209,7 +220,7 @@ def fmt_ms(ms) -> str:
 
 
 def benchmark(lengths, layouts, repeat_ms) -> list:
-    extra = {"livr_table": livr_table_runner, "flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
+    extra = {"livr_table": livr_table_runner, "livr_table_row_order": livr_row_order_runner, "flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
     for name, runner in extra.items():
         if runner is not None:
             bench.RUNNERS[name] = runner

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
-from .forward import LOG2E, PAD_KIND, dot_precision, head_dim_mask, segment_allowed
+from .forward import LOG2E, PAD_KIND, dot_precision, head_dim_mask, program_row, segment_allowed
 from .segments import AttentionRule
 
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
@@ -104,7 +104,7 @@ def _dkv_tile(
 @triton.jit
 def segment_attention_bwd_kernel_dkv(
     q, k, v, do, lse, delta, dk, dv, seg, doc,
-    full_count, full_index, partial_count, partial_index,
+    full_count, full_index, partial_count, partial_index, row_order,
     scale, scale_log2,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -123,13 +123,13 @@ def segment_attention_bwd_kernel_dkv(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Program (key block, batch x K/V head x part): each of the SPLIT parts owns GROUP // SPLIT
+    # Program (batch row, key block, K/V head, part): each of the SPLIT parts owns GROUP // SPLIT
     # query heads of the group and writes its own partial dK/dV (head i_kvh * SPLIT + i_s).
-    i_n, i_bhs = tl.program_id(0), tl.program_id(1)
-    i_bh, i_s = i_bhs // SPLIT, i_bhs % SPLIT
-    i_b, i_kvh = i_bh // HKV, i_bh % HKV
+    i_b, i_n, i_hs = program_row(tl.program_id(0), row_order, num_k_blocks, HKV * SPLIT, LONGEST_FIRST)
+    i_kvh, i_s = i_hs // SPLIT, i_hs % SPLIT
     i_b64 = i_b.to(tl.int64)
     offset = n_k - n_q
 
@@ -232,7 +232,7 @@ def _dq_tile(
 @triton.jit
 def segment_attention_bwd_kernel_dq(
     q, k, v, do, lse, delta, dq, seg, doc,
-    full_count, full_index, partial_count, partial_index,
+    full_count, full_index, partial_count, partial_index, row_order,
     scale, scale_log2,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -248,10 +248,11 @@ def segment_attention_bwd_kernel_dq(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_b, i_m, i_h = program_row(tl.program_id(0), row_order, num_q_blocks, HQ, LONGEST_FIRST)
+    i_bh = i_b * HQ + i_h
     i_kvh = i_h // GROUP
     i_b64 = i_b.to(tl.int64)
     offset = n_k - n_q
@@ -346,7 +347,7 @@ def segment_attention_bwd(
     dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
     common = dict(
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
-        RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
+        RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs, LONGEST_FIRST=config.longest_first,
         **config.launch_options(config.bwd_warps),
     )
 
@@ -360,9 +361,9 @@ def segment_attention_bwd(
         dv_parts = _alloc((batch, hkv * split, n_k, head_dim), dtype=torch.float32, device=v.device)
     else:
         dk_parts, dv_parts = dk, dv
-    segment_attention_bwd_kernel_dkv[(num_k_blocks, batch * hkv * split)](
+    segment_attention_bwd_kernel_dkv[(batch * num_k_blocks * hkv * split,)](
         q, k, v, do, lse, delta, dk_parts, dv_parts, layout.segment_ids, doc,
-        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
+        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -380,9 +381,9 @@ def segment_attention_bwd(
     bm, bn = config.dq_block_m, config.dq_block_n
     schedule = layout.schedule(rule, bm, bn, n_q)
     num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
-    segment_attention_bwd_kernel_dq[(num_q_blocks, batch * hq)](
+    segment_attention_bwd_kernel_dq[(batch * num_q_blocks * hq,)](
         q, k, v, do, lse, delta, dq, layout.segment_ids, doc,
-        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
+        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -41,6 +41,9 @@ class KernelConfig:
     # Register cap handed to ptxas (0: its own choice). Blackwell's ptxas picks 80-128 registers
     # for some kernels and spills; an explicit cap of 255 lets it use what the others get.
     maxnreg: int = 0
+    # Launch the rows with the most tiles first (``TileSchedule.order``); False launches them in
+    # row order, to compare.
+    longest_first: bool = True
 
     def launch_options(self, num_warps: int) -> dict:
         """Keyword arguments of a kernel launch with ``num_warps`` warps."""
@@ -183,7 +186,7 @@ def tuning_space(
 ) -> List[KernelConfig]:
     """The configs the autotuner times for one (GPU generation, dtype, head dim): the static entry
     first, then one step away from it on each axis (key tile of the forward, warps, pipeline
-    depth, dQ key tile, dK/dV query tile). fp32 and D=256 are not tuned (their tiles are at the
+    depth, dQ key tile, dK/dV query tile, launch order). fp32 and D=256 are not tuned (their tiles are at the
     register limit already)."""
     base = default_config(head_dim, capability, dtype)
     if dtype == torch.float32 or head_dim_block(head_dim) > TUNED_MAX_HEAD_DIM:
@@ -195,6 +198,7 @@ def tuning_space(
         replace(base, num_stages=base.num_stages + (1 if large_shared else -1)),
         replace(base, dq_block_n=2 * base.dq_block_n),
         replace(base, dkv_block_m=2 * base.dkv_block_m),
+        replace(base, longest_first=not base.longest_first),
     ]
     space = [base]
     for config in steps:

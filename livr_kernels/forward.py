@@ -1,6 +1,7 @@
 """Forward kernel: flash attention with the segment mask computed on the fly.
 
-One program per (query block, batch x query head). It walks its query block's two tile lists
+One program per (batch row, query block, query head), launched longest row first (see
+``TileSchedule.order``). It walks its query block's two tile lists
 from the ``TileSchedule`` (``blocks.py``): the full tiles without any mask arithmetic, then the
 partial tiles with the mask computed from the per-token ids. Empty tiles are never visited.
 Online softmax in fp32 with exp2; the log-sum-exp (base 2, +inf for rows with no allowed key) is
@@ -40,6 +41,18 @@ def head_dim_mask(o_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
     else:
         m_d = o_d < D
     return m_d
+
+
+@triton.jit
+def program_row(i_p, row_order, num_blocks, PER_ROW: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """(batch row, block, part) of program ``i_p`` of a 1-D grid: PER_ROW consecutive programs (the
+    heads) share a row block, and the rows come in ``row_order`` (longest first) or in row order."""
+    i_rank, i_part = i_p // PER_ROW, i_p % PER_ROW
+    if LONGEST_FIRST:
+        i_row = tl.load(row_order + i_rank).to(tl.int32)
+    else:
+        i_row = i_rank
+    return i_row // num_blocks, i_row % num_blocks, i_part
 
 
 @triton.jit
@@ -119,7 +132,7 @@ def int32_key_offsets(args) -> bool:
 @triton.jit
 def segment_attention_fwd_kernel(
     q, k, v, o, lse, seg, doc,
-    full_count, full_index, partial_count, partial_index,
+    full_count, full_index, partial_count, partial_index, row_order,
     scale_log2,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -134,11 +147,12 @@ def segment_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_b, i_m, i_h = program_row(tl.program_id(0), row_order, num_q_blocks, HQ, LONGEST_FIRST)
+    i_bh = i_b * HQ + i_h
     i_kvh = i_h // GROUP
     i_b64 = i_b.to(tl.int64)
     offset = n_k - n_q
@@ -226,9 +240,9 @@ def segment_attention_fwd(
     o = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
-    segment_attention_fwd_kernel[(num_q_blocks, batch * hq)](
+    segment_attention_fwd_kernel[(batch * num_q_blocks * hq,)](
         q, k, v, o, lse, layout.segment_ids, doc,
-        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index,
+        schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -237,6 +251,6 @@ def segment_attention_fwd(
         n_q, n_k, num_q_blocks, num_k_blocks,
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=head_dim_block(head_dim),
         BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
-        **config.launch_options(config.fwd_warps),
+        LONGEST_FIRST=config.longest_first, **config.launch_options(config.fwd_warps),
     )
     return o, lse

@@ -115,13 +115,17 @@ class TileSchedule:
     """Tiles to visit per row block: ``*_count`` (B, R) and ``*_index`` (B, R, C) int32, ascending.
 
     Rows are query blocks (forward, dQ) or key blocks (dK/dV, built from the transposed classes).
-    Only the first ``count`` entries of an index row are meaningful.
+    Only the first ``count`` entries of an index row are meaningful. ``order`` (B * R,) int64 lists
+    the rows ``b * R + r`` by decreasing number of tiles (ties in row order): the kernels launch
+    the longest rows first, so the last wave on the GPU holds the shortest programs (the longest-
+    processing-time-first rule; in row order a causal or packed layout ends on its longest rows).
     """
 
     full_count: torch.Tensor
     full_index: torch.Tensor
     partial_count: torch.Tensor
     partial_index: torch.Tensor
+    order: torch.Tensor
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor) -> "TileSchedule":
@@ -129,7 +133,13 @@ class TileSchedule:
         # A stable descending sort puts the marked columns first, in ascending order.
         index = torch.sort(keys, dim=-1, descending=True, stable=True).indices.to(torch.int32)
         count = keys.sum(-1, dtype=torch.int32)
-        return cls(count[0], index[0], count[1], index[1])
+        order = torch.sort(count.sum(0).flatten(), descending=True, stable=True).indices
+        return cls(count[0], index[0], count[1], index[1], order)
+
+    @property
+    def tiles_per_row(self) -> torch.Tensor:
+        """(B, R) int32: tiles each row visits."""
+        return self.full_count + self.partial_count
 
     @classmethod
     def from_classes(cls, classes: torch.Tensor) -> "TileSchedule":

@@ -93,3 +93,18 @@ def test_causal_tiles_are_classified_exactly(n, n_q_fraction, bm, bn):
             whole = tile.shape == (bm, bn)
             want = TILE_EMPTY if not tile.any() else TILE_FULL if tile.all() and whole else TILE_PARTIAL
             assert int(classes[i, j]) == want, (i, j)
+
+
+@pytest.mark.parametrize("by_key", [False, True])
+def test_schedule_order_launches_the_longest_rows_first(by_key):
+    seg = livr_layout(3, 200, pad=40)
+    layout = SegmentLayout(seg, packed_docs(3, 200, 3))
+    schedule = layout.schedule(RULES["bottleneck"], 32, 16, 200, by_key=by_key)
+    tiles = schedule.tiles_per_row.flatten()
+    order = schedule.order.tolist()
+    assert sorted(order) == list(range(tiles.numel()))
+    ordered = tiles[schedule.order]
+    assert (ordered[:-1] >= ordered[1:]).all(), ordered
+    # Rows with as many tiles keep their row order.
+    assert all(a < b for a, b in zip(order, order[1:]) if tiles[a] == tiles[b])
+    assert order != sorted(order), "the layout should not be in longest-first order already"

@@ -14,6 +14,7 @@ import livr_kernels.forward as forward_mod
 from kernel_cases import livr_layout, packed_docs, random_qkv
 from livr_kernels import AttentionRule, KernelConfig, RULES, Segment, SegmentLayout, reference_attention, segment_attention
 from livr_kernels.blocks import TILE_EMPTY
+from livr_kernels.attention import kernel_tiles
 from livr_kernels.config import group_split
 
 # Small, unequal tiles so a short sequence spans many tiles of every class, and the forward,
@@ -158,6 +159,39 @@ def test_dkv_split_across_the_gqa_group(split):
     assert_close_fp32(got, reference64(q, k, v, do, seg, "bottleneck", packed_docs(2, 40, 2)))
     again = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 40, 2), config=config)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_launch_order_changes_nothing_but_the_order():
+    """Longest-first and row-order launches compute every program alike: bit-identical results."""
+    seg = livr_layout(2, 50, pad=20)
+    q, k, v, do = random_qkv(2, 4, 2, 50, 50, 32)
+    for split in (1, 2):
+        config = dataclasses.replace(SMALL_TILES, dkv_split=split)
+        longest = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2), config=config)
+        in_order = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2),
+                          config=dataclasses.replace(config, longest_first=False))
+        assert all(torch.equal(a, b) for a, b in zip(longest, in_order))
+        assert_close_fp32(longest, reference64(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2)))
+
+
+def test_kernels_follow_the_launch_order(monkeypatch):
+    """A launch order that lists one row twice and drops another leaves that row unwritten: the
+    kernels take their rows from ``TileSchedule.order``."""
+    monkeypatch.setattr(forward_mod, "_alloc", lambda *args, **kwargs: torch.full(*args, float("nan"), **kwargs))
+    monkeypatch.setattr(backward_mod, "_alloc", lambda *args, **kwargs: torch.full(*args, float("nan"), **kwargs))
+    seg = livr_layout(1, 64, pad=4)
+    q, k, v, do = random_qkv(1, 2, 1, 64, 64, 16)
+    layout = SegmentLayout(seg)
+    rule = RULES["bottleneck"]
+    schedules = layout.schedules(rule, kernel_tiles(SMALL_TILES), 64)
+    for name, schedule in schedules.items():
+        order = schedule.order.clone()
+        order[-1] = order[0]
+        bm, bn, by_key = kernel_tiles(SMALL_TILES)[name]
+        layout._schedules[(rule.bits, bm, bn, 64, by_key)] = dataclasses.replace(schedule, order=order)
+    got = kernel(q, k, v, do, layout, "bottleneck", None)
+    for name, t in zip(("out", "dq", "dk", "dv"), got):
+        assert torch.isnan(t).any(), f"{name}: every row was written although the order dropped one"
 
 
 def test_dkv_split_must_divide_the_group():
