@@ -13,7 +13,9 @@ import triton.language as tl
 
 from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
-from .forward import LOG2E, PAD_KIND, dot_precision, head_dim_mask, program_row, segment_allowed
+from .forward import (
+    INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, int32_key_offsets, program_row, segment_allowed,
+)
 from .segments import AttentionRule
 
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
@@ -49,6 +51,11 @@ def segment_attention_bwd_kernel_preprocess(
     tl.store(delta + i_bh.to(tl.int64) * n_q + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
 
 
+def int32_query_offsets(args) -> bool:
+    """Do query offsets (position x row stride) of Q and dO fit int32? Then tiles are addressed in int32."""
+    return args["n_q"] * max(args["stride_qn"], args["stride_don"], 1) < INT32_LIMIT
+
+
 @triton.jit
 def _dkv_tile(
     b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n,
@@ -58,14 +65,19 @@ def _dkv_tile(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     # A scalar offset per tile plus [BM, BD] offsets the compiler rematerialises (kept live across
     # the loop they would cost dK/dV 32 registers and spill it).
     i_m0 = i_m * BLOCK_M
     o_m = i_m0 + o_bm
-    p_q_tile = p_q + i_m0.to(tl.int64) * stride_qn
-    p_do_tile = p_do + i_m0.to(tl.int64) * stride_don
+    if INT32_OFFSETS:
+        p_q_tile = p_q + i_m0 * stride_qn
+        p_do_tile = p_do + i_m0 * stride_don
+    else:
+        p_q_tile = p_q + i_m0.to(tl.int64) * stride_qn
+        p_do_tile = p_do + i_m0.to(tl.int64) * stride_don
     o_q = o_bm[:, None] * stride_qn + o_d[None, :]
     o_do = o_bm[:, None] * stride_don + o_d[None, :]
     if MASKED:
@@ -75,12 +87,10 @@ def _dkv_tile(
         b_do = tl.load(p_do_tile + o_do, mask=m_m[:, None] & m_d[None, :], other=0.0)
         # Out-of-range rows get lse = +inf, hence p = 0.
         b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
-        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     else:
         b_q = tl.load(p_q_tile + o_q, mask=m_d[None, :], other=0.0)
         b_do = tl.load(p_do_tile + o_do, mask=m_d[None, :], other=0.0)
         b_lse = tl.load(p_lse + o_m)
-        b_delta = tl.load(p_delta + o_m)
     # [BN, BM]: the tile transposed, keys along rows.
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2
     b_pt = tl.math.exp2(b_st - b_lse[None, :])
@@ -95,12 +105,17 @@ def _dkv_tile(
         b_pt = tl.where(tl.trans(b_allow), b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+    # Loaded where it is used: kept live from the top of the tile it costs the 64 x 128 tile a spill.
+    if MASKED:
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+    else:
+        b_delta = tl.load(p_delta + o_m)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     return b_dk, b_dv
 
 
-@triton.heuristics({"DOT_PRECISION": dot_precision})
+@triton.heuristics({"DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_query_offsets})
 @triton.jit
 def segment_attention_bwd_kernel_dkv(
     q, k, v, do, lse, delta, dk, dv, seg, doc,
@@ -125,6 +140,7 @@ def segment_attention_bwd_kernel_dkv(
     HAS_DOCS: tl.constexpr,
     LONGEST_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
 ):
     # Program (batch row, key block, K/V head, part): each of the SPLIT parts owns GROUP // SPLIT
     # query heads of the group and writes its own partial dK/dV (head i_kvh * SPLIT + i_s).
@@ -173,13 +189,13 @@ def segment_attention_bwd_kernel_dkv(
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
                 o_bm, o_d, m_d, tl.load(p_full + i_t), n_q, offset, stride_qn, stride_don, scale_log2,
-                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
+                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
             )
         for i_t in range(0, n_partial):
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
                 o_bm, o_d, m_d, tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, scale_log2,
-                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
+                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
             )
 
     i_out = (i_kvh * SPLIT + i_s).to(tl.int64)
@@ -198,12 +214,17 @@ def _dq_tile(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     i_n0 = i_n * BLOCK_N
     o_n = i_n0 + o_bn
-    p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
-    p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
+    if INT32_OFFSETS:
+        p_k_tile = p_k + i_n0 * stride_kn
+        p_v_tile = p_v + i_n0 * stride_vn
+    else:
+        p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
+        p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
     if MASKED:
         m_n = o_n < n_k
         # [BD, BN]
@@ -228,7 +249,7 @@ def _dq_tile(
     return b_dq
 
 
-@triton.heuristics({"DOT_PRECISION": dot_precision})
+@triton.heuristics({"DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_key_offsets})
 @triton.jit
 def segment_attention_bwd_kernel_dq(
     q, k, v, do, lse, delta, dq, seg, doc,
@@ -250,6 +271,7 @@ def segment_attention_bwd_kernel_dq(
     HAS_DOCS: tl.constexpr,
     LONGEST_FIRST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
 ):
     i_b, i_m, i_h = program_row(tl.program_id(0), row_order, num_q_blocks, HQ, LONGEST_FIRST)
     i_bh = i_b * HQ + i_h
@@ -297,7 +319,7 @@ def segment_attention_bwd_kernel_dq(
         b_dq = _dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
             o_kt, o_vt, o_bn, m_d, i_n, n_k, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, False,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
         )
         i_n = i_next
     i_n = tl.load(p_partial)
@@ -306,7 +328,7 @@ def segment_attention_bwd_kernel_dq(
         b_dq = _dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc,
             o_kt, o_vt, o_bn, m_d, i_n, n_k, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, True,
+            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
         )
         i_n = i_next
     p_dq = dq + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh

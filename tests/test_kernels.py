@@ -210,11 +210,15 @@ def test_group_split_fills_the_gpu_only_when_the_grid_is_small():
     assert group_split(10, 1, 132) == 1
 
 
-def test_int64_key_offsets(monkeypatch):
-    """Keys past 2**31 elements get int64 tile offsets: force that branch on a small case."""
+def test_int64_tile_offsets(monkeypatch):
+    """Keys or queries past 2**31 elements get int64 tile offsets: force that branch on a small case."""
     assert not forward_mod.int32_key_offsets({"n_k": 2 ** 20, "stride_kn": 2 ** 11, "stride_vn": 128})
     assert forward_mod.int32_key_offsets({"n_k": 2 ** 20, "stride_kn": 2 ** 10, "stride_vn": 2 ** 10})
-    monkeypatch.setitem(forward_mod.segment_attention_fwd_kernel.values, "INT32_OFFSETS", lambda args: False)
+    assert not backward_mod.int32_query_offsets({"n_q": 2 ** 20, "stride_qn": 128, "stride_don": 2 ** 11})
+    assert backward_mod.int32_query_offsets({"n_q": 2 ** 20, "stride_qn": 2 ** 10, "stride_don": 2 ** 10})
+    for kernel_fn in (forward_mod.segment_attention_fwd_kernel, backward_mod.segment_attention_bwd_kernel_dkv,
+                      backward_mod.segment_attention_bwd_kernel_dq):
+        monkeypatch.setitem(kernel_fn.values, "INT32_OFFSETS", lambda args: False)
     seg = livr_layout(1, 50, pad=3)
     q, k, v, do = random_qkv(1, 2, 1, 50, 50, 32)
     assert_close_fp32(kernel(q, k, v, do, seg, "bottleneck", None), reference64(q, k, v, do, seg, "bottleneck", None))
