@@ -84,9 +84,9 @@ def test_bad_config_file_is_a_clear_error(tmp_path):
         resolve_train_config(["--config", str(write_yaml(tmp_path / "b.yaml", {"stage_epochs": [0, 0]}))])
 
 
-def test_train_main_requires_data():
-    with pytest.raises(SystemExit, match="--data is required"):
-        train_main(["--output-dir", "unused"])
+def test_train_main_requires_data(capsys):
+    assert train_main(["--output-dir", "unused"]) == 2
+    assert capsys.readouterr().err == "livr-train: error: --data is required (or use --demo); see --help\n"
 
 
 def test_eval_parser():

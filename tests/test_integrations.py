@@ -295,7 +295,7 @@ def test_stage1_text_before_latents_never_sees_the_pixels(trl_run):
     assert all(not s["pixels"][0] for s in stage2), "stage 2 (standard): the text sees the image"
 
 
-def test_trl_run_is_scored_by_livr_eval_with_probes(trl_run, tmp_path):
+def test_trl_run_is_scored_by_livr_eval_with_probes(trl_run, tmp_path, capsys):
     trainer, handle, _, output_dir, collator, rows = trl_run
     checkpoint = output_dir / f"checkpoint-{2 * STEPS_PER_STAGE}"
     assert all((checkpoint / name).is_file() for name in RUN_FILES + ("adapter_model.safetensors",))
@@ -314,8 +314,8 @@ def test_trl_run_is_scored_by_livr_eval_with_probes(trl_run, tmp_path):
         assert not torch.allclose(loaded.model(**batch).logits, trainer.model(**batch).logits), "the rules differ"
 
     eval_dir = tmp_path / "eval"
-    with pytest.raises(ValueError, match="no train_fingerprints.json in the run"):
-        eval_main(["--checkpoint", str(output_dir), "--data", "synthetic:counting", "--limit", "4"])
+    assert eval_main(["--checkpoint", str(output_dir), "--data", "synthetic:counting", "--limit", "4"]) == 2
+    assert "no train_fingerprints.json in the run" in capsys.readouterr().err
     # A Trainer run records no training fingerprints: the user vouches for held-out data.
     assert eval_main(["--checkpoint", str(output_dir), "--data", "synthetic:counting", "--limit", "4",
                       "--output-dir", str(eval_dir), "--allow-overlap"]) == 0
@@ -324,8 +324,8 @@ def test_trl_run_is_scored_by_livr_eval_with_probes(trl_run, tmp_path):
     probes = metrics["probes"]
     assert 0.0 < probes["answer_to_latent_attention"] < 1.0
     assert probes["latents_removed"] is not None and probes["bottleneck_forced"] is not None
-    with pytest.raises(SystemExit, match="--data is required"):
-        eval_main(["--checkpoint", str(output_dir)])
+    assert eval_main(["--checkpoint", str(output_dir)]) == 2
+    assert "livr-eval: error: --data is required" in capsys.readouterr().err
     no_adapter = tmp_path / "no_adapter"
     shutil.copytree(checkpoint, no_adapter, ignore=shutil.ignore_patterns("adapter_*"))
     with pytest.raises(ValueError, match="no adapter_config.json: livr-eval scores LoRA"):

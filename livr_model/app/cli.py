@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from livr_kernels import RULES
 from livr_model.modes import MODES
 
+from .cli_errors import add_debug_flag, run_command, user_input
 from .config import EVAL_METHODS, TrainConfig, apply_multi_task_preset, load_yaml
 from .data import load_examples, prepare_data
 from .data.records import check_overlap, find_run_dir
@@ -100,6 +101,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "trust-remote-code", "allow remote model code (e.g. LLaVA-OneVision-1.5)")
     _bool_flag(p, "progress", "progress bars")
     add_paper_flags(p)
+    add_debug_flag(p)
     return p
 
 
@@ -137,25 +139,34 @@ def resolve_train_config(argv: Optional[Sequence[str]] = None, base: Optional[di
     """(TrainConfig, parsed namespace): ``base`` (dataclass defaults when None; the demo's settings
     with --demo), then the YAML file, then the flags given on the command line."""
     args = build_train_parser().parse_args(argv)
+    return config_from_args(args, base), args
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[dict] = None) -> TrainConfig:
     merged = dict(base or {})
     if args.demo and base is None:
         merged.update(demo_config(DEMO_SIZES[args.demo_size]))
     file_settings = load_config_file(args.config) if args.config is not None else {}
     merged.update(file_settings)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "demo", "demo_size")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "demo", "demo_size", "debug")}
     flag_settings = _normalize_keys(flags, "flags")
     merged.update(flag_settings)
-    return TrainConfig(**apply_multi_task_preset(merged, [file_settings, flag_settings])), args
+    return TrainConfig(**apply_multi_task_preset(merged, [file_settings, flag_settings]))
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg, args = resolve_train_config(argv)
+    return run_command(build_train_parser(), _train, argv)
+
+
+def _train(args: argparse.Namespace) -> int:
+    with user_input():
+        cfg = config_from_args(args)
+        if not args.demo and not cfg.data:
+            raise ValueError("--data is required (or use --demo); see --help")
     if args.demo:
         metrics = run_demo(cfg, DEMO_SIZES[args.demo_size])
         # A demo that did not learn is a failure, not a result.
         return 0 if metrics["verdict"]["learned"] else 1
-    if not cfg.data:
-        raise SystemExit("livr-train: --data is required (or use --demo); see --help")
     result = train(cfg)
     # Every rank leaves together and the process group goes down before exit (a gloo rank exiting
     # while another still writes can abort at exit after a successful run).
@@ -185,30 +196,37 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="allow the base model's remote code; needed for runs trained with it (never taken from the checkpoint)")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let JSONL image paths be absolute or climb out of the data folder with '..'")
+    add_debug_flag(p)
     return p
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_eval_parser().parse_args(argv)
-    # The data first: a missing file is reported before the base model is loaded.
-    cfg = dataclasses.replace(read_run_config(args.checkpoint), allow_outside_paths=args.allow_outside_paths)
-    if args.data:
-        examples = load_examples(args.data, cfg, split="val")
-    elif not cfg.data:
-        raise SystemExit("livr-eval: --data is required for a run trained with TRL / Trainer (its checkpoint names no data)")
-    else:
-        # The validation items the run recorded (same held-out indices, checked against their fingerprints).
-        examples = prepare_data(cfg, record_dir=find_run_dir(args.checkpoint))[1]
-    run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
-    if args.limit is not None:
-        seen, limited = {}, []
-        for example in examples:
-            seen[example.task] = seen.get(example.task, 0) + 1
-            if seen[example.task] <= args.limit:
-                limited.append(example)
-        examples = limited
-    overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
-    output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
+    return run_command(build_eval_parser(), _evaluate, argv)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    with user_input():
+        # The data first: a missing file is reported before the base model is loaded.
+        cfg = dataclasses.replace(read_run_config(args.checkpoint), allow_outside_paths=args.allow_outside_paths)
+        if args.data:
+            examples = load_examples(args.data, cfg, split="val")
+        elif not cfg.data:
+            raise ValueError("--data is required for a run trained with TRL / Trainer (its checkpoint names no data)")
+        else:
+            # The validation items the run recorded (same held-out indices, checked against their fingerprints).
+            examples = prepare_data(cfg, record_dir=find_run_dir(args.checkpoint))[1]
+        run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
+        if args.limit is not None:
+            seen, limited = {}, []
+            for example in examples:
+                seen[example.task] = seen.get(example.task, 0) + 1
+                if seen[example.task] <= args.limit:
+                    limited.append(example)
+            examples = limited
+        overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
+        output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
+        # Now, not after the evaluation: an --output-dir that is a file or not writable.
+        output_dir.mkdir(parents=True, exist_ok=True)
     evaluate_model(
         run.model, run.handle, run.encoder, examples, method=args.method, rule=args.rule or cfg.eval_rule,
         batch_size=args.batch_size,

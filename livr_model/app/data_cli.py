@@ -15,10 +15,9 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .cli_errors import add_debug_flag, run_command, user_input
 from .data.builders import BUILDERS, TASKS, build
 from .data.builders.common import DEFAULT_MAX_SIDE, DEFAULT_SIZE, IMAGE_FORMATS, SPLITS, BuildError
-
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,22 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     builder.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
     builder.add_argument("--no-lighting", action="store_true",
                          help="Visual_Correspondence: keep the second image's colours (geometry only)")
+    add_debug_flag(builder)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    return run_command(_parser(), _run, argv)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "tasks":
         for task, spec in BUILDERS.items():
             print(f"{task:<25} {spec.description}")
         return 0
-    try:
+    # A builder reports a source it cannot use as BuildError; an OSError is an unreadable source or
+    # an unwritable --out. Any other error inside a build is a bug in the builder.
+    with user_input(BuildError, OSError):
         manifest = build(args.task, args.source, args.out, images=args.images, size=args.size, seed=args.seed,
                          fractions=args.splits, max_side=args.max_side or None, lighting=not args.no_lighting,
                          image_format=args.image_format, overwrite=args.overwrite)
-    except BuildError as error:
-        print(f"livr-data: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     print(f"{manifest['task']} -> {args.out}")
     for split in SPLITS:
         asked, written = manifest["requested"][split], manifest["written"][split]

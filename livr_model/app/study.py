@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import yaml
 
 from livr_model.modes import MODES
 
-from .config import TrainConfig
+from .cli_errors import add_debug_flag, run_command, user_input
+from .config import TrainConfig, load_yaml
 from .data import SYNTHETIC_TASKS
 from .demo import DEMO_LATENTS, DEMO_LR, DEMO_SEED, DEMO_SIZES, DEMO_THREADS, build_demo_base, cpu_seconds, demo_config
 from .figures import draw_study_bars
@@ -76,6 +76,10 @@ class Grid:
             bad = [t for t in self.tasks if t not in SYNTHETIC_TASKS]
             if bad:
                 raise ValueError(f"grid: the tiny model runs synthetic tasks only ({list(SYNTHETIC_TASKS)}); got {bad}")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.train_overrides) - fields)
+        if unknown:
+            raise ValueError(f"grid: train_overrides keys {unknown} are not TrainConfig fields; known: {sorted(fields)}")
 
 
 def load_grid(path) -> Grid:
@@ -83,7 +87,7 @@ def load_grid(path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--grid: {str(path)!r} is not a file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), f"--grid {path}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"--grid {path}: expected a mapping of {list(GRID_KEYS)}, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(GRID_KEYS))
@@ -135,7 +139,8 @@ def summarize_metrics(metrics: dict, cpu: float) -> dict:
 def run_cell(grid: Grid, base: str, task: str, mode: str, seed: int, out: Path) -> dict:
     """Train and evaluate one cell; writes ``cell.json`` last, which marks the cell finished."""
     started_cpu, started = cpu_seconds(), time.perf_counter()
-    cfg = cell_config(grid, base, task, mode, seed, out)
+    with user_input():
+        cfg = cell_config(grid, base, task, mode, seed, out)
     result = train(cfg)
     run = load_trained(out)
     metrics = evaluate_model(run.model, run.handle, run.encoder, result.val_examples, method=cfg.eval_method,
@@ -253,17 +258,28 @@ def build_study_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None, help="override the grid's tasks")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="override the grid's seeds")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild study.md/csv/png from finished cells")
+    add_debug_flag(p)
     return p
 
 
 def study_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_study_parser().parse_args(argv)
-    grid = load_grid(args.grid) if args.grid else Grid()
-    overrides = {k: v for k, v in (("modes", args.modes), ("tasks", args.tasks), ("seeds", args.seeds)) if v}
-    if overrides:
-        grid = Grid(**{**dataclasses.asdict(grid), **overrides})
+    return run_command(build_study_parser(), _study, argv)
+
+
+def _study(args: argparse.Namespace) -> int:
+    with user_input():
+        grid = load_grid(args.grid) if args.grid else Grid()
+        overrides = {k: v for k, v in (("modes", args.modes), ("tasks", args.tasks), ("seeds", args.seeds)) if v}
+        if overrides:
+            grid = Grid(**{**dataclasses.asdict(grid), **overrides})
+        if args.aggregate_only:
+            records = collect(args.output_dir)
+            if not records:
+                raise ValueError(f"--aggregate-only: no finished cells under {Path(args.output_dir) / RUNS_DIR}")
+        else:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.aggregate_only:
-        rows = write_study(args.output_dir, collect(args.output_dir))
+        rows = write_study(args.output_dir, records)
         print(study_markdown(rows), flush=True)
         return 0
     if "OMP_NUM_THREADS" not in os.environ and grid.model == TINY_MODEL:

@@ -27,6 +27,7 @@ from livr_model.segment_ids import IGNORE_INDEX
 
 from .callbacks import Callback, RunContext, StepInfo, default_callbacks
 from .checkpoints import RUN_CONFIG_JSON, RUN_CONFIG_YAML, claim_output_dir, selected_from_latest
+from .cli_errors import user_input
 from .config import TrainConfig, stage_plan
 from .data import DataSplit, split_data
 from .data.fingerprint import dataset_fingerprint
@@ -209,7 +210,9 @@ def train(cfg: TrainConfig, *, model=None, processor=None, train_examples=None, 
     default to ``prepare_data(cfg)``. ``step_callback`` is called after every optimizer step;
     ``callbacks`` run after the standard ones (progress, validation, checkpoints).
     """
-    run, dataset, plan, processor, train_examples = _start_run(cfg, model, processor, train_examples, val_examples)
+    # Errors before the first step are about the given settings, data, model or output directory.
+    with user_input():
+        run, dataset, plan, processor, train_examples = _start_run(cfg, model, processor, train_examples, val_examples)
     accelerator, handle, state = run.accelerator, run.handle, run.state
     hooks = default_callbacks(step_callback) + list(callbacks)
     stop = False
