@@ -47,6 +47,15 @@ def test_train_bad_jsonl_line_is_one_line_naming_file_and_line(tmp_path, capsys)
     assert error_line(capsys.readouterr().err, "livr-train").startswith(f"{data}:2: not valid JSON")
 
 
+def test_train_missing_local_model_folder_is_one_line(tmp_path, capsys):
+    """A local path that is not there is named as such, not sent to the hub as a repo id."""
+    missing = tmp_path / "no" / "such" / "model"
+    code = cli.train_main(["--data", "synthetic:counting", "--model", str(missing), "--output-dir", str(tmp_path / "run")])
+    assert code == EXIT_USAGE
+    line = error_line(capsys.readouterr().err, "livr-train")
+    assert line.startswith(f"model: {str(missing)!r} is a local path but not a folder"), line
+
+
 def test_train_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="lr: expected a number > 0"):
         cli.train_main(["--lr", "-1", "--debug"])

@@ -28,9 +28,12 @@ TINY_PROCESSOR_CLASS = TinyQwen2_5_VLProcessor.__name__
 
 def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None):
     """(model, processor) from a hub id or a local folder (including the demo's tiny base)."""
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.is_dir() and TINY_PROCESSOR_CLASS in _read_text(path / "processor_config.json"):
         return load_tiny(path)
+    if _looks_like_path(name) and not path.is_dir():
+        # The hub would answer with "Repo id must be in the form ...": say what is wrong instead.
+        raise FileNotFoundError(f"model: {name!r} is a local path but not a folder (a hub id looks like 'org/name')")
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if trust_remote_code:
@@ -39,6 +42,11 @@ def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtyp
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, processor
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub repository id can have: absolute, home- or dot-relative, or with 2+ slashes."""
+    return name.startswith(("/", "~", "./", "../", ".\\")) or name.count("/") > 1 or Path(name).is_absolute()
 
 
 def _read_text(path: Path) -> str:
