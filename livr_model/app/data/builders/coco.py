@@ -25,9 +25,10 @@ from .marks import box_iou, box_label_rect, draw_box, rects_overlap
 
 COUNT_CHOICES = 4
 MAX_COUNT = 10
-# Questions whose answer is 0 (absent category). Answer 0 always sits at position A, so this is half
-# the A questions; on COCO, where most counted pairs hold one instance, the questions whose options
-# start at 0 then have the answer 0 about as often as 1, 2 or 3 (none is a text-only guess).
+# Questions whose answer is 0 (absent category). Answer 0 always sits at letter A, so this is half
+# the A questions. Options 0-3 are also those of a count c at letter c; with this share the answer 0
+# is about a quarter of the questions offering 0-3 (8 of 31 in the test fixture's builds), so
+# neither "never 0" nor "0 when offered" is a text-only rule.
 ZERO_COUNT_FRACTION = 1 / 8
 # Random (category, image) draws tried for each absent-category question before giving it up.
 ZERO_DRAW_TRIES = 100
