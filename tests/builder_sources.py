@@ -66,15 +66,21 @@ def ring_centres(image: Image.Image, color=MARK_COLOR):
     return centres
 
 
-COCO_CATEGORIES = [{"id": 1, "name": "dog"}, {"id": 2, "name": "bus"}, {"id": 3, "name": "person"}]
+COCO_CATEGORIES = [{"id": 1, "name": "dog"}, {"id": 2, "name": "bus"}, {"id": 3, "name": "person"},
+                   {"id": 4, "name": "cat"}]
+# Images holding cats (two or three: never alone, so the localization objects stay as they were); the
+# others have none, which is what zero-count questions ask about.
+CAT_EVERY = 3
 COCO_SIZE = (160, 120)
 
 
 def coco_fixture(root: Path, count=30, seed=0):
     """Images with random numbers of coloured rectangles per category, and their COCO file: one
     'person' in most images (the localization objects), a crowd 'person' in image 1 and a tiny
-    one in image 2 (neither countable)."""
+    one in image 2 (neither countable); cats in every CAT_EVERY-th image only."""
     rng = np.random.default_rng(seed)
+    # A stream of its own, so the other objects stay as they were before cats were added.
+    cat_rng = np.random.default_rng(seed + 1)
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -93,6 +99,13 @@ def coco_fixture(root: Path, count=30, seed=0):
             array[y:y + h, x:x + w] = (250, 200, 40)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 3,
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        if image_id % CAT_EVERY == 0:
+            for _ in range(int(cat_rng.integers(2, 4))):
+                w, h = int(cat_rng.integers(12, 30)), int(cat_rng.integers(12, 30))
+                x, y = int(cat_rng.integers(0, COCO_SIZE[0] - w)), int(cat_rng.integers(0, COCO_SIZE[1] - h))
+                array[y:y + h, x:x + w] = (120, 40, 40)
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 4,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
         if image_id == 1:
             annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": 3,
                                 "bbox": [5, 5, 60, 60], "area": 3600, "iscrowd": 1})

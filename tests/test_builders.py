@@ -1,6 +1,7 @@
 """livr-data builders, on fixture sources made here: splits disjoint by source image, balanced
 letters, determinism, geometric truth of every task, named errors, and the CLI."""
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from livr_model.app.data.builders import TASKS, build, resolve_task
+from livr_model.app.data.builders.coco import ZERO_COUNT_FRACTION, CocoSource, zero_count_pairs
 from livr_model.app.data.builders.common import BuildError, assign_splits, plural
 from livr_model.app.data.builders.image_folder import augment
 from livr_model.app.data.builders.marks import (LABEL_FILL, MARK_COLOR, apply_homography, box_label_rect, point_spacing,
@@ -133,18 +135,56 @@ def test_counting_answer_is_the_number_of_annotated_instances(built, coco):
     _, _, data = coco
     truth = Counter((a["image_id"], a["category_id"]) for a in data["annotations"])
     crowded = {(a["image_id"], a["category_id"]) for a in data["annotations"] if a["iscrowd"]}
+    annotated = {a["image_id"] for a in data["annotations"]}
     names = {c["id"]: c["name"] for c in data["categories"]}
     out, _ = built["Counting"]
     for split in SPLITS:
         for row in rows_of(out, split):
             key = (row["meta"]["image_id"], row["meta"]["category_id"])
             assert key not in crowded
-            assert int(row["choices"][answer_index(row)]) == truth[key]
+            # A zero-count question's category has no annotation at all (crowd or tiny) in an annotated image.
+            assert int(row["choices"][answer_index(row)]) == truth[key] == row["meta"]["count"]
+            assert key[0] in annotated
             assert plural(names[key[1]]) in row["question"]
             assert [int(c) for c in row["choices"]] == list(range(int(row["choices"][0]), int(row["choices"][0]) + 4))
             assert image_of(out, row, 0).size == COCO_SIZE
     assert {"image_id": 2, "category_id": 3} not in [
         {k: row["meta"][k] for k in ("image_id", "category_id")} for row in rows_of(out, "train")]
+
+
+def test_counting_asks_about_absent_categories_in_proportion(tmp_path, coco):
+    """Zero answers exist (else "never 0" is learnable from the text), as ZERO_COUNT_FRACTION of the
+    questions, at letter A, about categories that are counted elsewhere; letters stay balanced."""
+    path, images_dir, data = coco
+    size = 40
+    build("counting", path, tmp_path / "out", images=images_dir, size=size, seed=1)
+    present = {(a["image_id"], a["category_id"]) for a in data["annotations"]}
+    rows = {split: rows_of(tmp_path / "out", split) for split in SPLITS}
+    train = rows["train"]
+    assert len(train) == size
+    zeros = [row for row in train if row["meta"]["count"] == 0]
+    assert len(zeros) == round(ZERO_COUNT_FRACTION * size)
+    assert_balanced(train, 4)
+    counted = {row["meta"]["category_id"] for split in SPLITS for row in rows[split] if row["meta"]["count"] > 0}
+    for row in zeros:
+        assert row["answer"] == "A" and row["choices"] == ["0", "1", "2", "3"]
+        assert (row["meta"]["image_id"], row["meta"]["category_id"]) not in present
+        assert row["meta"]["category_id"] in counted
+    pairs = [(row["meta"]["image_id"], row["meta"]["category_id"]) for split in SPLITS for row in rows[split]]
+    assert len(set(pairs)) == len(pairs)
+
+
+def test_zero_count_pairs_skip_crowd_and_tiny_annotations(coco):
+    """Image 1 holds a crowd person and image 2 a tiny one: neither is absent, though neither is countable."""
+    path, images_dir, data = coco
+    source = CocoSource(path, images_dir)
+    weights = Counter({category["id"]: 1 for category in data["categories"]})
+    images = sorted(image["id"] for image in data["images"])
+    pairs = zero_count_pairs(source, images, weights, 60, random.Random(0))
+    present = {(a["image_id"], a["category_id"]) for a in data["annotations"]}
+    assert len(pairs) == len(set(pairs)) > 0
+    assert not set(pairs) & present
+    assert {pair[0] for pair in pairs} <= {a["image_id"] for a in data["annotations"]}
 
 
 def test_object_localization_marks_the_annotated_box(built, coco):

@@ -1,10 +1,17 @@
 """Each built-in synthetic task is solvable: its answers are re-derived from the pixels it drew."""
+import warnings
 from collections import Counter, deque
 
 import numpy as np
 import pytest
 
-from livr_model.app.data.synthetic import BACKGROUND, MARKERS, PALETTE, REFERENCE_MARKER, SYNTHETIC_TASKS, make_synthetic_dataset
+from livr_model.app.config import TrainConfig
+from livr_model.app.data import split_data
+from livr_model.app.data.fingerprint import example_fingerprint
+from livr_model.app.data.synthetic import (BACKGROUND, GRID, MARKERS, OBJECT_INSET, PALETTE, REFERENCE_MARKER,
+                                           SYNTHETIC_TASKS, SyntheticCapacityError, make_synthetic_dataset,
+                                           make_synthetic_splits, synthetic_capacity)
+from livr_model.app.demo import DEMO_IMAGE_SIZE, DEMO_SIZES
 from livr_model.prompts import LETTERS, Example
 
 EXAMPLES_PER_TASK = 60
@@ -197,3 +204,89 @@ def test_bad_arguments():
         make_synthetic_dataset("counting", -1)
     with pytest.raises(ValueError, match="image_size must be"):
         make_synthetic_dataset("counting", 2, image_size=8)
+
+
+def item_fingerprints(examples):
+    return [example_fingerprint(e, with_answer=False) for e in examples]
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+def test_no_example_repeats_within_or_across_the_demo_splits(task):
+    """The demo's validation and training sizes: every item (images, question, choices) occurs once."""
+    size = DEMO_SIZES["full"]
+    val, train = make_synthetic_splits(task, [size.val_examples, size.train_examples], image_size=DEMO_IMAGE_SIZE)
+    assert (len(val), len(train)) == (size.val_examples, size.train_examples)
+    fingerprints = item_fingerprints(val + train)
+    assert len(set(fingerprints)) == len(fingerprints)
+
+
+def test_synthetic_runs_score_every_validation_item():
+    """Through the app's data path: no repeat is warned about or dropped, so all asked-for items are scored."""
+    size = DEMO_SIZES["full"]
+    cfg = TrainConfig(data="synthetic:counting,quadrant", synthetic_train_size=size.train_examples,
+                      synthetic_val_size=size.val_examples, synthetic_image_size=DEMO_IMAGE_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = split_data(cfg)
+    assert len(split.val) == 2 * size.val_examples and len(split.train) == 2 * size.train_examples
+    assert split.extra["dropped_training_repeats"] == 0
+    # The validation set is the start of the stream: another training size leaves it as it was.
+    bigger = split_data(TrainConfig(data="synthetic:counting,quadrant", synthetic_train_size=size.train_examples + 8,
+                                    synthetic_val_size=size.val_examples, synthetic_image_size=DEMO_IMAGE_SIZE))
+    assert item_fingerprints(bigger.val) == item_fingerprints(split.val)
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+def test_splits_are_deterministic_per_seed(task):
+    first = make_synthetic_splits(task, [5, 7], seed=4, image_size=28)
+    again = make_synthetic_splits(task, [5, 7], seed=4, image_size=28)
+    other = make_synthetic_splits(task, [5, 7], seed=5, image_size=28)
+    for split, repeat in zip(first, again):
+        assert [example_fingerprint(e) for e in split] == [example_fingerprint(e) for e in repeat]
+        assert [e.meta for e in split] == [e.meta for e in repeat]
+    assert item_fingerprints(first[0] + first[1]) != item_fingerprints(other[0] + other[1])
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+@pytest.mark.parametrize("sizes", [(200, 400), (37, 101)])
+def test_every_split_is_balanced_over_the_answers(task, sizes):
+    """Each split is dealt in blocks holding every answer once, so an answer's count is within one of n / answers."""
+    for examples, n in zip(make_synthetic_splits(task, list(sizes), image_size=28), sizes):
+        answers = Counter(e.answer for e in examples)
+        options = len(examples[0].choices) or len(answers)
+        assert len(answers) == options
+        for answer, count in answers.items():
+            assert abs(count - n / options) <= 1, f"{task}: answer {answer} {count} times of {n}"
+
+
+@pytest.mark.parametrize("task", ["quadrant", "object_localization", "counting"])
+def test_a_task_gives_exactly_its_capacity_then_refuses(task):
+    """Small image, small spaces: the whole capacity comes out distinct, one more is a named error."""
+    capacity = synthetic_capacity(task, 28)
+    first, second = make_synthetic_splits(task, [capacity // 2, capacity - capacity // 2], image_size=28)
+    fingerprints = item_fingerprints(first + second)
+    assert len(set(fingerprints)) == capacity
+    with pytest.raises(SyntheticCapacityError, match=f"'{task}': {capacity + 1} distinct examples asked for.*at most {capacity}"):
+        make_synthetic_dataset(task, capacity + 1, image_size=28)
+
+
+def test_a_too_large_synthetic_config_names_its_sizes():
+    cfg = TrainConfig(data="synthetic:quadrant", synthetic_train_size=synthetic_capacity("quadrant", 28),
+                      synthetic_val_size=10, synthetic_image_size=28)
+    with pytest.raises(ValueError, match="synthetic_val_size=10 and synthetic_train_size=1440.*'quadrant'.*at most 1440"):
+        split_data(cfg)
+
+
+@pytest.mark.parametrize("task", ["counting", "quadrant"])
+def test_one_cell_objects_stay_inside_their_cell(task):
+    """Objects vary in size and place, but keep the inset margin of their cell (their image token)."""
+    seen_sizes = set()
+    for example in make_synthetic_dataset(task, 60, seed=2, image_size=DEMO_IMAGE_SIZE):
+        mask = foreground(example.images[0])
+        cell = DEMO_IMAGE_SIZE // GRID
+        for edge in range(OBJECT_INSET):
+            for offset in (edge, cell - 1 - edge):
+                assert not mask[offset::cell, :].any() and not mask[:, offset::cell].any()
+        placements = example.meta.get("placements") or [example.meta["placement"]]
+        seen_sizes.update(side for side, _, _ in placements)
+    assert len(seen_sizes) > 1

@@ -58,7 +58,7 @@ DEMO_SEED = 42
 DEMO_BASE_DIR = "base"
 TRAINING_LOG_FILE = "training_log.json"
 CURVES_FILE = "training_curves.png"
-# Pre-training draws its own examples, disjoint from the LIVR train (seed 0) and validation (seed 1) draws.
+# Pre-training draws its own examples (of other tasks than the LIVR run's, from a seed of its own).
 DEMO_PRETRAIN_SEED = 2
 DEMO_SIZES = {
     "full": DemoSize(pretrain_steps=300, pretrain_batch=8, pretrain_examples_per_task=500, train_examples=400,

@@ -51,7 +51,7 @@ BUILDERS: Dict[str, BuilderSpec] = {
     spec.task: spec
     for spec in (
         BuilderSpec("Counting", "coco", coco.CocoSource, _coco("counting"), coco.build_counting,
-                    "how many instances of a category (COCO instances + image folder)"),
+                    "how many instances of a category, 0 for an absent one (COCO instances + image folder)"),
         BuilderSpec("Object_Localization", "coco", coco.CocoSource, _coco("localization"), coco.build_localization,
                     "which of two labelled boxes localizes the object (COCO instances + image folder)"),
         BuilderSpec("Jigsaw", "image_folder", image_folder.ImageFolderSource, lambda s: s.image_ids(),

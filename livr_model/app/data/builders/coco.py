@@ -3,7 +3,11 @@
 
 Counting asks how many instances of a category an image holds; the answer is the number of
 annotated instances. Image-category pairs with a crowd annotation or a tiny instance are skipped
-(their true count is not what a viewer can check). Object localization draws the annotated box of
+(their true count is not what a viewer can check). A share of the questions ask about a category
+the image does not hold (answer 0): without them "never zero" is a rule a model learns from the
+text alone. Their categories are drawn as often as each category is counted elsewhere, so a
+category's name does not tell whether it is absent, and their images are images with at least one
+annotation (an image with none may be one nobody annotated). Object localization draws the annotated box of
 an object whose category appears once in the image and a perturbed box, labelled A and B, and asks
 which one localizes the object.
 """
@@ -11,15 +15,23 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .common import Built, BuildError, balanced_positions, letter, load_image, plural
 from .marks import box_iou, box_label_rect, draw_box, rects_overlap
 
 COUNT_CHOICES = 4
 MAX_COUNT = 10
+# Questions whose answer is 0 (absent category). Answer 0 always sits at letter A, so this is half
+# the A questions. Options 0-3 are also those of a count c at letter c; with this share the answer 0
+# is about a quarter of the questions offering 0-3 (8 of 31 in the test fixture's builds), so
+# neither "never 0" nor "0 when offered" is a text-only rule.
+ZERO_COUNT_FRACTION = 1 / 8
+# Random (category, image) draws tried for each absent-category question before giving it up.
+ZERO_DRAW_TRIES = 100
 # Instances smaller than this fraction of the image are too small to count reliably by eye.
 MIN_COUNT_AREA_FRACTION = 0.001
 # Objects to localize cover between these fractions of the image.
@@ -120,6 +132,10 @@ class CocoSource:
                 units.append((image_id, category, len(group)))
         return units
 
+    def present_categories(self, image_id: int) -> set:
+        """Categories with any annotation (crowd and tiny ones included) in the image."""
+        return {instance.category for instance in self.instances.get(image_id, ())}
+
     def localization_units(self) -> List[Tuple[int, _Instance]]:
         """(image id, instance) for objects alone of their category in their image, of a visible size."""
         units = []
@@ -140,18 +156,46 @@ def counting_choices(count: int, position: int) -> List[str]:
     return [str(start + offset) for offset in range(COUNT_CHOICES)]
 
 
+def zero_count_pairs(source: CocoSource, image_ids: Sequence[int], weights: Counter, n: int,
+                     rng: random.Random) -> List[Tuple[int, int]]:
+    """Up to ``n`` distinct (image id, category) pairs whose category has no annotation in the image.
+    Images come from ``image_ids`` that have annotations; categories are drawn in proportion to ``weights``."""
+    images = sorted(i for i in image_ids if i in source.instances)
+    categories = sorted(weights)
+    if not images or not categories:
+        return []
+    chosen: List[Tuple[int, int]] = []
+    taken = set()
+    for _ in range(n):
+        for _ in range(ZERO_DRAW_TRIES):
+            category = rng.choices(categories, weights=[weights[c] for c in categories])[0]
+            pair = (rng.choice(images), category)
+            if pair not in taken and category not in source.present_categories(pair[0]):
+                taken.add(pair)
+                chosen.append(pair)
+                break
+    return chosen
+
+
 def build_counting(source: CocoSource, image_ids: List[str], n: int, rng: random.Random, task: str) -> Iterator[Built]:
     """Up to ``n`` counting questions on the given images; answer letters balanced. Options are
     consecutive and ascending, so a count c can sit at positions 0..min(c, 3): each position is
-    filled from the shuffled pool with the first pair whose count allows it."""
+    filled from the shuffled pool with the first pair whose count allows it. ``ZERO_COUNT_FRACTION``
+    of the questions (rounded) ask about an absent category; their answer, 0, takes A slots."""
     allowed = {int(i) for i in image_ids}
     pool = [unit for unit in source.counting_units() if unit[0] in allowed]
     rng.shuffle(pool)
-    for position in balanced_positions(min(n, len(pool)), COUNT_CHOICES, rng):
-        pick = next((k for k, unit in enumerate(pool) if unit[2] >= position), None)
-        if pick is None:
-            continue
-        image_id, category, count = pool.pop(pick)
+    weights = Counter(category for _, category, _ in pool)
+    zeros = zero_count_pairs(source, sorted(allowed), weights, round(ZERO_COUNT_FRACTION * n), rng)
+    for position in balanced_positions(min(n, len(pool) + len(zeros)), COUNT_CHOICES, rng):
+        if position == 0 and zeros:
+            image_id, category = zeros.pop()
+            count = 0
+        else:
+            pick = next((k for k, unit in enumerate(pool) if unit[2] >= position), None)
+            if pick is None:
+                continue
+            image_id, category, count = pool.pop(pick)
         image, _ = source.load(image_id)
         name = source.categories[category]
         question = f"How many {plural(name)} are in the image?"
