@@ -144,7 +144,7 @@ def segment_attention_bwd_kernel_dkv(
 ):
     # Program (batch row, key block, K/V head, part): each of the SPLIT parts owns GROUP // SPLIT
     # query heads of the group and writes its own partial dK/dV (head i_kvh * SPLIT + i_s).
-    i_b, i_n, i_hs = program_row(tl.program_id(0), row_order, num_k_blocks, HKV * SPLIT, LONGEST_FIRST)
+    i_b, i_n, i_hs = program_row(row_order, num_k_blocks, HKV * SPLIT, LONGEST_FIRST)
     i_kvh, i_s = i_hs // SPLIT, i_hs % SPLIT
     i_b64 = i_b.to(tl.int64)
     offset = n_k - n_q
@@ -198,6 +198,11 @@ def segment_attention_bwd_kernel_dkv(
                 BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
             )
 
+    i_b, i_n, i_hs = program_row(row_order, num_k_blocks, HKV * SPLIT, LONGEST_FIRST, AGAIN=True)
+    i_kvh, i_s = i_hs // SPLIT, i_hs % SPLIT
+    i_b64 = i_b.to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_nd = (o_n < n_k)[:, None] & m_d[None, :]
     i_out = (i_kvh * SPLIT + i_s).to(tl.int64)
     p_dk = dk + i_b64 * stride_dkb + i_out * stride_dkh
     p_dv = dv + i_b64 * stride_dvb + i_out * stride_dvh
@@ -273,7 +278,7 @@ def segment_attention_bwd_kernel_dq(
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
 ):
-    i_b, i_m, i_h = program_row(tl.program_id(0), row_order, num_q_blocks, HQ, LONGEST_FIRST)
+    i_b, i_m, i_h = program_row(row_order, num_q_blocks, HQ, LONGEST_FIRST)
     i_bh = i_b * HQ + i_h
     i_kvh = i_h // GROUP
     i_b64 = i_b.to(tl.int64)
@@ -331,7 +336,10 @@ def segment_attention_bwd_kernel_dq(
             BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
         )
         i_n = i_next
-    p_dq = dq + i_b64 * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    i_b, i_m, i_h = program_row(row_order, num_q_blocks, HQ, LONGEST_FIRST, AGAIN=True)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_md = (o_m < n_q)[:, None] & m_d[None, :]
+    p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqn + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
 
 

@@ -44,12 +44,17 @@ def head_dim_mask(o_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def program_row(i_p, row_order, num_blocks, PER_ROW: tl.constexpr, LONGEST_FIRST: tl.constexpr):
-    """(batch row, block, part) of program ``i_p`` of a 1-D grid: PER_ROW consecutive programs (the
-    heads) share a row block, and the rows come in ``row_order`` (longest first) or in row order."""
-    i_rank, i_part = i_p // PER_ROW, i_p % PER_ROW
+def program_row(row_order, num_blocks, PER_ROW: tl.constexpr, LONGEST_FIRST: tl.constexpr, AGAIN: tl.constexpr = False):
+    """(batch row, block, part) of this program of a 1-D grid: PER_ROW consecutive programs (the
+    heads) share a row block, and the rows come in ``row_order`` (longest first) or in row order.
+
+    The epilogue calls it ``AGAIN`` rather than keep the prologue's values live across the tile
+    loops: a program id is re-read for free, a loaded row id is not, and kept live it spilled the
+    sm_80 forward at D=64 under Triton 3.6. The volatile load is what stops the two being merged.
+    """
+    i_rank, i_part = tl.program_id(0) // PER_ROW, tl.program_id(0) % PER_ROW
     if LONGEST_FIRST:
-        i_row = tl.load(row_order + i_rank).to(tl.int32)
+        i_row = tl.load(row_order + i_rank, volatile=AGAIN).to(tl.int32)
     else:
         i_row = i_rank
     return i_row // num_blocks, i_row % num_blocks, i_part
@@ -151,7 +156,7 @@ def segment_attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
 ):
-    i_b, i_m, i_h = program_row(tl.program_id(0), row_order, num_q_blocks, HQ, LONGEST_FIRST)
+    i_b, i_m, i_h = program_row(row_order, num_q_blocks, HQ, LONGEST_FIRST)
     i_bh = i_b * HQ + i_h
     i_kvh = i_h // GROUP
     i_b64 = i_b.to(tl.int64)
@@ -208,6 +213,11 @@ def segment_attention_fwd_kernel(
         )
         i_n = i_next
 
+    i_b, i_m, i_h = program_row(row_order, num_q_blocks, HQ, LONGEST_FIRST, AGAIN=True)
+    i_bh = i_b * HQ + i_h
+    i_b64 = i_b.to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_q
     # Rows that saw no allowed key: output 0, log-sum-exp +inf so the backward gives them p = 0.
     m_empty = b_l == 0.0
     b_o = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
