@@ -7,6 +7,10 @@ Results are keyed by GPU, dtype, head dim, head counts, doc ids and a sequence-l
 in memory and written through Triton's cache manager (the directory Triton's own autotuner uses,
 ``TRITON_CACHE_DIR``), so a second process does not tune again.
 
+Every candidate's output and gradients are compared with the first candidate's (the static table,
+which the CUDA tests check against float64): a config that computes something else on this GPU
+(a compiler bug for one tile shape, say) is skipped with a warning, however fast it runs.
+
 Off under the Triton interpreter and on CPU tensors; ``LIVR_AUTOTUNE=0`` pins the static table.
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,14 +33,56 @@ ENV_VAR = "LIVR_AUTOTUNE"
 # Sequence lengths share a tuned config within a power-of-two bucket, at least this long.
 MIN_BUCKET = 1024
 CACHE_FILE = "livr_tuned_config.json"
-# Bump when the kernels change in a way that makes old timings meaningless.
-CACHE_VERSION = 1
+# Bump when the kernels change in a way that makes old timings meaningless (2: launch order).
+CACHE_VERSION = 2
 WARMUP_MS = 5
 REPEAT_MS = 25
+
+# A candidate agrees with the table when no output or gradient differs by more than this fraction
+# of the table's largest magnitude (+1). Tile shapes only reorder fp32 sums, which moves half-precision
+# results by an ulp or two (under 1%); a miscompiled kernel is off by the whole magnitude, or NaN.
+AGREEMENT_TOLERANCE = 0.05
 
 _memory: Dict[Tuple, KernelConfig] = {}
 
 Benchmark = Callable[[KernelConfig], float]
+Outputs = Callable[[KernelConfig], Sequence[torch.Tensor]]
+
+
+class DisagreeingConfig(RuntimeError):
+    """A candidate config whose results differ from the static table's on this GPU."""
+
+
+def agreement_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """Largest difference of any tensor pair over (1 + the wanted tensor's largest magnitude); inf on NaN."""
+    worst = 0.0
+    for a, b in zip(got, want, strict=True):
+        diff = (a.float() - b.float()).abs().max().item()
+        worst = max(worst, diff / (1.0 + b.float().abs().max().item()))
+        if diff != diff:
+            return float("inf")
+    return worst
+
+
+def checked_benchmark(outputs: Outputs, timed: Benchmark) -> Benchmark:
+    """``timed`` for candidates whose ``outputs`` agree with the first candidate's; the others raise
+    ``DisagreeingConfig`` (and warn), so ``tune`` skips them."""
+    reference: List[Sequence[torch.Tensor]] = []
+
+    def benchmark(config: KernelConfig) -> float:
+        got = outputs(config)
+        if not reference:
+            reference.append(got)
+        else:
+            error = agreement_error(got, reference[0])
+            if not error <= AGREEMENT_TOLERANCE:
+                message = (f"livr autotune: {config} gives results {error:.3g} away from the static table's "
+                           f"(allowed {AGREEMENT_TOLERANCE}) on this GPU; not used")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                raise DisagreeingConfig(message)
+        return timed(config)
+
+    return benchmark
 
 
 def autotune_enabled(device: torch.device) -> bool:
@@ -117,14 +164,14 @@ def _time_forward_backward(q, k, v, layout: SegmentLayout, rule: AttentionRule, 
     q, k, v = (t.detach() for t in (q, k, v))
     do = torch.randn_like(q)
 
-    def benchmark(config: KernelConfig) -> float:
-        def step():
-            o, lse = segment_attention_fwd(q, k, v, layout, rule, scale, config)
-            segment_attention_bwd(do, q, k, v, o, lse, layout, rule, scale, config)
+    def outputs(config: KernelConfig):
+        o, lse = segment_attention_fwd(q, k, v, layout, rule, scale, config)
+        return (o,) + tuple(segment_attention_bwd(do, q, k, v, o, lse, layout, rule, scale, config))
 
-        return do_bench(step, warmup=WARMUP_MS, rep=REPEAT_MS)
+    def timed(config: KernelConfig) -> float:
+        return do_bench(lambda: outputs(config), warmup=WARMUP_MS, rep=REPEAT_MS)
 
-    return benchmark
+    return checked_benchmark(outputs, timed)
 
 
 def select_config(

@@ -117,3 +117,44 @@ def test_cpu_tensors_use_the_static_table_without_timing():
 
     got = autotune.select_config(q, k, k, layout, None, 1.0, benchmark=must_not_run)
     assert got == default_config(128, None, torch.bfloat16)
+
+
+def test_a_candidate_that_computes_something_else_is_skipped_however_fast():
+    space = tuning_space(128, (9, 0), torch.bfloat16)
+    right = (torch.ones(4, 4), torch.full((4, 4), 2.0))
+    wrong = {space[2]: (torch.ones(4, 4), torch.full((4, 4), 5.0)),  # a gradient off by 3x its size
+             space[3]: (torch.full((4, 4), float("nan")), torch.full((4, 4), 2.0))}
+    # Tile shapes reorder sums: a difference of an ulp or two must still count as agreeing.
+    nearly = {space[1]: (torch.ones(4, 4) + 2 ** -8, torch.full((4, 4), 2.0))}
+
+    def outputs(config):
+        return wrong.get(config) or nearly.get(config) or right
+
+    times = {c: 1.0 for c in space}
+    times.update({space[1]: 0.9, space[2]: 0.1, space[3]: 0.2})
+    benchmark = autotune.checked_benchmark(outputs, lambda config: times[config])
+    with pytest.warns(RuntimeWarning, match="away from the static table's") as caught:
+        assert autotune.tune(_key(), space, benchmark) == space[1]
+    assert len(caught) == 2
+
+
+def test_real_tile_shapes_agree_within_the_tolerance():
+    """Two tile configs of the interpreted kernels on one bf16 problem: far inside the tolerance."""
+    import dataclasses
+
+    from kernel_cases import livr_layout, random_qkv
+    from livr_kernels import SegmentLayout, resolve_rule
+    from livr_kernels.backward import segment_attention_bwd
+    from livr_kernels.forward import segment_attention_fwd
+
+    base = KernelConfig(fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16)
+    other = dataclasses.replace(base, fwd_block_n=32, dkv_block_m=32, dq_block_n=32, longest_first=False)
+    layout = SegmentLayout(livr_layout(1, 96, pad=5))
+    q, k, v, do = (t.detach().to(torch.bfloat16) for t in random_qkv(1, 4, 2, 96, 96, 32))
+
+    def outputs(config):
+        o, lse = segment_attention_fwd(q, k, v, layout, resolve_rule("bottleneck"), 32 ** -0.5, config)
+        return (o,) + tuple(segment_attention_bwd(do, q, k, v, o, lse, layout, resolve_rule("bottleneck"), 32 ** -0.5, config))
+
+    error = autotune.agreement_error(outputs(other), outputs(base))
+    assert error < autotune.AGREEMENT_TOLERANCE / 5, error
