@@ -15,6 +15,7 @@ from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
 from .forward import (
     INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, int32_key_offsets, program_row, segment_allowed,
+    tile_pointers,
 )
 from .segments import AttentionRule
 
@@ -72,12 +73,7 @@ def _dkv_tile(
     # the loop they would cost dK/dV 32 registers and spill it).
     i_m0 = i_m * BLOCK_M
     o_m = i_m0 + o_bm
-    if INT32_OFFSETS:
-        p_q_tile = p_q + i_m0 * stride_qn
-        p_do_tile = p_do + i_m0 * stride_don
-    else:
-        p_q_tile = p_q + i_m0.to(tl.int64) * stride_qn
-        p_do_tile = p_do + i_m0.to(tl.int64) * stride_don
+    p_q_tile, p_do_tile = tile_pointers(p_q, p_do, i_m0, stride_qn, stride_don, INT32_OFFSETS)
     o_q = o_bm[:, None] * stride_qn + o_d[None, :]
     o_do = o_bm[:, None] * stride_don + o_d[None, :]
     if MASKED:
@@ -224,12 +220,7 @@ def _dq_tile(
 ):
     i_n0 = i_n * BLOCK_N
     o_n = i_n0 + o_bn
-    if INT32_OFFSETS:
-        p_k_tile = p_k + i_n0 * stride_kn
-        p_v_tile = p_v + i_n0 * stride_vn
-    else:
-        p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
-        p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
+    p_k_tile, p_v_tile = tile_pointers(p_k, p_v, i_n0, stride_kn, stride_vn, INT32_OFFSETS)
     if MASKED:
         m_n = o_n < n_k
         # [BD, BN]

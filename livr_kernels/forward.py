@@ -61,6 +61,19 @@ def program_row(row_order, num_blocks, PER_ROW: tl.constexpr, LONGEST_FIRST: tl.
 
 
 @triton.jit
+def tile_pointers(p_a, p_b, i_0, stride_a, stride_b, INT32_OFFSETS: tl.constexpr):
+    """Pointers of two tensors at row ``i_0``, a tile's first row: an int32 multiply when every
+    row offset fits (``INT32_OFFSETS``), a 64-bit one otherwise."""
+    if INT32_OFFSETS:
+        p_a_tile = p_a + i_0 * stride_a
+        p_b_tile = p_b + i_0 * stride_b
+    else:
+        p_a_tile = p_a + i_0.to(tl.int64) * stride_a
+        p_b_tile = p_b + i_0.to(tl.int64) * stride_b
+    return p_a_tile, p_b_tile
+
+
+@triton.jit
 def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_BITS: tl.constexpr, HAS_DOCS: tl.constexpr):
     """[BM, BN] boolean: query may attend key (causal, rule table with PAD rows/cols off, same doc)."""
     b_allow = ((RULE_BITS >> (b_seg_q[:, None] * NUM_KINDS + b_seg_k[None, :])) & 1) != 0
@@ -86,12 +99,7 @@ def _fwd_tile(
     # across the loop they would cost 64 registers and spill the sm_80 forward at D=128. The
     # offset is int32 when every key position fits (one multiply instead of a 64-bit one).
     i_n0 = i_n * BLOCK_N
-    if INT32_OFFSETS:
-        p_k_tile = p_k + i_n0 * stride_kn
-        p_v_tile = p_v + i_n0 * stride_vn
-    else:
-        p_k_tile = p_k + i_n0.to(tl.int64) * stride_kn
-        p_v_tile = p_v + i_n0.to(tl.int64) * stride_vn
+    p_k_tile, p_v_tile = tile_pointers(p_k, p_v, i_n0, stride_kn, stride_vn, INT32_OFFSETS)
     # [BD, BN], [BN, BD]
     o_k = o_bn[None, :] * stride_kn + o_d[:, None]
     o_v = o_bn[:, None] * stride_vn + o_d[None, :]
