@@ -25,8 +25,11 @@ TIMEOUT_S = 300
 PER_RANK_BATCH = 1
 # 8 examples, 2 ranks x 1: 4 steps per epoch, 8 in all; killed after step 6, checkpointed every step.
 KILL_AT = 6
-# Single process vs FSDP: weights within this fraction of the learning rate.
-WEIGHT_TOL = 1e-2
+# Single process vs FSDP: each trainable tensor within this fraction of its norm. Not per element:
+# Adam divides by sqrt(v), so an element whose gradient is float noise moves by +-lr either way
+# (measured, 8 steps at lr 1e-2: elements up to 4.1e-3 apart, tensors at most 0.36% of their norm;
+# a rank whose gradients were not reduced would be tens of percent off).
+WEIGHT_REL_TOL = 2e-2
 FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 mixed_precision: 'no'
@@ -145,11 +148,8 @@ def test_fsdp_kill_and_resume_matches_uninterrupted_and_single_process(tmp_path)
     assert reference.keys() == want["weights"].keys()
     # Validation under FSDP (every process scores every example) agrees with one process.
     assert [h["val_accuracy"] for h in single.state.history] == [h["val_accuracy"] for h in want["history"]]
-    lr = single_config.lr
     for name, value in reference.items():
-        # Adam divides by sqrt(v): float-level gradient differences (measured: at most 3.6e-5 after 8 steps at
-        # lr 1e-2) move weights by far less than one step (lr).
-        assert (want["weights"][name] - value).abs().max().item() < WEIGHT_TOL * lr, name
+        assert ((want["weights"][name] - value).norm() / value.norm()).item() < WEIGHT_REL_TOL, name
 
 
 
