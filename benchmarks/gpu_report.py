@@ -251,6 +251,26 @@ def benchmark(lengths, layouts, repeat_ms) -> list:
     return rows
 
 
+def launch_order_markdown(rows: list) -> list:
+    """Lines comparing the static table launched in row order with the same table longest first."""
+    timed = {(r["layout"], r["n"], r["method"]): r for r in rows}
+    lines = []
+    for (layout, n, method), row_order in timed.items():
+        longest = timed.get((layout, n, "livr_table"))
+        if method != "livr_table_row_order" or longest is None:
+            continue
+        ratios = [
+            "-" if not longest.get(col) or not row_order.get(col) else f"{row_order[col] / longest[col]:.2f}x"
+            for col in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")
+        ]
+        lines.append(f"| {layout} | {n} | " + " | ".join(ratios) + " |")
+    if not lines:
+        return []
+    return ["", "Launch order, measured: time in row order over time longest first (static table both; above "
+            "1.00x longest first is faster; benchmarks/dispatch_model.py gives the modelled tail):", "",
+            "| layout | N | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|"] + lines
+
+
 def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: list = ()) -> str:
     lines = [
         f"## {datetime.date.today().isoformat()}, {info.get('device', 'no GPU')} ({info.get('capability', '-')}): make gpu-report",
@@ -278,6 +298,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
             f"{fmt_ms(r.get('bwd_ms'))} | {fmt_ms(r.get('fwd_bwd_ms'))} | {r.get('fwd_tflops', '-')} | "
             f"{r.get('bwd_tflops', '-')} | {ratio} | {note} |"
         )
+    lines += launch_order_markdown(rows)
     if recompiles:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
                   "| N | first call s | steady ms |", "|---|---|---|"]

@@ -1,0 +1,30 @@
+"""The GPU report's tables, from made-up timings (the report itself needs a GPU)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_report  # noqa: E402
+
+
+def _row(layout, n, method, fwd, bwd):
+    return {"layout": layout, "n": n, "batch": 1, "method": method, "fwd_ms": fwd, "bwd_ms": bwd,
+            "fwd_bwd_ms": None if fwd is None else fwd + bwd}
+
+
+def test_launch_order_table_divides_row_order_by_longest_first():
+    rows = [
+        _row("packed", 8192, "livr_table", 1.0, 2.0),
+        _row("packed", 8192, "livr_table_row_order", 1.1, 3.0),
+        _row("single", 8192, "livr_table", 2.0, 4.0),
+        _row("single", 8192, "livr_table_row_order", None, None),
+        _row("single", 2048, "livr_table_row_order", 1.0, 1.0),  # no longest-first row to compare with
+    ]
+    lines = gpu_report.launch_order_markdown(rows)
+    assert "| packed | 8192 | 1.10x | 1.50x | 1.37x |" in lines
+    assert "| single | 8192 | - | - | - |" in lines
+    assert not any("| 2048 |" in line for line in lines)
+    assert gpu_report.launch_order_markdown([_row("packed", 8192, "livr", 1.0, 1.0)]) == []
+    info = {"device": "NVIDIA H100", "capability": "sm_90", "torch": "2.11"}
+    report = gpu_report.markdown(info, {"summary": "skipped", "seconds": 0.0}, rows, [])
+    assert "Launch order, measured" in report and "| packed | 8192 | 1.10x | 1.50x | 1.37x |" in report
