@@ -18,7 +18,7 @@ from .data import make_synthetic_dataset
 from .figures import draw_training_curves
 from .files import atomic_write_json
 from .models import load_trained
-from .probes import METRICS_FILE, evaluate_model, learning_verdict
+from .probes import BOTTLENECK_STAGE_KEY, METRICS_FILE, bottleneck_stage_record, evaluate_model, learning_verdict
 from .tiny import build_tiny_model, build_tiny_processor, pretrain_demo_base, save_tiny
 from .train import train
 
@@ -181,6 +181,7 @@ def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
     write_training_record(output_dir, steps, history, chance=chance,
                           title=f"demo: {cfg.mode} on synthetic {DEMO_TASK}, K={cfg.latents}, lr {cfg.lr}, "
                                 f"stages {cfg.stage_epochs[0]}+{cfg.stage_epochs[1]} epochs")
+    metrics[BOTTLENECK_STAGE_KEY] = bottleneck_stage_record(result.state.history)
     verdict = learning_verdict(metrics)
     metrics["verdict"] = {"learned": verdict.learned, "signature": verdict.signature, "text": verdict.text}
     atomic_write_json(output_dir / METRICS_FILE, metrics)
