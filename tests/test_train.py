@@ -14,7 +14,7 @@ from livr_model.app.tiny import build_tiny_model, build_tiny_processor
 from livr_model.app.config import TrainConfig, stage_plan
 from livr_model.app.models import load_trained
 from livr_model.app.state import trainable_state_dict
-from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
+from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, stage_peaks, steps_per_epoch
 from livr_model.app.train import answer_nll, train
 
 IMAGE_SIZE = 28
@@ -129,6 +129,24 @@ def test_schedule_warms_up_then_decays_and_restarts_per_stage():
     # stage 2 starts over: warmup from small to peak again
     assert stage2[0] == pytest.approx(stage1[0] * (warm1 + 1) / (warm2 + 1))
     assert stage2[warm2] == pytest.approx(1.0) and stage2[-1] < 0.01
+
+
+def test_stage2_lr_scales_only_the_second_stage():
+    cfg = TrainConfig(lr=2e-3, stage2_lr=5e-4)
+    plan = stage_plan(cfg)
+    assert stage_peaks(cfg, plan) == [1.0, 0.25]
+    plain, scaled = StageSchedule([40, 60], 0.05), StageSchedule([40, 60], 0.05, stage_peaks(cfg, plan))
+    assert [scaled(s) for s in range(40)] == [plain(s) for s in range(40)]
+    assert [scaled(s) for s in range(40, 100)] == pytest.approx([0.25 * plain(s) for s in range(40, 100)])
+    # Without stage 1 the only stage is stage 2; one-stage modes and no stage2_lr leave every peak at lr.
+    only2 = TrainConfig(lr=2e-3, stage2_lr=5e-4, stage_epochs=(0, 3))
+    assert stage_peaks(only2, stage_plan(only2)) == [0.25]
+    assert stage_peaks(TrainConfig(lr=2e-3, stage2_lr=5e-4, mode="sft"), stage_plan(TrainConfig(mode="sft"))) == [1.0]
+    assert stage_peaks(TrainConfig(), stage_plan(TrainConfig())) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="stage2_lr"):
+        TrainConfig(stage2_lr=0)
+    with pytest.raises(ValueError, match="peaks"):
+        StageSchedule([40, 60], 0.05, [1.0])
 
 
 def test_data_order_depends_only_on_seed_and_epoch():
