@@ -162,8 +162,8 @@ def draw_training_curves(steps: Sequence[dict], epochs: Sequence[dict], path, *,
                 ax.axvline(boundary, color="black", linestyle="--", linewidth=1)
             acc_ax.annotate(f"{previous['stage']} | {current['stage']}", (boundary, 4), ha="center", fontsize=8,
                             backgroundcolor="white")
-    # Lower right: accuracy points sit high, and the stage label sits at the bottom of the boundary.
-    acc_ax.legend(fontsize=8, loc="lower right")
+    # Centre right: accuracy points sit high, chance low, and the stage label at the bottom of the boundary.
+    acc_ax.legend(fontsize=8, loc="center right")
     fig.suptitle(textwrap.fill(title or "training curves", TITLE_WIDTH), fontsize=10)
     return _save(fig, path)
 
