@@ -33,8 +33,8 @@ MULTI_TASK_STAGE_EPOCHS = (2, 3)
 # numpy and python seeds must fit 32 bits.
 MAX_SEED = 2**32 - 1
 # Run-config keys that must match for --resume to continue a run exactly.
-RESUME_KEYS = ("model", "data", "val_data", "val_fraction", "mode", "latents", "stage_epochs", "sft_epochs", "lr", "stage2_lr",
-               "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
+RESUME_KEYS = ("model", "data", "val_data", "val_fraction", "mode", "latents", "stage_epochs", "sft_epochs", "lr",
+               "stage2_lr", "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
                "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size",
                "blink_split", "multi_task") + PIXEL_LIMITS
 

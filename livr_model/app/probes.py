@@ -250,9 +250,9 @@ def learning_verdict(metrics: dict, *, margin: float = LEARNED_MARGIN, min_disti
                      f"answers, which see only the latents, were {100 * stage['accuracy']:.1f}% right (chance "
                      f"{100 * chance:.1f}%).")
         if forced:
-            kept = forced["average"] >= chance + signature_margin
-            lines.append(f"The evaluated checkpoint, after the standard-mask stage, {'keeps' if kept else 'has NOT kept'} "
-                         f"that route: " + "; ".join(_probe_details(probes, accuracy, chance)) + ".")
+            kept = "keeps" if forced["average"] >= chance + signature_margin else "has NOT kept"
+            lines.append(f"The evaluated checkpoint, after the standard-mask stage, {kept} that route: "
+                         + "; ".join(_probe_details(probes, accuracy, chance)) + ".")
     elif forced and chance is not None:
         signature = forced["average"] >= chance + signature_margin
         shown = "shown" if signature else "NOT shown"
