@@ -274,12 +274,13 @@ def _run(tmp_path, **overrides):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    full = _run(tmp_path / "full")
+@pytest.mark.parametrize("stage2_lr", [None, 1e-4])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, stage2_lr):
+    full = _run(tmp_path / "full", stage2_lr=stage2_lr)
     # Interrupted in the middle of stage 2's epoch (step 6 of 8); the last save is step 6.
-    partial = _run(tmp_path / "resumed", max_steps=6)
+    partial = _run(tmp_path / "resumed", max_steps=6, stage2_lr=stage2_lr)
     assert partial.state.global_step == 6
-    resumed = _run(tmp_path / "resumed", resume=True)
+    resumed = _run(tmp_path / "resumed", resume=True, stage2_lr=stage2_lr)
     assert resumed.state.global_step == full.state.global_step == 8
     want, got = trainable_state_dict(full.model), trainable_state_dict(resumed.model)
     assert want.keys() == got.keys()
@@ -294,6 +295,8 @@ def test_resume_refuses_changed_settings(tmp_path):
     _run(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="different settings"):
         _run(tmp_path, resume=True, lr=5e-3)
+    with pytest.raises(ValueError, match=r"different settings for \['stage2_lr'\]"):
+        _run(tmp_path, resume=True, stage2_lr=5e-3)
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
