@@ -42,12 +42,13 @@ def test_flags_override_config_file_which_overrides_defaults(tmp_path):
 def test_every_documented_flag_parses(tmp_path):
     cfg, _ = resolve_train_config([
         "--model", "m", "--data", "synthetic:counting,jigsaw", "--mode", "mask-only", "--latents", "8",
-        "--stage-epochs", "4", "6", "--output-dir", str(tmp_path), "--lr", "1e-3", "--batch-size", "2",
+        "--stage-epochs", "4", "6", "--output-dir", str(tmp_path), "--lr", "1e-3", "--stage2-lr", "2.5e-4", "--batch-size", "2",
         "--grad-accum", "16", "--seed", "3", "--resume", "--gradient-checkpointing", "--no-bf16", "--max-steps", "5",
     ])
     assert (cfg.model, cfg.data, cfg.mode, cfg.latents) == ("m", "synthetic:counting,jigsaw", "mask-only", 8)
     assert (cfg.stage_epochs, cfg.output_dir, cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.seed) == ((4, 6), str(tmp_path), 1e-3, 2, 16, 3)
     assert cfg.resume and cfg.gradient_checkpointing and not cfg.bf16 and cfg.max_steps == 5
+    assert cfg.stage2_lr == 2.5e-4 and resolve_train_config(["--stage2-lr", "none"])[0].stage2_lr is None
 
 
 def test_false_flag_beats_true_in_file(tmp_path):

@@ -102,3 +102,12 @@ def test_grid_checks(tmp_path):
     path.write_text("modes: [sft, livr]\ntasks: [counting]\nseeds: [0, 1, 2]\n")
     grid = load_grid(path)
     assert grid.modes == ("sft", "livr") and grid.seeds == (0, 1, 2)
+
+
+def test_cells_use_the_grid_learning_rate_in_every_stage(tmp_path):
+    # The demo lowers stage 2's rate; the study compares modes at the grid's one rate unless told.
+    cfg = study.cell_config(Grid(), str(tmp_path / "base"), "counting", "livr", 0, tmp_path / "cell")
+    assert cfg.lr == Grid().lr and cfg.stage2_lr is None
+    told = study.cell_config(Grid(train_overrides={"stage2_lr": 1e-4}), str(tmp_path / "base"), "counting", "livr", 0,
+                             tmp_path / "cell")
+    assert told.stage2_lr == 1e-4

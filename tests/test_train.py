@@ -14,7 +14,7 @@ from livr_model.app.tiny import build_tiny_model, build_tiny_processor
 from livr_model.app.config import TrainConfig, stage_plan
 from livr_model.app.models import load_trained
 from livr_model.app.state import trainable_state_dict
-from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
+from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, stage_peaks, steps_per_epoch
 from livr_model.app.train import answer_nll, train
 
 IMAGE_SIZE = 28
@@ -129,6 +129,24 @@ def test_schedule_warms_up_then_decays_and_restarts_per_stage():
     # stage 2 starts over: warmup from small to peak again
     assert stage2[0] == pytest.approx(stage1[0] * (warm1 + 1) / (warm2 + 1))
     assert stage2[warm2] == pytest.approx(1.0) and stage2[-1] < 0.01
+
+
+def test_stage2_lr_scales_only_the_second_stage():
+    cfg = TrainConfig(lr=2e-3, stage2_lr=5e-4)
+    plan = stage_plan(cfg)
+    assert stage_peaks(cfg, plan) == [1.0, 0.25]
+    plain, scaled = StageSchedule([40, 60], 0.05), StageSchedule([40, 60], 0.05, stage_peaks(cfg, plan))
+    assert [scaled(s) for s in range(40)] == [plain(s) for s in range(40)]
+    assert [scaled(s) for s in range(40, 100)] == pytest.approx([0.25 * plain(s) for s in range(40, 100)])
+    # Without stage 1 the only stage is stage 2; one-stage modes and no stage2_lr leave every peak at lr.
+    only2 = TrainConfig(lr=2e-3, stage2_lr=5e-4, stage_epochs=(0, 3))
+    assert stage_peaks(only2, stage_plan(only2)) == [0.25]
+    assert stage_peaks(TrainConfig(lr=2e-3, stage2_lr=5e-4, mode="sft"), stage_plan(TrainConfig(mode="sft"))) == [1.0]
+    assert stage_peaks(TrainConfig(), stage_plan(TrainConfig())) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="stage2_lr"):
+        TrainConfig(stage2_lr=0)
+    with pytest.raises(ValueError, match="peaks"):
+        StageSchedule([40, 60], 0.05, [1.0])
 
 
 def test_data_order_depends_only_on_seed_and_epoch():
@@ -256,12 +274,13 @@ def _run(tmp_path, **overrides):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    full = _run(tmp_path / "full")
+@pytest.mark.parametrize("stage2_lr", [None, 1e-4])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, stage2_lr):
+    full = _run(tmp_path / "full", stage2_lr=stage2_lr)
     # Interrupted in the middle of stage 2's epoch (step 6 of 8); the last save is step 6.
-    partial = _run(tmp_path / "resumed", max_steps=6)
+    partial = _run(tmp_path / "resumed", max_steps=6, stage2_lr=stage2_lr)
     assert partial.state.global_step == 6
-    resumed = _run(tmp_path / "resumed", resume=True)
+    resumed = _run(tmp_path / "resumed", resume=True, stage2_lr=stage2_lr)
     assert resumed.state.global_step == full.state.global_step == 8
     want, got = trainable_state_dict(full.model), trainable_state_dict(resumed.model)
     assert want.keys() == got.keys()
@@ -276,6 +295,8 @@ def test_resume_refuses_changed_settings(tmp_path):
     _run(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="different settings"):
         _run(tmp_path, resume=True, lr=5e-3)
+    with pytest.raises(ValueError, match=r"different settings for \['stage2_lr'\]"):
+        _run(tmp_path, resume=True, stage2_lr=5e-3)
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):

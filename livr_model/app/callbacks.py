@@ -100,11 +100,12 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
-def validation_accuracy(run: RunContext) -> Optional[float]:
-    """Validation accuracy (average over tasks) under ``cfg.eval_rule``, or None without validation
-    data; the per-task accuracies go to ``run.val_per_task``. Each process scores a shard and the
-    records are gathered."""
+def validation_accuracy(run: RunContext, rule: Optional[str] = None) -> Optional[float]:
+    """Validation accuracy (average over tasks) under ``rule`` (default ``cfg.eval_rule``), or None
+    without validation data; the per-task accuracies go to ``run.val_per_task``. Each process scores
+    a shard and the records are gathered."""
     cfg, accelerator = run.cfg, run.accelerator
+    rule = cfg.eval_rule if rule is None else rule
     if not run.val_examples:
         return None
     examples = run.val_examples[: cfg.val_limit] if cfg.val_limit else run.val_examples
@@ -117,7 +118,7 @@ def validation_accuracy(run: RunContext) -> Optional[float]:
     if sharded:
         unwrapped.unshard()
     try:
-        with rule_forced(run.handle, cfg.eval_rule):
+        with rule_forced(run.handle, rule):
             records = predict(unwrapped, run.encoder, shard, method=cfg.eval_method, handle=run.handle,
                               batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens) if shard else []
     finally:
@@ -131,16 +132,26 @@ def validation_accuracy(run: RunContext) -> Optional[float]:
 
 
 class Validate(Callback):
-    """At each epoch end: validation accuracy, the run's history and its best epoch."""
+    """At each epoch end: validation accuracy, the run's history and its best epoch.
+
+    In a stage that trains under another rule than ``cfg.eval_rule`` (LIVR's bottleneck stage), the
+    accuracy under the stage's own rule is recorded too (``stage_rule_accuracy``): it is what that
+    stage teaches (answering through the latents alone), and the standard-rule accuracy of a model
+    that has never answered with the image in view says little about it. It does not select checkpoints.
+    """
 
     def on_epoch_end(self, run):
         state, stage = run.state, run.stage
+        own_rule = None
+        if stage.rule != run.cfg.eval_rule:
+            own_rule = validation_accuracy(run, rule=stage.rule)
         run.val_per_task = None
         val = validation_accuracy(run)
         run.handle.set_rule(stage.rule)
         per_task = run.val_per_task
         state.history.append({"epoch": run.epoch, "stage": stage.name, "global_step": state.global_step,
-                              "val_accuracy": val, "val_per_task": per_task})
+                              "val_accuracy": val, "val_per_task": per_task, "rule": stage.rule,
+                              "stage_rule_accuracy": own_rule})
         run.is_best = val is not None and (state.best_metric is None or val > state.best_metric)
         if run.is_best:
             state.best_metric, state.best_step = val, state.global_step
@@ -149,6 +160,8 @@ class Validate(Callback):
             shown = "n/a" if val is None else f"{100 * val:.1f}%"
             if per_task and len(per_task) > 1:
                 shown += " (" + ", ".join(f"{t} {100 * a:.1f}%" for t, a in per_task.items()) + ")"
+            if own_rule is not None:
+                shown += f"; with the {stage.rule} rule it trains under {100 * own_rule:.1f}%"
             print(f"{stage.name} epoch {run.epoch_in_stage + 1}/{stage.epochs}: validation accuracy {shown}", flush=True)
 
 

@@ -37,6 +37,10 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "null", "") else int(text)
 
 
+def _optional_float(text: str) -> Optional[float]:
+    return None if text.lower() in ("none", "null", "") else float(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -72,6 +76,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _value_flag(p, "sft-epochs", _optional_int, "epochs of the one-stage modes sft and image-twice (default: E1 + E2)")
     _value_flag(p, "output-dir", str, f"where checkpoints, run config and metrics go (default {d.output_dir})")
     _value_flag(p, "lr", float, f"AdamW learning rate (default {d.lr})")
+    _value_flag(p, "stage2-lr", _optional_float, "peak learning rate of stage 2, the standard-mask stage (default: --lr)")
     _value_flag(p, "weight-decay", float, f"AdamW weight decay (default {d.weight_decay})")
     _value_flag(p, "warmup-ratio", float, f"linear warmup fraction of each stage (default {d.warmup_ratio})")
     _value_flag(p, "batch-size", int, f"examples per process per micro-batch (default {d.batch_size})")

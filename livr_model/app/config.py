@@ -34,7 +34,7 @@ MULTI_TASK_STAGE_EPOCHS = (2, 3)
 MAX_SEED = 2**32 - 1
 # Run-config keys that must match for --resume to continue a run exactly.
 RESUME_KEYS = ("model", "data", "val_data", "val_fraction", "mode", "latents", "stage_epochs", "sft_epochs", "lr",
-               "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
+               "stage2_lr", "weight_decay", "betas", "batch_size", "grad_accum", "warmup_ratio", "lora_r", "lora_alpha",
                "lora_dropout", "seed", "reset_optimizer_per_stage", "synthetic_train_size", "synthetic_image_size",
                "blink_split", "multi_task") + PIXEL_LIMITS
 
@@ -130,6 +130,7 @@ FIELD_CHECKS = {
     "sft_epochs": _int(1, optional=True),
     "output_dir": Check("str", nonempty=True),
     "lr": _float(0, low_open=True),
+    "stage2_lr": _float(0, low_open=True, optional=True),
     "weight_decay": _float(0),
     "betas": _float(0, 1, high_open=True, count=2),
     "adam_eps": _float(0, low_open=True),
@@ -184,6 +185,8 @@ class TrainConfig:
     sft_epochs: Optional[int] = None
     output_dir: str = "livr_output"
     lr: float = 1e-4
+    # Peak learning rate of stage 2 (the standard-mask stage of a two-stage mode); None: lr.
+    stage2_lr: Optional[float] = None
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8

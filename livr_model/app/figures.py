@@ -120,7 +120,8 @@ def draw_training_curves(steps: Sequence[dict], epochs: Sequence[dict], path, *,
     """Loss per optimizer step (raw and a moving average) and validation accuracy per epoch, both
     against the global step, coloured by stage with the stage boundaries marked.
 
-    ``steps``: ``{"step", "stage", "loss"}`` dicts; ``epochs``: ``{"global_step", "stage", "val_accuracy"}``.
+    ``steps``: ``{"step", "stage", "loss"}`` dicts; ``epochs``: ``{"global_step", "stage", "val_accuracy"}``
+    (and ``stage_rule_accuracy``, drawn dashed, where a stage trains under another rule than validation's).
     """
     if not steps:
         raise ValueError("steps must hold at least one {'step', 'stage', 'loss'} record")
@@ -144,6 +145,10 @@ def draw_training_curves(steps: Sequence[dict], epochs: Sequence[dict], path, *,
         if points:
             acc_ax.plot([e["global_step"] for e in points], [100 * e["val_accuracy"] for e in points], "o-",
                         color=colors[name], label=name)
+        own = [e for e in epochs if e["stage"] == name and e.get("stage_rule_accuracy") is not None]
+        if own:
+            acc_ax.plot([e["global_step"] for e in own], [100 * e["stage_rule_accuracy"] for e in own], "s--",
+                        color=colors[name], label=f"{name}, scored under its training rule")
     if chance is not None:
         acc_ax.axhline(100 * chance, color="gray", linestyle=":", label=f"chance {100 * chance:.0f}%")
     acc_ax.set_ylim(0, 105)
@@ -157,8 +162,8 @@ def draw_training_curves(steps: Sequence[dict], epochs: Sequence[dict], path, *,
                 ax.axvline(boundary, color="black", linestyle="--", linewidth=1)
             acc_ax.annotate(f"{previous['stage']} | {current['stage']}", (boundary, 4), ha="center", fontsize=8,
                             backgroundcolor="white")
-    # Lower right: accuracy points sit high, and the stage label sits at the bottom of the boundary.
-    acc_ax.legend(fontsize=8, loc="lower right")
+    # Centre right: accuracy points sit high, chance low, and the stage label at the bottom of the boundary.
+    acc_ax.legend(fontsize=8, loc="center right")
     fig.suptitle(textwrap.fill(title or "training curves", TITLE_WIDTH), fontsize=10)
     return _save(fig, path)
 

@@ -174,8 +174,10 @@ def evaluate_model(model, handle, encoder: PromptEncoder, examples: Sequence, *,
 # many accuracy points, with at least this many distinct answers (fewer when there are fewer options).
 LEARNED_MARGIN = 0.10
 MIN_DISTINCT_ANSWERS = 3
-# The paper's signature: accuracy with the bottleneck forced at test this far above chance.
+# The paper's signature: accuracy with the bottleneck (answers see only the latents) this far above chance.
 SIGNATURE_MARGIN = 0.25
+# metrics key of the accuracy under the bottleneck at the end of the bottleneck stage (``bottleneck_stage_record``).
+BOTTLENECK_STAGE_KEY = "bottleneck_stage"
 
 
 def majority_rate(examples) -> dict:
@@ -189,11 +191,22 @@ def majority_rate(examples) -> dict:
 @dataclass
 class Verdict:
     """Did the model learn, judged against chance and the majority-class rate, and does it show
-    the mechanism signature (accuracy with the bottleneck forced well above chance)?"""
+    the mechanism signature (accuracy with the bottleneck well above chance: at the end of the
+    bottleneck stage when the metrics hold it, else with the bottleneck forced on the evaluated model)?"""
 
     learned: bool
     signature: Optional[bool]
     text: str
+
+
+def bottleneck_stage_record(history: Sequence[dict]) -> Optional[dict]:
+    """The last epoch of training history (``Validate``'s records) that trained under the bottleneck
+    rule and measured accuracy under it: ``{"accuracy", "global_step", "epoch"}``; None without one."""
+    measured = [e for e in history if e.get("rule") == "bottleneck" and e.get("stage_rule_accuracy") is not None]
+    if not measured:
+        return None
+    last = measured[-1]
+    return {"accuracy": last["stage_rule_accuracy"], "global_step": last["global_step"], "epoch": last["epoch"]}
 
 
 def _mean(values) -> Optional[float]:
@@ -227,21 +240,37 @@ def learning_verdict(metrics: dict, *, margin: float = LEARNED_MARGIN, min_disti
         lines.append(f"Verdict: DID NOT LEARN ({'; '.join(why)}).")
     probes = metrics.get("probes") or {}
     forced = probes.get("bottleneck_forced")
+    stage = metrics.get(BOTTLENECK_STAGE_KEY)
     signature = None
-    if forced and chance is not None:
-        forced_acc = forced["average"]
-        signature = forced_acc >= chance + signature_margin
-        removed = probes.get("latents_removed")
-        attention = probes.get("answer_to_latent_attention")
-        detail = [f"with the bottleneck forced at test {100 * forced_acc:.1f}% (chance {100 * chance:.1f}%)"]
-        if removed:
-            detail.append(f"with the latents removed {100 * removed['average']:.1f}% "
-                          f"(a drop of {100 * (accuracy - removed['average']):.1f} points)")
-        if attention is not None:
-            detail.append(f"mean answer->latent attention {attention:.3f}")
+    if chance is not None and stage and stage.get("accuracy") is not None:
+        # Judged where the mechanism is trained: at the end of the bottleneck stage.
+        signature = stage["accuracy"] >= chance + signature_margin
         shown = "shown" if signature else "NOT shown"
-        lines.append(f"Mechanism signature {shown}: " + "; ".join(detail) + ".")
+        lines.append(f"Mechanism signature {shown}: at the end of the bottleneck stage (step {stage['global_step']}) the "
+                     f"answers, which see only the latents, were {100 * stage['accuracy']:.1f}% right (chance "
+                     f"{100 * chance:.1f}%).")
+        if forced:
+            kept = "keeps" if forced["average"] >= chance + signature_margin else "has NOT kept"
+            lines.append(f"The evaluated checkpoint, after the standard-mask stage, {kept} that route: "
+                         + "; ".join(_probe_details(probes, accuracy, chance)) + ".")
+    elif forced and chance is not None:
+        signature = forced["average"] >= chance + signature_margin
+        shown = "shown" if signature else "NOT shown"
+        lines.append(f"Mechanism signature {shown}: " + "; ".join(_probe_details(probes, accuracy, chance)) + ".")
     return Verdict(learned=learned, signature=signature, text="\n".join(lines))
+
+
+def _probe_details(probes: dict, accuracy: float, chance: float) -> list:
+    forced = probes["bottleneck_forced"]["average"]
+    removed = probes.get("latents_removed")
+    attention = probes.get("answer_to_latent_attention")
+    detail = [f"with the bottleneck forced at test {100 * forced:.1f}% (chance {100 * chance:.1f}%)"]
+    if removed:
+        detail.append(f"with the latents removed {100 * removed['average']:.1f}% "
+                      f"(a drop of {100 * (accuracy - removed['average']):.1f} points)")
+    if attention is not None:
+        detail.append(f"mean answer->latent attention {attention:.3f}")
+    return detail
 
 
 def _pct(value: Optional[float]) -> str:

@@ -2,24 +2,31 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from livr_model.lr import WARMUP_OFFSET, warmup_cosine
+from livr_model.modes import TWO_STAGE_NAMES
 
 from .config import TrainConfig
 
+STAGE2 = TWO_STAGE_NAMES[1]
+
 class StageSchedule:
     """LR factor per optimizer step: per stage, linear warmup over ``warmup_ratio`` of its steps then
-    cosine decay to 0, restarted at each stage boundary. A plain object (not a closure) so LambdaLR
-    can save it in its state dict."""
+    cosine decay to 0, restarted at each stage boundary, peaking at that stage's ``peaks`` factor
+    (default 1 for every stage). A plain object (not a closure) so LambdaLR can save it in its state dict."""
 
-    def __init__(self, stage_steps: Sequence[int], warmup_ratio: float):
+    def __init__(self, stage_steps: Sequence[int], warmup_ratio: float, peaks: Optional[Sequence[float]] = None):
         if any(int(s) < 0 for s in stage_steps):
             raise ValueError(f"stage_steps must be non-negative; got {list(stage_steps)}")
+        peaks = [1.0] * len(stage_steps) if peaks is None else [float(p) for p in peaks]
+        if len(peaks) != len(stage_steps) or any(p <= 0 for p in peaks):
+            raise ValueError(f"peaks must hold one positive factor per stage ({len(stage_steps)}); got {peaks}")
         self.stage_steps = [int(s) for s in stage_steps]
         self.warmup_ratio = float(warmup_ratio)
+        self.peaks = peaks
 
     def locate(self, step: int) -> tuple:
         """(stage index, step inside that stage) of a global optimizer step."""
@@ -35,7 +42,13 @@ class StageSchedule:
         total = self.stage_steps[index]
         if total <= 0:
             return 0.0
-        return warmup_cosine(local, total, math.ceil(self.warmup_ratio * total), warmup_extra=WARMUP_OFFSET)
+        peak = self.peaks[index]
+        return peak * warmup_cosine(local, total, math.ceil(self.warmup_ratio * total), warmup_extra=WARMUP_OFFSET)
+
+
+def stage_peaks(cfg: TrainConfig, plan: Sequence) -> list:
+    """Per stage of ``plan``, its peak learning rate as a factor of ``cfg.lr`` (``stage2_lr`` for stage 2)."""
+    return [cfg.stage2_lr / cfg.lr if stage.name == STAGE2 and cfg.stage2_lr is not None else 1.0 for stage in plan]
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list:

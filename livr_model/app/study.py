@@ -103,6 +103,9 @@ def cell_dir(study_dir: Path, task: str, mode: str, seed: int) -> Path:
 
 def cell_config(grid: Grid, base: str, task: str, mode: str, seed: int, out: Path) -> TrainConfig:
     settings = demo_config(DEMO_SIZES["full"])
+    # One learning rate for every stage of every mode (the grid's), as the study's table was measured;
+    # train_overrides may set stage2_lr.
+    settings["stage2_lr"] = None
     data = f"synthetic:{task}" if task in SYNTHETIC_TASKS else task
     settings.update(
         model=base, data=data, mode=mode, seed=seed, output_dir=str(out), latents=grid.latents, lr=grid.lr,

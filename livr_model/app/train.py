@@ -4,7 +4,8 @@ answer-only loss.
 Stage 1 trains with the bottleneck rule (prompt and answer tokens cannot see the image, so the
 answer must read it through the latents); stage 2 returns to the standard causal mask. Each stage
 has its own warmup + cosine schedule. What each comparison mode puts into the prompt and which
-rule each stage uses is the mode's (``livr_model.modes``). Validation, checkpoints, the progress
+rule each stage uses is the mode's (``livr_model.modes``). Stage 2 may peak at its own learning rate
+(``stage2_lr``). Validation, checkpoints, the progress
 bar and user hooks are callbacks (``callbacks.py``).
 
 The trainer runs under a plain ``python``, ``torchrun`` and ``accelerate launch`` (DDP, or FSDP
@@ -34,7 +35,7 @@ from .data.fingerprint import dataset_fingerprint
 from .data.records import GIVEN, write_data_records
 from .files import atomic_write_json, atomic_write_yaml
 from .models import build_trainable_model, load_model_and_processor, make_encoder, trainable_summary
-from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, steps_per_epoch
+from .schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, stage_peaks, steps_per_epoch
 from .state import ResumeState, load_resume, unwrap
 
 # Encoded examples are cached in memory while their total size stays under this budget.
@@ -153,7 +154,7 @@ def _start_run(cfg: TrainConfig, model, processor, train_examples, val_examples)
 
     plan = stage_plan(cfg)
     per_epoch = steps_per_epoch(len(dataset), cfg, accelerator.num_processes)
-    schedule = StageSchedule([s.epochs * per_epoch for s in plan], cfg.warmup_ratio)
+    schedule = StageSchedule([s.epochs * per_epoch for s in plan], cfg.warmup_ratio, stage_peaks(cfg, plan))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
