@@ -140,14 +140,13 @@ class LivrCollator:
         return batch
 
 
-def stage_lr_factor(step: int, boundary: int, total: int, warmups: Sequence[int]) -> float:
+def stage_lr_factor(step: int, boundary: int, total: int, warmups: Sequence[int], stage2_scale: float = 1.0) -> float:
     """LR factor of optimizer step ``step``: stage 1 is ``[0, boundary)``, stage 2 ``[boundary, total)``;
-    each has a linear warmup over its ``warmups[i]`` steps, then a cosine decay to 0."""
+    each has a linear warmup over its ``warmups[i]`` steps, then a cosine decay to 0. Stage 2 peaks
+    at ``stage2_scale``."""
     if step < boundary or boundary >= total:
-        start, length, warmup = 0, boundary, warmups[0]
-    else:
-        start, length, warmup = boundary, total - boundary, warmups[1]
-    return warmup_cosine(step - start, length, warmup, warmup_extra=WARMUP_OFFSET)
+        return warmup_cosine(step, boundary, warmups[0], warmup_extra=WARMUP_OFFSET)
+    return stage2_scale * warmup_cosine(step - boundary, total - boundary, warmups[1], warmup_extra=WARMUP_OFFSET)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -234,6 +233,9 @@ class LivrStageCallback(TrainerCallback):
     ``restart_schedule=True`` (as livr-train) replaces the trainer's LR schedule by a linear warmup
     (``warmup_steps`` of the arguments, a ratio when below 1, taken per stage) and a cosine decay to
     0 in each stage, and clears the optimizer state (AdamW moments) when stage 2 starts.
+    ``stage2_lr_scale``: stage 2's peak as a factor of stage 1's (livr-train's ``--stage2-lr`` over
+    ``--lr``; the demo uses 0.25: at the full rate the standard-mask stage erased the latent route
+    in 3 of 11 seeds); needs ``restart_schedule=True``.
     ``base_model``: the base model's hub id or folder, recorded for livr-eval (default: the
     model's ``name_or_path``); ``num_latents``: K of ``mask-only`` (else the latent ids count).
     ``guards``: the checks of ``BatchGuard`` and ``latent_rows_trainable``.
@@ -243,7 +245,8 @@ class LivrStageCallback(TrainerCallback):
     """
 
     def __init__(self, handle: LivrAttentionHandle, stage_epochs=(4, 6), restart_schedule: bool = True, *, mode="livr",
-                 base_model: Optional[str] = None, num_latents: Optional[int] = None, guards: bool = True):
+                 base_model: Optional[str] = None, num_latents: Optional[int] = None, guards: bool = True,
+                 stage2_lr_scale: float = 1.0):
         if not isinstance(handle, LivrAttentionHandle):
             raise ValueError(f"handle must be what patch_attention returned; got {type(handle).__name__}")
         epochs = tuple(stage_epochs)
@@ -253,8 +256,13 @@ class LivrStageCallback(TrainerCallback):
         self.mode = get_mode(mode)
         if self.mode.vocab_latents and not (isinstance(num_latents, int) and num_latents > 0):
             raise ValueError(f"mode {self.mode.name!r} appends K vocabulary tokens as latents: pass num_latents=K (as to LivrCollator)")
+        if isinstance(stage2_lr_scale, bool) or not isinstance(stage2_lr_scale, (int, float)) or not stage2_lr_scale > 0:
+            raise ValueError(f"stage2_lr_scale must be a number > 0; got {stage2_lr_scale!r}")
+        if stage2_lr_scale != 1.0 and not restart_schedule:
+            raise ValueError("stage2_lr_scale needs restart_schedule=True (the trainer's own schedule knows no stages)")
         self.stages = self.mode.stage_plan(epochs)
         self.stage_epochs = epochs
+        self.stage2_lr_scale = float(stage2_lr_scale)
         self.num_latents = num_latents
         self.restart_schedule = restart_schedule
         self.base_model = base_model
@@ -314,7 +322,7 @@ class LivrStageCallback(TrainerCallback):
         warmups = [args.get_warmup_steps(boundary), args.get_warmup_steps(max(0, total - boundary))]
 
         def factor(current: int) -> float:
-            return stage_lr_factor(current, boundary, total, warmups)
+            return stage_lr_factor(current, boundary, total, warmups, self.stage2_lr_scale)
 
         lr_scheduler.lr_lambdas = [factor] * len(lr_scheduler.lr_lambdas)
         last = [base * factor(step) for base in lr_scheduler.base_lrs]

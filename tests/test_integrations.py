@@ -288,6 +288,34 @@ def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, 
     assert [s["rule"] for s in recorder.steps] == ["bottleneck"] * 4 + ["standard"] * 4
 
 
+def test_stage2_lr_scale_lowers_only_the_second_stage(base_dir, tmp_path):
+    model, processor, ids = fresh(base_dir)
+    model = get_peft_model(model, lora(ids))
+    handle = patch_attention(model, rule="standard", latent_token_ids=ids)
+    collator = LivrCollator(processor, latent_token_ids=ids)
+    rows = chat_rows(2 * STEPS_PER_STAGE)
+    recorder = Recorder(handle, collator(rows[:1]))
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=2, learning_rate=LR,
+                             warmup_steps=0.1, remove_unused_columns=False, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+            callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1), stage2_lr_scale=0.25), recorder]).train()
+    per_stage = [LR * 0.5, LR * 1.0, LR * 0.75, LR * 0.25]
+    assert [s["lr"] for s in recorder.steps] == pytest.approx(per_stage + [0.25 * lr for lr in per_stage], rel=1e-9)
+
+
+@pytest.mark.parametrize("scale, restart, message", [
+    (0.0, True, "stage2_lr_scale must be a number > 0"),
+    ("0.5", True, "stage2_lr_scale must be a number > 0"),
+    (0.5, False, "stage2_lr_scale needs restart_schedule=True"),
+])
+def test_stage2_lr_scale_is_checked(base_dir, scale, restart, message):
+    model, processor, ids = fresh(base_dir)
+    handle = patch_attention(model, rule="standard", latent_token_ids=ids)
+    with pytest.raises(ValueError, match=message):
+        LivrStageCallback(handle, stage_epochs=(1, 1), restart_schedule=restart, stage2_lr_scale=scale)
+
+
 def test_stage1_text_before_latents_never_sees_the_pixels(trl_run):
     recorder = trl_run[2]
     stage1, stage2 = recorder.steps[:STEPS_PER_STAGE], recorder.steps[STEPS_PER_STAGE:]
