@@ -138,7 +138,7 @@ def test_resume_refuses_changed_data(tmp_path, change, which):
 def test_selected_checkpoint_survives_a_crash_between_the_pointer_writes(tmp_path, monkeypatch):
     # Epoch accuracies 0.9, 0.1, 0.2: the first epoch's checkpoint (step 4) is the one to evaluate.
     accuracy = {0: 0.9, 1: 0.1, 2: 0.2}
-    monkeypatch.setattr(callbacks_module, "validation_accuracy", lambda run_context: accuracy[run_context.epoch])
+    monkeypatch.setattr(callbacks_module, "validation_accuracy", lambda run_context, rule=None: accuracy[run_context.epoch])
     real_write_pointer = ckpt.write_pointer
 
     def killed_before_selected(output_dir, name, *args, **kwargs):
