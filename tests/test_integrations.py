@@ -270,7 +270,9 @@ def test_resume_at_the_boundary_continues_like_the_uninterrupted_run(trl_run, ba
     assert [tuple(s[k] for k in keys) for s in recorder.steps] == [tuple(s[k] for k in keys) for s in recorded[STEPS_PER_STAGE:]]
 
 
-def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, tmp_path):
+def trainer_steps(base_dir, tmp_path, callback_kwargs: dict, **arguments) -> list:
+    """The Recorder's steps of a plain Trainer run (LoRA, two stages of STEPS_PER_STAGE) with
+    ``LivrStageCallback(**callback_kwargs)`` and ``TrainingArguments(**arguments)``."""
     model, processor, ids = fresh(base_dir)
     model = get_peft_model(model, lora(ids))
     handle = patch_attention(model, rule="standard", latent_token_ids=ids)
@@ -278,30 +280,25 @@ def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, 
     rows = chat_rows(2 * STEPS_PER_STAGE)
     recorder = Recorder(handle, collator(rows[:1]))
     args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=2, learning_rate=LR,
-                             lr_scheduler_type="linear", remove_unused_columns=False, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True)
+                             remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, **arguments)
     Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-            callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1), restart_schedule=False), recorder]).train()
+            callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1), **callback_kwargs), recorder]).train()
+    return recorder.steps
+
+
+def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, tmp_path):
+    steps = trainer_steps(base_dir, tmp_path, {"restart_schedule": False}, lr_scheduler_type="linear")
     total = 2 * STEPS_PER_STAGE
-    assert [s["lr"] for s in recorder.steps] == pytest.approx([LR * (1 - step / total) for step in range(total)], rel=1e-9)
-    assert [s["adam_step"] for s in recorder.steps] == list(range(1, total + 1))
-    assert [s["rule"] for s in recorder.steps] == ["bottleneck"] * 4 + ["standard"] * 4
+    assert [s["lr"] for s in steps] == pytest.approx([LR * (1 - step / total) for step in range(total)], rel=1e-9)
+    assert [s["adam_step"] for s in steps] == list(range(1, total + 1))
+    assert [s["rule"] for s in steps] == ["bottleneck"] * 4 + ["standard"] * 4
 
 
 def test_stage2_lr_scale_lowers_only_the_second_stage(base_dir, tmp_path):
-    model, processor, ids = fresh(base_dir)
-    model = get_peft_model(model, lora(ids))
-    handle = patch_attention(model, rule="standard", latent_token_ids=ids)
-    collator = LivrCollator(processor, latent_token_ids=ids)
-    rows = chat_rows(2 * STEPS_PER_STAGE)
-    recorder = Recorder(handle, collator(rows[:1]))
-    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=2, learning_rate=LR,
-                             warmup_steps=0.1, remove_unused_columns=False, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-            callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1), stage2_lr_scale=0.25), recorder]).train()
+    steps = trainer_steps(base_dir, tmp_path, {"stage2_lr_scale": 0.25}, warmup_steps=0.1)
     per_stage = [LR * 0.5, LR * 1.0, LR * 0.75, LR * 0.25]
-    assert [s["lr"] for s in recorder.steps] == pytest.approx(per_stage + [0.25 * lr for lr in per_stage], rel=1e-9)
+    assert [s["lr"] for s in steps] == pytest.approx(per_stage + [0.25 * lr for lr in per_stage], rel=1e-9)
 
 
 @pytest.mark.parametrize("scale, restart, message", [
