@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 from livr_model import LivrCollator, LivrStageCallback, add_latent_tokens, get_arch, patch_attention
-from livr_model.app.data.synthetic import make_synthetic_dataset
+from livr_model.app.data.synthetic import synthetic_training_examples
 from livr_model.app.tiny import load_or_build_tiny
 
 TINY = "tiny"
@@ -47,7 +47,7 @@ def livr_rows(data: str, size: int):
         path = Path(data)
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:size], path.parent
     rows = [{"images": e.images, "question": e.question, "choices": e.choices, "answer": e.answer, "task": e.task}
-            for e in make_synthetic_dataset(data, size, seed=0)]
+            for e in synthetic_training_examples(data, size)]
     return rows, None
 
 

@@ -24,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 from livr_model import LivrCollator, LivrStageCallback, add_latent_tokens, get_arch, patch_attention
 from livr_model.app.data.jsonl import load_jsonl
-from livr_model.app.data.synthetic import make_synthetic_dataset
+from livr_model.app.data.synthetic import synthetic_training_examples
 from livr_model.app.tiny import load_or_build_tiny
 from livr_model.prompts import Example, answer_text, format_prompt
 
@@ -48,7 +48,7 @@ def examples_from(data: str, size: int):
     """livr Examples from a JSONL file (images relative to it) or a built-in synthetic task."""
     if data.endswith(".jsonl"):
         return load_jsonl(data)[:size]
-    return make_synthetic_dataset(data, size, seed=0)
+    return synthetic_training_examples(data, size)
 
 
 def chat_row(example: Example) -> dict:

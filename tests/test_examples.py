@@ -44,3 +44,21 @@ def test_example_trains_both_stages_and_writes_run_files(name, tiny_base, tmp_pa
     assert all((checkpoint / f).is_file() for f in RUN_FILES + ("adapter_model.safetensors", "adapter_config.json"))
     run = json.loads((checkpoint / RUN_FILE).read_text())
     assert run["base_model"] == str(output_dir / "base") and run["stage"] == "stage2" and run["num_latents"] == 4
+
+
+def test_example_training_rows_are_not_validation_items():
+    """The examples train on ``--data synthetic:<task>``'s training split; livr-eval scores its validation split."""
+    from livr_model.app.config import TrainConfig
+    from livr_model.app.data.synthetic import load_spec
+
+    def key(question, answer, images):
+        return question, answer, tuple(image.tobytes() for image in images)
+
+    validation = {key(e.question, e.answer, e.images) for e in load_spec("counting", TrainConfig(), "val")}
+    training = load_spec("counting", TrainConfig(synthetic_train_size=64), "train")
+    rows, _ = load_script("hf_trainer_livr.py").livr_rows("counting", 64)
+    examples = load_script("trl_sft_livr.py").examples_from("counting", 64)
+    for name, got in (("hf_trainer_livr", [key(r["question"], r["answer"], r["images"]) for r in rows]),
+                      ("trl_sft_livr", [key(e.question, e.answer, e.images) for e in examples])):
+        assert len(set(got)) == 64 and not validation & set(got), name
+        assert got == [key(e.question, e.answer, e.images) for e in training], name

@@ -15,6 +15,8 @@ from typing import List, Sequence
 
 from livr_model.prompts import Example
 
+from ..config import DEFAULT_SYNTHETIC_IMAGE_SIZE, DEFAULT_SYNTHETIC_VAL
+
 from .synthetic_tasks import (BACKGROUND, GRID, MARKERS, MIN_IMAGE_SIZE, OBJECT_INSET, PALETTE, REFERENCE_MARKER,
                               SYNTHETIC_GENERATORS, SYNTHETIC_TASKS, TaskSpec)
 
@@ -34,7 +36,7 @@ def _check_arguments(task: str, image_size: int) -> None:
         raise ValueError(f"image_size must be a multiple of {GRID} and >= {MIN_IMAGE_SIZE}; got {image_size!r}")
 
 
-def synthetic_capacity(task: str, image_size: int = 56) -> int:
+def synthetic_capacity(task: str, image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE) -> int:
     """The most distinct examples balanced sets of ``task`` can hold: answers x the fewest keys of any answer."""
     _check_arguments(task, image_size)
     spec = SYNTHETIC_GENERATORS[task]
@@ -61,7 +63,7 @@ def _fresh_key(spec: TaskSpec, rng: random.Random, answer: int, cell: int, seen:
     raise RuntimeError(f"no unused key for answer {answer} after {tries} draws: the task's capacity is miscounted")
 
 
-def make_synthetic_splits(task: str, sizes: Sequence[int], seed: int = 0, image_size: int = 56) -> List[List[Example]]:
+def make_synthetic_splits(task: str, sizes: Sequence[int], seed: int = 0, image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE) -> List[List[Example]]:
     """One list of examples per entry of ``sizes``, no example twice in all of them, each list's
     answers balanced. Identical for identical arguments; a larger last size extends the last list."""
     _check_arguments(task, image_size)
@@ -96,10 +98,12 @@ def make_synthetic_splits(task: str, sizes: Sequence[int], seed: int = 0, image_
     return splits
 
 
-def make_synthetic_dataset(task: str, n: int, seed: int = 0, image_size: int = 56) -> List[Example]:
+def make_synthetic_dataset(task: str, n: int, seed: int = 0, image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE) -> List[Example]:
     """``n`` distinct examples of a built-in task (``SYNTHETIC_TASKS``), answers balanced, identical
     for identical arguments; a larger ``n`` with the same seed extends the smaller set. Two seeds
-    are independent draws and may share examples: draw splits together with ``make_synthetic_splits``."""
+    are independent draws and may share examples: draw splits together with ``make_synthetic_splits``.
+    With seed 0 these are the first items of ``--data synthetic:<task>``'s validation set: to train
+    outside livr-train, take ``synthetic_training_examples``."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int; got {n!r}")
     return make_synthetic_splits(task, [n], seed=seed, image_size=image_size)[0]
@@ -109,6 +113,13 @@ def make_synthetic_dataset(task: str, n: int, seed: int = 0, image_size: int = 5
 # of distinct examples, validation first: no validation item is a training item, and the validation
 # set stays the same when only the training size changes.
 SYNTHETIC_SEED = 0
+
+
+def synthetic_training_examples(task: str, n: int, val_size: int = DEFAULT_SYNTHETIC_VAL,
+                                image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE) -> List[Example]:
+    """The first ``n`` training examples ``--data synthetic:<task>`` gives livr-train (with
+    ``synthetic_val_size=val_size``): none of them is in the validation set livr-eval scores."""
+    return make_synthetic_splits(task, [val_size, n], seed=SYNTHETIC_SEED, image_size=image_size)[1]
 
 
 def load_spec(argument: str, cfg, split: str) -> List[Example]:
@@ -130,4 +141,5 @@ def load_spec(argument: str, cfg, split: str) -> List[Example]:
 
 
 __all__ = ["BACKGROUND", "GRID", "MARKERS", "OBJECT_INSET", "PALETTE", "REFERENCE_MARKER", "SYNTHETIC_TASKS",
-           "SyntheticCapacityError", "load_spec", "make_synthetic_dataset", "make_synthetic_splits", "synthetic_capacity"]
+           "SyntheticCapacityError", "load_spec", "make_synthetic_dataset", "make_synthetic_splits", "synthetic_capacity",
+           "synthetic_training_examples"]
