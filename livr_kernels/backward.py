@@ -14,8 +14,8 @@ import triton.language as tl
 from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
 from .forward import (
-    INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, int32_key_offsets, program_row, segment_allowed,
-    tile_pointers,
+    INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, int32_key_offsets, program_row, row_block,
+    segment_allowed, tile_pointers,
 )
 from .segments import AttentionRule
 
@@ -39,7 +39,8 @@ def segment_attention_bwd_kernel_preprocess(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # Batch x heads on the first grid axis: the second holds at most 65535 programs.
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
@@ -47,8 +48,8 @@ def segment_attention_bwd_kernel_preprocess(
     p_o = o + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     # [BM, BD]
-    b_o = tl.load(p_o + o_m[:, None] * stride_on + o_d[None, :], mask=m_md, other=0.0).to(tl.float32)
-    b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_md, other=0.0).to(tl.float32)
+    b_o = tl.load(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
+    b_do = tl.load(row_block(p_do, i_m * BLOCK_M, stride_don, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
     tl.store(delta + i_bh.to(tl.int64) * n_q + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
 
 
@@ -157,8 +158,8 @@ def segment_attention_bwd_kernel_dkv(
     p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
     p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
     # [BN, BD]
-    b_k = tl.load(p_k + o_n[:, None] * stride_kn + o_d[None, :], mask=m_nd, other=0.0)
-    b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :], mask=m_nd, other=0.0)
+    b_k = tl.load(row_block(p_k, i_n * BLOCK_N, stride_kn, tl.arange(0, BLOCK_N), o_d), mask=m_nd, other=0.0)
+    b_v = tl.load(row_block(p_v, i_n * BLOCK_N, stride_vn, tl.arange(0, BLOCK_N), o_d), mask=m_nd, other=0.0)
     b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
     b_doc_k = b_seg_k
     if HAS_DOCS:
@@ -202,8 +203,9 @@ def segment_attention_bwd_kernel_dkv(
     i_out = (i_kvh * SPLIT + i_s).to(tl.int64)
     p_dk = dk + i_b64 * stride_dkb + i_out * stride_dkh
     p_dv = dv + i_b64 * stride_dvb + i_out * stride_dvh
-    tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_nd)
-    tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_nd)
+    tl.store(row_block(p_dk, i_n * BLOCK_N, stride_dkn, tl.arange(0, BLOCK_N), o_d), (b_dk * scale).to(dk.dtype.element_ty),
+             mask=m_nd)
+    tl.store(row_block(p_dv, i_n * BLOCK_N, stride_dvn, tl.arange(0, BLOCK_N), o_d), b_dv.to(dv.dtype.element_ty), mask=m_nd)
 
 
 @triton.jit
@@ -293,8 +295,8 @@ def segment_attention_bwd_kernel_dq(
     p_seg = seg + i_b64 * n_k
     p_doc = doc + i_b64 * n_k
     # [BM, BD]
-    b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_md, other=0.0)
-    b_do = tl.load(p_do + o_m[:, None] * stride_don + o_d[None, :], mask=m_md, other=0.0)
+    b_q = tl.load(row_block(p_q, i_m * BLOCK_M, stride_qn, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0)
+    b_do = tl.load(row_block(p_do, i_m * BLOCK_M, stride_don, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0)
     b_lse = tl.load(lse + i_bh.to(tl.int64) * n_q + o_m, mask=m_m, other=float("inf"))
     b_delta = tl.load(delta + i_bh.to(tl.int64) * n_q + o_m, mask=m_m, other=0.0)
     b_seg_q = tl.load(p_seg + b_pos_q, mask=m_m, other=PAD_KIND)
@@ -331,7 +333,8 @@ def segment_attention_bwd_kernel_dq(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_md = (o_m < n_q)[:, None] & m_d[None, :]
     p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    tl.store(p_dq + o_m[:, None] * stride_dqn + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
+    tl.store(row_block(p_dq, i_m * BLOCK_M, stride_dqn, tl.arange(0, BLOCK_M), o_d), (b_dq * scale).to(dq.dtype.element_ty),
+             mask=m_md)
 
 
 def segment_attention_bwd(
@@ -355,7 +358,7 @@ def segment_attention_bwd(
 
     delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
     preprocess_m = PREPROCESS_ELEMENTS // block_d
-    segment_attention_bwd_kernel_preprocess[(triton.cdiv(n_q, preprocess_m), batch * hq)](
+    segment_attention_bwd_kernel_preprocess[(batch * hq, triton.cdiv(n_q, preprocess_m))](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),

@@ -61,6 +61,13 @@ def program_row(row_order, num_blocks, PER_ROW: tl.constexpr, LONGEST_FIRST: tl.
 
 
 @triton.jit
+def row_block(p, i_0, stride, o_b, o_d):
+    """[B, BD] pointers to rows ``i_0 + o_b`` (columns ``o_d``): the block's first row offset in int64
+    (it passes 2**31 elements on long sequences), the offsets within the block in int32."""
+    return p + i_0.to(tl.int64) * stride + (o_b[:, None] * stride + o_d[None, :])
+
+
+@triton.jit
 def tile_pointers(p_a, p_b, i_0, stride_a, stride_b, INT32_OFFSETS: tl.constexpr):
     """Pointers of two tensors at row ``i_0``, a tile's first row: an int32 multiply when every
     row offset fits (``INT32_OFFSETS``), a 64-bit one otherwise."""
@@ -184,7 +191,7 @@ def segment_attention_fwd_kernel(
     p_doc = doc + i_b64 * n_k
 
     # [BM, BD]
-    b_q = tl.load(p_q + o_m[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_q = tl.load(row_block(p_q, i_m * BLOCK_M, stride_qn, tl.arange(0, BLOCK_M), o_d), mask=m_m[:, None] & m_d[None, :], other=0.0)
     b_seg_q = tl.load(p_seg + b_pos_q, mask=m_m, other=PAD_KIND)
     b_doc_q = b_seg_q
     if HAS_DOCS:
@@ -231,7 +238,8 @@ def segment_attention_fwd_kernel(
     b_o = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
     b_lse = tl.where(m_empty, float("inf"), b_m + tl.math.log2(tl.where(m_empty, 1.0, b_l)))
     p_o = o + i_b64 * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(p_o + o_m[:, None] * stride_on + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), b_o.to(o.dtype.element_ty),
+             mask=m_m[:, None] & m_d[None, :])
     tl.store(lse + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=m_m)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -256,8 +257,9 @@ class LivrStageCallback(TrainerCallback):
         self.mode = get_mode(mode)
         if self.mode.vocab_latents and not (isinstance(num_latents, int) and num_latents > 0):
             raise ValueError(f"mode {self.mode.name!r} appends K vocabulary tokens as latents: pass num_latents=K (as to LivrCollator)")
-        if isinstance(stage2_lr_scale, bool) or not isinstance(stage2_lr_scale, (int, float)) or not stage2_lr_scale > 0:
-            raise ValueError(f"stage2_lr_scale must be a number > 0; got {stage2_lr_scale!r}")
+        if (isinstance(stage2_lr_scale, bool) or not isinstance(stage2_lr_scale, (int, float))
+                or not 0 < stage2_lr_scale < math.inf):
+            raise ValueError(f"stage2_lr_scale must be a finite number > 0; got {stage2_lr_scale!r}")
         if stage2_lr_scale != 1.0 and not restart_schedule:
             raise ValueError("stage2_lr_scale needs restart_schedule=True (the trainer's own schedule knows no stages)")
         self.stages = self.mode.stage_plan(epochs)

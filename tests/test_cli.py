@@ -66,6 +66,17 @@ def test_demo_settings_are_the_base_for_file_and_flags(tmp_path):
     assert cfg.latents == 2 and cfg.output_dir == str(tmp_path)
 
 
+@pytest.mark.parametrize("argv, lr, stage2_lr", [
+    (["--demo"], 2e-3, 5e-4),
+    (["--demo", "--lr", "1e-4"], 1e-4, 2.5e-5),  # the demo's stage 2 keeps its quarter of stage 1
+    (["--demo", "--lr", "1e-4", "--stage2-lr", "3e-5"], 1e-4, 3e-5),
+    (["--data", "synthetic:counting", "--lr", "1e-3"], 1e-3, None),
+])
+def test_demo_stage2_lr_follows_the_lr_given(argv, lr, stage2_lr):
+    cfg, _ = resolve_train_config(argv)
+    assert cfg.lr == pytest.approx(lr) and (cfg.stage2_lr == pytest.approx(stage2_lr) if stage2_lr else cfg.stage2_lr is None)
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [(["--mode", "bogus"], "invalid choice"), (["--stage-epochs", "4"], "expected 2 arguments"), (["--lr", "fast"], "invalid float")],

@@ -202,3 +202,22 @@ def test_console_entry_point_end_to_end(tmp_path):
                          text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == EXIT_USAGE, out.stderr
     assert out.stderr.startswith("livr-train: error: stage_epochs") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_home_relative_model_folder_is_loaded_from_the_expanded_path(tmp_path, monkeypatch):
+    from livr_model.app import models
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = []
+
+    class Recorder:
+        @staticmethod
+        def from_pretrained(source, **kwargs):
+            seen.append(source)
+            return object()
+
+    monkeypatch.setattr(models, "AutoProcessor", Recorder)
+    monkeypatch.setattr(models, "AutoModelForImageTextToText", Recorder)
+    models.load_model_and_processor("~/m")
+    assert seen == [str(tmp_path / "m")] * 2

@@ -302,8 +302,9 @@ def test_stage2_lr_scale_lowers_only_the_second_stage(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scale, restart, message", [
-    (0.0, True, "stage2_lr_scale must be a number > 0"),
-    ("0.5", True, "stage2_lr_scale must be a number > 0"),
+    (0.0, True, "stage2_lr_scale must be a finite number > 0"),
+    ("0.5", True, "stage2_lr_scale must be a finite number > 0"),
+    (float("inf"), True, "stage2_lr_scale must be a finite number > 0"),
     (0.5, False, "stage2_lr_scale needs restart_schedule=True"),
 ])
 def test_stage2_lr_scale_is_checked(base_dir, scale, restart, message):

@@ -17,7 +17,7 @@ from .cli_errors import add_debug_flag, run_command, user_input
 from .config import EVAL_METHODS, TrainConfig, apply_multi_task_preset, load_yaml
 from .data import load_examples, prepare_data
 from .data.records import check_overlap, find_run_dir
-from .demo import DEMO_SIZES, demo_config, run_demo
+from .demo import DEMO_SIZES, DEMO_STAGE2_FRACTION, demo_config, run_demo
 from .models import load_trained, read_run_config
 from .probes import evaluate_model
 from .train import train
@@ -156,6 +156,10 @@ def config_from_args(args: argparse.Namespace, base: Optional[dict] = None) -> T
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "demo", "demo_size", "debug")}
     flag_settings = _normalize_keys(flags, "flags")
     merged.update(flag_settings)
+    given = {**file_settings, **flag_settings}
+    if args.demo and base is None and "lr" in given and "stage2_lr" not in given:
+        # The demo's stage 2 keeps its fraction of whatever stage 1's rate is.
+        merged["stage2_lr"] = merged["lr"] * DEMO_STAGE2_FRACTION
     return TrainConfig(**apply_multi_task_preset(merged, [file_settings, flag_settings]))
 
 

@@ -57,7 +57,8 @@ DEMO_LR = 2e-3
 # latents in 3 of 11 seeds (forced-bottleneck accuracy after it 21%, 38%, 48%, mostly "()" replies;
 # one of them also fell to 63% accuracy); with 5e-4 all 11 kept it (54-100%; mean at the selected
 # checkpoint 90% against 79%), at 99.5-100% accuracy. README.md has the table.
-DEMO_STAGE2_LR = DEMO_LR / 4
+DEMO_STAGE2_FRACTION = 0.25
+DEMO_STAGE2_LR = DEMO_LR * DEMO_STAGE2_FRACTION
 DEMO_LORA_R = 16
 DEMO_IMAGE_SIZE = 56
 DEMO_SEED = 42

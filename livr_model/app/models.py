@@ -39,8 +39,10 @@ def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtyp
     if trust_remote_code:
         # Older remote code (LLaVA-OneVision-1.5) imports what transformers 5 removed (livr_model.compat).
         install_remote_code_shims()
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    # A folder as expanded above ("~/models/x" from a YAML file is not a hub id either).
+    source = str(path) if path.is_dir() else name
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, processor
 
 
