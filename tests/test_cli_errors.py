@@ -221,3 +221,17 @@ def test_home_relative_model_folder_is_loaded_from_the_expanded_path(tmp_path, m
     monkeypatch.setattr(models, "AutoModelForImageTextToText", Recorder)
     models.load_model_and_processor("~/m")
     assert seen == [str(tmp_path / "m")] * 2
+
+
+@pytest.mark.parametrize("occupied", ["file", "another run"])
+def test_demo_refuses_an_unusable_output_dir_before_building_anything(tmp_path, capsys, occupied):
+    out = tmp_path / "out"
+    if occupied == "file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        (out / "latest.json").write_text("{}")
+    assert cli.train_main(["--demo", "--demo-size", "small", "--output-dir", str(out)]) == EXIT_USAGE
+    line = error_line(capsys.readouterr().err, "livr-train")
+    assert ("is a file" if occupied == "file" else "holds another run") in line, line
+    assert not (tmp_path / "out" / "base").exists() if occupied != "file" else out.is_file()

@@ -13,6 +13,8 @@ import torch
 
 from livr_model.prompts import encode_example
 
+from .checkpoints import claim_output_dir
+from .cli_errors import user_input
 from .config import TrainConfig
 from .data import make_synthetic_dataset
 from .figures import draw_training_curves
@@ -165,6 +167,11 @@ def run_demo(cfg: TrainConfig, size: DemoSize) -> dict:
         torch.set_num_threads(DEMO_THREADS)
     output_dir = Path(cfg.output_dir)
     base_dir = output_dir / DEMO_BASE_DIR
+    with user_input():
+        # Before the base is built: an output directory that cannot take this run is refused at once.
+        if output_dir.exists() and not output_dir.is_dir():
+            raise NotADirectoryError(f"output_dir {str(output_dir)!r} is a file, not a folder")
+        claim_output_dir(cfg, is_main=True)
     if cfg.resume and (base_dir / "config.json").is_file():
         print(f"demo: reusing the base model in {base_dir}", flush=True)
     else:
