@@ -28,3 +28,15 @@ def test_launch_order_table_divides_row_order_by_longest_first():
     info = {"device": "NVIDIA H100", "capability": "sm_90", "torch": "2.11"}
     report = gpu_report.markdown(info, {"summary": "skipped", "seconds": 0.0}, rows, [])
     assert "Launch order, measured" in report and "| packed | 8192 | 1.10x | 1.50x | 1.37x |" in report
+
+
+def test_table_variants_are_timed_and_change_one_valid_setting():
+    import dataclasses
+
+    from livr_kernels.config import KernelConfig
+
+    base = KernelConfig()
+    for name, change in gpu_report.TABLE_VARIANTS.items():
+        assert name in gpu_report.METHODS
+        changed = dataclasses.replace(base, **change)
+        assert [f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(changed, f.name)] == list(change)
