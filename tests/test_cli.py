@@ -79,7 +79,9 @@ def test_demo_stage2_lr_follows_the_lr_given(argv, lr, stage2_lr):
 
 @pytest.mark.parametrize(
     "argv, match",
-    [(["--mode", "bogus"], "invalid choice"), (["--stage-epochs", "4"], "expected 2 arguments"), (["--lr", "fast"], "invalid float")],
+    [(["--mode", "bogus"], "invalid choice"), (["--stage-epochs", "4"], "expected 2 arguments"), (["--lr", "fast"], "invalid float"),
+     (["--stage2-lr", "abc"], "--stage2-lr: expected a number or 'none'; got 'abc'"),
+     (["--max-steps", "1.5"], "--max-steps: expected an integer or 'none'; got '1.5'")],
 )
 def test_bad_flags_exit_with_usage(argv, match, capsys):
     with pytest.raises(SystemExit):

@@ -33,12 +33,25 @@ def _value_flag(parser, name: str, value_type, help_text: str, **kwargs) -> None
     parser.add_argument(f"--{name}", type=value_type, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
+NONE_WORDS = ("none", "null", "")
+
+
 def _optional_int(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "null", "") else int(text)
+    if text.lower() in NONE_WORDS:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none'; got {text!r}") from None
 
 
 def _optional_float(text: str) -> Optional[float]:
-    return None if text.lower() in ("none", "null", "") else float(text)
+    if text.lower() in NONE_WORDS:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none'; got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
