@@ -36,22 +36,21 @@ def _value_flag(parser, name: str, value_type, help_text: str, **kwargs) -> None
 NONE_WORDS = ("none", "null", "")
 
 
-def _optional_int(text: str) -> Optional[int]:
-    if text.lower() in NONE_WORDS:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none'; got {text!r}") from None
+def _optional(convert, expected: str):
+    """An argparse type: ``convert(text)``, or None for a NONE_WORDS entry; else an error naming ``expected``."""
+    def parse(text: str):
+        if text.lower() in NONE_WORDS:
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected} or 'none'; got {text!r}") from None
+
+    return parse
 
 
-def _optional_float(text: str) -> Optional[float]:
-    if text.lower() in NONE_WORDS:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none'; got {text!r}") from None
+_optional_int = _optional(int, "an integer")
+_optional_float = _optional(float, "a number")
 
 
 def _positive_int(text: str) -> int:
