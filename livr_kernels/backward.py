@@ -15,7 +15,7 @@ from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
 from .forward import (
     INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, int32_key_offsets, program_row, row_block,
-    segment_allowed, tile_pointers,
+    row_tiles, segment_allowed, tile_pointers,
 )
 from .segments import AttentionRule
 
@@ -167,11 +167,8 @@ def segment_attention_bwd_kernel_dkv(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    i_row = i_b * num_k_blocks + i_n
-    n_full = tl.load(full_count + i_row)
-    n_partial = tl.load(partial_count + i_row)
-    p_full = full_index + i_row.to(tl.int64) * num_q_blocks
-    p_partial = partial_index + i_row.to(tl.int64) * num_q_blocks
+    p_full, n_full, p_partial, n_partial = row_tiles(
+        full_count, full_index, partial_count, partial_index, i_b * num_k_blocks + i_n, num_q_blocks)
     for i_g in range(GROUP // SPLIT):
         i_h = i_kvh * GROUP + i_s * (GROUP // SPLIT) + i_g
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
@@ -305,11 +302,8 @@ def segment_attention_bwd_kernel_dq(
         b_doc_q = tl.load(p_doc + b_pos_q, mask=m_m, other=-1)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    i_row = i_b * num_q_blocks + i_m
-    p_full = full_index + i_row.to(tl.int64) * num_k_blocks
-    p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
-    n_full = tl.load(full_count + i_row)
-    n_partial = tl.load(partial_count + i_row)
+    p_full, n_full, p_partial, n_partial = row_tiles(
+        full_count, full_index, partial_count, partial_index, i_b * num_q_blocks + i_m, num_k_blocks)
     # Tile indices read one iteration ahead, as in the forward.
     i_n = tl.load(p_full)
     for i_t in range(0, n_full):

@@ -61,6 +61,15 @@ def program_row(row_order, num_blocks, PER_ROW: tl.constexpr, LONGEST_FIRST: tl.
 
 
 @triton.jit
+def row_tiles(full_count, full_index, partial_count, partial_index, i_row, num_cols):
+    """Schedule row ``i_row``'s tile lists (``TileSchedule``): (pointer to its full tiles, their
+    count, pointer to its partial tiles, their count)."""
+    p_full = full_index + i_row.to(tl.int64) * num_cols
+    p_partial = partial_index + i_row.to(tl.int64) * num_cols
+    return p_full, tl.load(full_count + i_row), p_partial, tl.load(partial_count + i_row)
+
+
+@triton.jit
 def row_block(p, i_0, stride, o_b, o_d):
     """[B, BD] pointers to rows ``i_0 + o_b`` (columns ``o_d``): the block's first row offset in int64
     (it passes 2**31 elements on long sequences), the offsets within the block in int32."""
@@ -200,11 +209,8 @@ def segment_attention_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    i_row = i_b * num_q_blocks + i_m
-    p_full = full_index + i_row.to(tl.int64) * num_k_blocks
-    p_partial = partial_index + i_row.to(tl.int64) * num_k_blocks
-    n_full = tl.load(full_count + i_row)
-    n_partial = tl.load(partial_count + i_row)
+    p_full, n_full, p_partial, n_partial = row_tiles(
+        full_count, full_index, partial_count, partial_index, i_b * num_q_blocks + i_m, num_k_blocks)
     # Each loop reads the next tile's index one iteration ahead: K/V addresses then depend on a
     # value carried in from the previous iteration, not on a load in the same one, and the
     # software pipeliner keeps all its stages for K and V (3 buffers at num_stages=3, not 2).
