@@ -22,7 +22,7 @@ from .tiles import (  # noqa: F401  (re-exported: the historical home of these n
     TileSchedule,
     TileShape,
     coarse_classes,
-    coarse_schedule,
+    coarse_schedules,
     concat_summaries,
     fine_weights,
     summarize_blocks,
@@ -137,13 +137,13 @@ class SegmentLayout:
         """The tile lists for several kernels' tile shapes, all from one fine classification."""
         rule = resolve_rule(rule)
         keys = {name: (rule.bits, bm, bn, num_queries, by_key) for name, (bm, bn, by_key) in tiles.items()}
-        missing = {name: tiles[name] for name, key in keys.items() if key not in self._schedules}
+        # Keyed by tile shape, so kernels with the same tiles (the forward and dQ, often) share one schedule.
+        missing = {key: tiles[name] for name, key in keys.items() if key not in self._schedules}
         if missing:
             sizes = [size for bm, bn, _ in missing.values() for size in (bm, bn)]
             g, span = math.gcd(*sizes), math.lcm(*sizes)
             weights = self.fine_weights(rule, g, num_queries, span)
-            for name, (bm, bn, by_key) in missing.items():
-                self._schedules[keys[name]] = coarse_schedule(weights, g, bm, bn, num_queries, self.shape[1], by_key)
+            self._schedules.update(coarse_schedules(weights, g, missing, num_queries, self.shape[1]))
         return {name: self._schedules[key] for name, key in keys.items()}
 
     def schedule(self, rule: AttentionRule, block_m: int, block_n: int, num_queries: int, by_key: bool = False) -> TileSchedule:

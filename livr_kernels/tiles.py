@@ -24,7 +24,7 @@ built once per layout, rule and tile shape, then shared by every layer and head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Hashable, List, Mapping, Optional, Tuple
 
 import torch
 import triton
@@ -129,12 +129,18 @@ class TileSchedule:
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor) -> "TileSchedule":
-        """From (2, B, R, C) int8 keys: [0] marks the full tiles, [1] the partial ones."""
+        """From (3, B, R, C) int8 keys: [0] marks the full tiles, [1] the partial ones, [2] both."""
+        return cls.batch_from_keys(keys[:, None])[0]
+
+    @classmethod
+    def batch_from_keys(cls, keys: torch.Tensor) -> List["TileSchedule"]:
+        """S schedules from (3, S, B, R, C) int8 keys (as ``from_keys``), with one sort of the tile
+        lists, one count and one sort of the launch orders for all of them."""
         # A stable descending sort puts the marked columns first, in ascending order.
-        index = torch.sort(keys, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        index = torch.sort(keys[:2], dim=-1, descending=True, stable=True).indices.to(torch.int32)
         count = keys.sum(-1, dtype=torch.int32)
-        order = torch.sort(count.sum(0).flatten(), descending=True, stable=True).indices
-        return cls(count[0], index[0], count[1], index[1], order)
+        order = torch.sort(count[2].flatten(1), dim=-1, descending=True, stable=True).indices
+        return [cls(count[0, s], index[0, s], count[1, s], index[1, s], order[s]) for s in range(keys.shape[1])]
 
     @property
     def tiles_per_row(self) -> torch.Tensor:
@@ -144,7 +150,8 @@ class TileSchedule:
     @classmethod
     def from_classes(cls, classes: torch.Tensor) -> "TileSchedule":
         """From (B, R, C) TILE_* classes."""
-        return cls.from_keys(torch.stack([classes == TILE_FULL, classes == TILE_PARTIAL]).to(torch.int8))
+        full, partial = classes == TILE_FULL, classes == TILE_PARTIAL
+        return cls.from_keys(torch.stack([full, partial, full | partial]).to(torch.int8))
 
 
 class _DeviceTables:
@@ -165,12 +172,13 @@ class _DeviceTables:
         return self._rules[key]
 
     def keys(self, window: int, device: torch.device) -> torch.Tensor:
-        """(2, window * _PARTIAL_WEIGHT + 1) int8: [full?, partial?] of a coarse tile by its weight sum."""
+        """(3, window * _PARTIAL_WEIGHT + 1) int8: [full?, partial?, either?] of a coarse tile by its
+        weight sum."""
         key = (window, device)
         if key not in self._keys:
             total = torch.arange(window * _PARTIAL_WEIGHT + 1)
-            full = total == window
-            self._keys[key] = torch.stack([full, (total > 0) & ~full]).to(torch.int8).to(device)
+            full, live = total == window, total > 0
+            self._keys[key] = torch.stack([full, live & ~full, live]).to(torch.int8).to(device)
         return self._keys[key]
 
     def positions(self, rows: int, cols: int, g: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -234,21 +242,28 @@ def fine_weights(q: BlockSummary, k: BlockSummary, rule: AttentionRule, offset: 
     return _TABLES.rule(rule, q.kinds.device)[positions, documents, q.kinds[:, :, None], k.kinds[:, None, :]]
 
 
-def _coarse_sums(
-    weights: torch.Tensor, g: int, block_m: int, block_n: int, num_queries: int, num_keys: int, by_key: bool = False
-):
-    """Per (block_m, block_n) tile, the sum of its fine weights, (B, R, C) or (B, C, R) ``by_key``
-    (contiguous either way), and its number of fine tiles."""
-    wm, wn = block_m // g, block_n // g
-    if wm * wn >= _PARTIAL_WEIGHT:
+def _coarse_grid(g: int, tile: TileShape, num_queries: int, num_keys: int) -> Tuple[Tuple[int, int], int]:
+    """(query blocks, key blocks) of a kernel's tiles and the number of fine tiles in each tile."""
+    block_m, block_n, _ = tile
+    window = (block_m // g) * (block_n // g)
+    if window >= _PARTIAL_WEIGHT:
         raise ValueError(f"tile {block_m} x {block_n} holds too many {g} x {g} fine tiles")
-    rows, cols = triton.cdiv(num_queries, block_m), triton.cdiv(num_keys, block_n)
+    return (triton.cdiv(num_queries, block_m), triton.cdiv(num_keys, block_n)), window
+
+
+def _coarse_sums(
+    weights: torch.Tensor, g: int, tile: TileShape, grid: Tuple[int, int], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Per tile of the (rows, cols) ``grid``, the sum of its fine weights: (B, R, C), or (B, C, R)
+    by key (contiguous either way)."""
+    block_m, block_n, by_key = tile
+    (rows, cols), wm, wn = grid, block_m // g, block_n // g
     # [B, R, wm, C, wn]
     tiles = weights[:, : rows * wm, : cols * wn].unflatten(2, (cols, wn)).unflatten(1, (rows, wm))
     if by_key:
         tiles = tiles.permute(0, 3, 4, 1, 2)
-    # A reduction allocates its output contiguous, so the by-key lists need no extra copy.
-    return tiles.sum(dim=(2, 4), dtype=torch.int32), wm * wn
+    # A reduction allocates (or fills) its output contiguous, so the by-key lists need no extra copy.
+    return torch.sum(tiles, dim=(2, 4), dtype=torch.int32, out=out)
 
 
 def summary_prefix(summary: BlockSummary, blocks: int) -> BlockSummary:
@@ -257,15 +272,32 @@ def summary_prefix(summary: BlockSummary, blocks: int) -> BlockSummary:
     return BlockSummary(summary.block_size, summary.kinds[:, :blocks], *cut)
 
 
-def coarse_schedule(
-    weights: torch.Tensor, g: int, block_m: int, block_n: int, num_queries: int, num_keys: int, by_key: bool
-) -> TileSchedule:
-    """The tile lists of one kernel's (block_m, block_n) tiles from the fine weights."""
-    sums, window = _coarse_sums(weights, g, block_m, block_n, num_queries, num_keys, by_key)
-    return TileSchedule.from_keys(_TABLES.keys(window, weights.device)[:, sums])
+def coarse_schedules(
+    weights: torch.Tensor, g: int, tiles: Mapping[Hashable, TileShape], num_queries: int, num_keys: int
+) -> Dict[Hashable, TileSchedule]:
+    """The tile lists of several kernels' tiles from the fine weights. Kernels whose lists have the
+    same shape and fine tiles per tile (dK/dV's 32 x 128 by key and dQ's 128 x 32 on a square
+    layout, say) are classified, sorted and counted together: fewer launches on the host path."""
+    grids = {name: _coarse_grid(g, tile, num_queries, num_keys) for name, tile in tiles.items()}
+    groups: Dict[tuple, List[Hashable]] = {}
+    for name, ((rows, cols), window) in grids.items():
+        groups.setdefault(((cols, rows) if tiles[name][2] else (rows, cols), window), []).append(name)
+    schedules = {}
+    for (shape, window), names in groups.items():
+        if len(names) == 1:
+            sums = _coarse_sums(weights, g, tiles[names[0]], grids[names[0]][0])[None]
+        else:
+            sums = weights.new_empty((len(names), weights.shape[0], *shape), dtype=torch.int32)
+            for i, name in enumerate(names):
+                _coarse_sums(weights, g, tiles[name], grids[name][0], out=sums[i])
+        keys = _TABLES.keys(window, weights.device)[:, sums]
+        schedules.update(zip(names, TileSchedule.batch_from_keys(keys)))
+    return schedules
 
 
 def coarse_classes(weights: torch.Tensor, g: int, block_m: int, block_n: int, num_queries: int, num_keys: int) -> torch.Tensor:
     """(B, R, C) int8 TILE_* classes of (block_m, block_n) tiles from the fine weights."""
-    sums, window = _coarse_sums(weights, g, block_m, block_n, num_queries, num_keys)
+    tile = (block_m, block_n, False)
+    grid, window = _coarse_grid(g, tile, num_queries, num_keys)
+    sums = _coarse_sums(weights, g, tile, grid)
     return torch.where(sums == window, TILE_FULL, (sums > 0).to(torch.int64) * TILE_PARTIAL).to(torch.int8)
