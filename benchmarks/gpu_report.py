@@ -56,7 +56,7 @@ TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
     "fwd >= 450, bwd >= 300 TFLOP/s of required work"
 )
-METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
+METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr_table_tma", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
 
 
 def versions() -> dict:
@@ -161,10 +161,11 @@ def table_variant_runner(**change):
 
 # Row blocks launched in row order, not longest first (benchmarks/dispatch_model.py models the
 # difference); dK/dV on 64-query tiles, which the autotuner picked on the H100 but which spills a
-# little (the static table keeps 32).
+# little (the static table keeps 32); the forward's K and V through the copy engine (TMA).
 TABLE_VARIANTS = {
     "livr_table_row_order": {"longest_first": False},
     "livr_table_dkv64": {"dkv_block_m": 64},
+    "livr_table_tma": {"fwd_tma": True},
 }
 
 

@@ -34,8 +34,8 @@ ENV_VAR = "LIVR_AUTOTUNE"
 # Sequence lengths share a tuned config within a power-of-two bucket, at least this long.
 MIN_BUCKET = 1024
 CACHE_FILE = "livr_tuned_config.json"
-# Bump when the kernels change in a way that makes old timings meaningless (2: launch order).
-CACHE_VERSION = 2
+# Bump when the kernels or the space change so old timings mislead (2: launch order; 3: TMA loads).
+CACHE_VERSION = 3
 WARMUP_MS = 5
 REPEAT_MS = 25
 

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .compiled_stats import (  # noqa: F401  (re-exported: the tests and tools read them from here)
     ASYNC_COPY,
+    TMA_COPY,
     MMA_KINDS,
     SASS_MMA,
     YARDSTICK_COLUMNS,
@@ -141,6 +142,7 @@ class KernelReport:
     shared: int = 0
     mma: str = "none"
     async_copies: bool = False
+    tma_copies: bool = False
     # SASS instructions of each innermost tensor-core loop (full-tile loop first), and the
     # software pipeliner's buffer count per multi-buffered tile (TTGIR).
     loop_instructions: List[int] = field(default_factory=list)
@@ -334,6 +336,7 @@ def compile_launch(launch: KernelLaunch, variant: Variant) -> KernelReport:
     report.mma = mma_kind(compiled.asm["ptx"])
     # Triton's software pipelining issues the loop's loads as asynchronous copies.
     report.async_copies = ASYNC_COPY in compiled.asm["ptx"]
+    report.tma_copies = TMA_COPY in compiled.asm["ptx"]
     report.loop_instructions = [loop.instructions for loop in sass_tile_loops(read_sass(compiled.asm["cubin"]))]
     report.buffers = pipeline_buffers(compiled.asm["ttgir"])
     return report

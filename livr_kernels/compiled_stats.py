@@ -19,6 +19,8 @@ SASS_MMA = re.compile(r"\b(HGMMA|HMMA|UTC\w*MMA)\b")
 # PTX instruction prefixes of the tensor-core paths, most specific first.
 MMA_KINDS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
 ASYNC_COPY = "cp.async"
+# The tensor memory accelerator's bulk tile copy (``KernelConfig.fwd_tma``).
+TMA_COPY = "cp.async.bulk.tensor"
 # Most SASS instructions per key (per query for dK/dV) livr's FULL-tile loop may cost, as a
 # multiple of the yardstick's unmasked loop with the same tiles.
 YARDSTICK_LIMIT = {"fwd": 1.05, "bwd_dkv": 1.10, "bwd_dq": 1.10}

@@ -100,35 +100,50 @@ def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_B
 
 
 @triton.jit
-def _fwd_tile(
-    b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q,
-    p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d, i_n, n_k,
-    stride_kn, stride_vn, scale_log2,
-    BLOCK_N: tl.constexpr,
-    RULE_BITS: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    INT32_OFFSETS: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _fwd_tile_loads(p_k, p_v, o_bn, o_d, m_d, m_n, i_n0, stride_kn, stride_vn, INT32_OFFSETS: tl.constexpr, MASKED: tl.constexpr):
+    """K^T [BD, BN] and V [BN, BD] of the tile at key ``i_n0``, through pointers."""
     # A scalar offset per tile plus in-tile offsets the compiler may rematerialise: kept live
     # across the loop they would cost 64 registers and spill the sm_80 forward at D=128. The
     # offset is int32 when every key position fits (one multiply instead of a 64-bit one).
-    i_n0 = i_n * BLOCK_N
     p_k_tile, p_v_tile = tile_pointers(p_k, p_v, i_n0, stride_kn, stride_vn, INT32_OFFSETS)
     # [BD, BN], [BN, BD]
     o_k = o_bn[None, :] * stride_kn + o_d[:, None]
     o_v = o_bn[:, None] * stride_vn + o_d[None, :]
     if MASKED:
-        o_n = i_n0 + o_bn
-        m_n = o_n < n_k
-        # [BD, BN]
         b_k = tl.load(p_k_tile + o_k, mask=m_n[None, :] & m_d[:, None], other=0.0)
-        # [BN, BD]
         b_v = tl.load(p_v_tile + o_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
     else:
         b_k = tl.load(p_k_tile + o_k, mask=m_d[:, None], other=0.0)
         b_v = tl.load(p_v_tile + o_v, mask=m_d[None, :], other=0.0)
+    return b_k, b_v
+
+
+@triton.jit
+def _fwd_tile(
+    b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q,
+    p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d, i_n, n_k,
+    stride_kn, stride_vn, scale_log2, i_b, i_kvh,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RULE_BITS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr,
+    TMA: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    i_n0 = i_n * BLOCK_N
+    o_n = i_n0 + o_bn
+    m_n = o_n < n_k
+    if TMA:
+        # ``p_k`` and ``p_v`` are (B, H, N, D) tensor descriptors: the copy engine fetches the tile
+        # and fills keys past n_k and columns past D with zeros; no address or bounds arithmetic.
+        # [BD, BN]
+        b_k = tl.trans(p_k.load([i_b, i_kvh, i_n0, 0]).reshape(BLOCK_N, BLOCK_D))
+        # [BN, BD]
+        b_v = p_v.load([i_b, i_kvh, i_n0, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        b_k, b_v = _fwd_tile_loads(p_k, p_v, o_bn, o_d, m_d, m_n, i_n0, stride_kn, stride_vn, INT32_OFFSETS, MASKED)
     # [BM, BN] raw scores: the softmax scale goes into the exp2 argument below (one FMA per score).
     b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION)
     if MASKED:
@@ -177,6 +192,7 @@ def segment_attention_fwd_kernel(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     LONGEST_FIRST: tl.constexpr,
+    TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
 ):
@@ -194,8 +210,11 @@ def segment_attention_fwd_kernel(
     b_pos_q = offset + o_m
 
     p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
-    p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
+    if TMA:
+        p_k, p_v = k, v
+    else:
+        p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
+        p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
     p_seg = seg + i_b64 * n_k
     p_doc = doc + i_b64 * n_k
 
@@ -220,8 +239,8 @@ def segment_attention_fwd_kernel(
         i_next = tl.load(p_full + tl.minimum(i_t + 1, num_k_blocks - 1))
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
-            i_n, n_k, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
+            i_n, n_k, stride_kn, stride_vn, scale_log2, i_b, i_kvh,
+            BLOCK_N, BLOCK_D, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, TMA, False,
         )
         i_n = i_next
     i_n = tl.load(p_partial)
@@ -229,8 +248,8 @@ def segment_attention_fwd_kernel(
         i_next = tl.load(p_partial + tl.minimum(i_t + 1, num_k_blocks - 1))
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
-            i_n, n_k, stride_kn, stride_vn, scale_log2,
-            BLOCK_N, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
+            i_n, n_k, stride_kn, stride_vn, scale_log2, i_b, i_kvh,
+            BLOCK_N, BLOCK_D, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, TMA, True,
         )
         i_n = i_next
 
@@ -247,6 +266,27 @@ def segment_attention_fwd_kernel(
     tl.store(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), b_o.to(o.dtype.element_ty),
              mask=m_m[:, None] & m_d[None, :])
     tl.store(lse + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=m_m)
+
+
+# The copy engine reads tiles at 16-byte aligned addresses with 16-byte aligned row strides.
+TMA_ALIGNMENT = 16
+TMA_MIN_CAPABILITY = (9, 0)
+
+
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
+    """(B, H, N, D) tensor descriptors of K and V with [1, 1, block_n, block_d] tiles, or None when
+    the copy engine cannot read them: a GPU before sm_90, or a base or row stride that is not
+    16-byte aligned. On CPU (the interpreter, compile_check's capture) only the alignment counts."""
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device) < TMA_MIN_CAPABILITY:
+        return None
+    for t in (k, v):
+        size = t.element_size()
+        if t.data_ptr() % TMA_ALIGNMENT or any(stride * size % TMA_ALIGNMENT for stride in t.stride()[:-1]):
+            return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, block_n, block_d]
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
 
 
 def segment_attention_fwd(
@@ -272,8 +312,11 @@ def segment_attention_fwd(
     o = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
+    block_d = head_dim_block(head_dim)
+    descriptors = tma_descriptors(k, v, bn, block_d) if config.fwd_tma else None
+    k_arg, v_arg = descriptors or (k, v)
     segment_attention_fwd_kernel[(batch * num_q_blocks * hq,)](
-        q, k, v, o, lse, layout.segment_ids, doc,
+        q, k_arg, v_arg, o, lse, layout.segment_ids, doc,
         schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -281,8 +324,8 @@ def segment_attention_fwd(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         n_q, n_k, num_q_blocks, num_k_blocks,
-        HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=head_dim_block(head_dim),
+        HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
         BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,
-        LONGEST_FIRST=config.longest_first, **config.launch_options(config.fwd_warps),
+        LONGEST_FIRST=config.longest_first, TMA=descriptors is not None, **config.launch_options(config.fwd_warps),
     )
     return o, lse

@@ -93,8 +93,10 @@ def test_capture_refuses_the_interpreter():
 # launched and once more with a register cap that forces spills, and records ptxas -v of that compile.
 _SUBPROCESS = r"""
 import contextlib, dataclasses, io, json, re, warnings
+import torch
 from triton import knobs
 from livr_kernels import compile_check as cc
+from livr_kernels.config import default_config
 
 warnings.filterwarnings("ignore")
 launches = cc.capture_launches(90, "fp16", 64, False, "bottleneck")
@@ -107,6 +109,9 @@ with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     spilled = cc.compile_launch(capped, variant)
+tma_config = dataclasses.replace(default_config(64, (9, 0), torch.float16), fwd_tma=True)
+tma_fwd = next(l for l in cc.capture_launches(90, "fp16", 64, True, "bottleneck", config=tma_config) if l.kernel == "fwd")
+tma = cc.compile_launch(tma_fwd, cc.Variant("fwd", 90, "fp16", 64, True, "bottleneck"))
 yard = next(l for l in cc.capture_yardstick_launches(90, "fp16", 64) if l.kernel == "yardstick_fwd")
 yardstick = cc.compile_launch(yard, cc.Variant(yard.kernel, 90, "fp16", 64, None, None))
 out = {
@@ -119,6 +124,7 @@ out = {
     "dkv_constexprs": {k: v for k, v in next(l for l in launches if l.kernel == "bwd_dkv").constexprs.items() if k.startswith("BLOCK")},
     "plain": dataclasses.asdict(plain) | {"problems": plain.problems()},
     "spilled": dataclasses.asdict(spilled) | {"problems": spilled.problems()},
+    "tma": dataclasses.asdict(tma) | {"problems": tma.problems(), "signature": tma_fwd.signature},
     "ptxas_log": log.getvalue(),
 }
 print("RESULT" + json.dumps(out, default=str))
@@ -176,6 +182,16 @@ def test_real_sm90_forward_compiles_clean_with_wgmma(compiled):
     assert plain["stack"] == 0 and plain["local"] == 0 and plain["problems"] == []
     assert plain["mma"] == "wgmma" and plain["async_copies"]
     assert 0 < plain["shared"] <= cc.SHARED_LIMIT[90]
+
+
+def test_tma_forward_compiles_clean_with_tensor_copies(compiled):
+    """``fwd_tma`` hands K and V over as tensor descriptors and the sm_90 forward reads its tiles
+    with the copy engine (bulk tensor copies in the PTX), without spills; the default does not."""
+    tma, plain = compiled["tma"], compiled["plain"]
+    assert tma["error"] is None and tma["problems"] == [], tma
+    assert tma["tma_copies"] and not plain["tma_copies"]
+    assert tma["signature"]["k"].startswith("tensordesc") and tma["signature"]["q"].startswith("*")
+    assert tma["mma"] == "wgmma" and len(tma["loop_instructions"]) == 2
 
 
 def test_spill_is_detected_and_matches_ptxas(compiled):

@@ -154,3 +154,33 @@ def test_prebuilt_layout_runs_without_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("batch,hq,hkv,n_q,n_k,head_dim,pad,num_docs", [
+    pytest.param(2, 16, 2, 2049, 2049, 128, 100, 0, id="n2049-gqa8-pad"),
+    pytest.param(1, 8, 1, 1000, 1000, 128, 0, 3, id="n1000-gqa8-docs"),
+    pytest.param(1, 4, 4, 777, 777, 80, 0, 0, id="n777-d80"),
+    pytest.param(1, 4, 2, 7, 900, 128, 0, 0, id="nq7-nk900"),
+])
+def test_tma_forward_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_k, head_dim, pad, num_docs):
+    """``fwd_tma``: the forward's K and V through the copy engine (sm_90 and newer), bf16."""
+    if torch.cuda.get_device_capability() < forward_mod.TMA_MIN_CAPABILITY:
+        pytest.skip("TMA needs sm_90 or newer")
+    took = []
+    original = forward_mod.tma_descriptors
+    monkeypatch.setattr(forward_mod, "tma_descriptors", lambda *a: took.append(1) or original(*a))
+    seg = livr_layout(batch, n_k, pad=pad).to(DEVICE)
+    doc = packed_docs(batch, n_k, num_docs).to(DEVICE) if num_docs else None
+    q, k, v, do = _inputs(batch, hq, hkv, n_q, n_k, head_dim, torch.bfloat16)
+    config = dataclasses.replace(default_config(head_dim, torch.cuda.get_device_capability(), torch.bfloat16), fwd_tma=True)
+    assert original(k, v, config.fwd_block_n, 128) is not None
+    got = _with_grads(lambda a, b, c: segment_attention(a, b, c, seg, "bottleneck", doc, backend="triton", config=config),
+                      q, k, v, do)
+    assert took, "the forward did not ask for descriptors"
+    want = _reference(q, k, v, do, seg, "bottleneck", doc)
+    low = _reference(q, k, v, do, seg, "bottleneck", doc, dtype=torch.bfloat16)
+    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        err = (g.double() - w).abs().max().item()
+        bound = LOW_PRECISION_FACTOR * (lo.double() - w).abs().max().item() + LOW_PRECISION_FLOOR
+        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g}"
