@@ -99,6 +99,19 @@ def test_stage_plan_per_mode():
     assert plan("image-twice") == [("standard", 10)]
 
 
+def test_stage_plan_honours_sft_epochs_and_drops_empty_stages():
+    def plan(**settings):
+        return [(s.name, s.rule, s.epochs) for s in stage_plan(TrainConfig(**settings))]
+
+    # sft_epochs sets the one-stage modes' length; the two-stage modes keep theirs.
+    assert plan(mode="sft", sft_epochs=3) == [("sft", "standard", 3)]
+    assert plan(mode="prompt-tuning", sft_epochs=2) == [("prompt-tuning", "standard", 2)]
+    assert plan(mode="livr", sft_epochs=3) == [("stage1", "bottleneck", 4), ("stage2", "standard", 6)]
+    # A stage of zero epochs is not run (nor logged, nor switched to).
+    assert plan(mode="livr", stage_epochs=(0, 5)) == [("stage2", "standard", 5)]
+    assert plan(mode="livr", stage_epochs=(3, 0)) == [("stage1", "bottleneck", 3)]
+
+
 def test_train_config_defaults_are_the_papers():
     cfg = TrainConfig()
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
