@@ -345,6 +345,24 @@ def test_checkpoint_directory_is_all_or_nothing(tmp_path):
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
 
 
+def test_replacing_a_checkpoint_moves_the_old_one_aside_before_the_rename(tmp_path, monkeypatch):
+    """A kill at the rename that puts the new directory in place must not have deleted the old one."""
+    final = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(5)
+    ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "old"})
+    real_replace = ckpt.os.replace
+
+    def killed_at_the_final_rename(src, dst):
+        if str(src).endswith(ckpt.TMP_SUFFIX) and str(dst) == str(final):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "new"})
+    survivors = [p for p in final.parent.iterdir() if (p / "a.txt").is_file() and (p / "a.txt").read_text() == "old"]
+    assert survivors, "the old checkpoint was deleted before the new one was in place"
+
+
 def test_prune_keeps_the_newest_and_the_selected(tmp_path):
     dirs = []
     for step in (1, 2, 3, 4):
