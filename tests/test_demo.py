@@ -142,6 +142,31 @@ def test_verdict_rejects_a_constant_answer_that_beats_chance():
         check_demo_learned(metrics)
 
 
+def test_majority_rate_is_each_tasks_most_common_answer_share():
+    examples = [SimpleNamespace(task="counting", answer=a) for a in "BBBACDB"] + \
+        [SimpleNamespace(task="jigsaw", answer=a) for a in "ABBA"]
+    assert probes_module.majority_rate(examples) == {"counting": pytest.approx(4 / 7), "jigsaw": 0.5}
+
+
+def test_verdict_rejects_varied_answers_no_better_than_always_the_most_common():
+    # B is gold 60% of the time; four different answers, 60% right: chance is beaten, the majority rate is not.
+    answers = list("BBBBBBACDA")
+    predictions = list("BBBBBBDACB")
+    metrics = fabricated_metrics(predictions, answers, forced=0.8)
+    assert metrics["accuracy"]["average"] == 0.6 and metrics["majority"]["counting"] == 0.6
+    verdict = learning_verdict(metrics)
+    assert not verdict.learned and "not 10 points above 60.0%" in verdict.text
+
+
+def test_verdict_counts_unreadable_replies_as_no_distinct_answer():
+    # Only A and B are ever given (plus one reply with no letter): two distinct answers, not three.
+    answers = list("ABCDABCDAB")
+    predictions = list("ABBAABBAA") + [None]
+    metrics = fabricated_metrics(predictions, answers, forced=0.8)
+    verdict = learning_verdict(metrics)
+    assert not verdict.learned and "only 2 distinct" in verdict.text
+
+
 def test_verdict_accepts_a_model_that_learned_and_reports_the_signature():
     answers = list("ABCDABCDAB")
     predictions = list("ABCDABCDAA")
