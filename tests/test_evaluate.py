@@ -226,6 +226,11 @@ def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_pat
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["accuracy"]["per_task"].keys() == {"counting", "visual_similarity"}
     assert saved["chance"] == {"counting": 0.25, "visual_similarity": 0.5}
+    # The verdict's other baseline: always giving the task's most common gold answer.
+    for task in ("counting", "visual_similarity"):
+        golds = [e.answer for e in examples if e.task == task]
+        assert saved["majority"][task] == pytest.approx(max(golds.count(a) for a in golds) / len(golds))
+    assert saved["options"] == {"counting": 4, "visual_similarity": 2}
     probes = saved["probes"]
     assert 0.0 < probes["answer_to_latent_attention"] < 1.0
     assert probes["latents_removed"]["per_task"]["counting"]["total"] == 3
