@@ -377,6 +377,35 @@ def test_guard_batch_without_latents_under_bottleneck_is_an_error(base_dir, tmp_
         run_steps(base_dir, tmp_path, make_collator=lambda processor, ids: LivrCollator(processor, mode="sft"))
 
 
+def _guard_check(rule, rows):
+    """BatchGuard on one training forward whose tokens have the kinds in ``rows`` (strings of T I L A)."""
+    from types import SimpleNamespace
+
+    from livr_kernels import SegmentLayout, resolve_rule
+    from livr_model.forward_layout import ForwardState
+    from livr_model.integrations import BatchGuard
+    from livr_model.patch import STATE_KWARG
+
+    kind = {"T": Segment.TEXT, "I": Segment.IMAGE, "L": Segment.LATENT, "A": Segment.ANSWER}
+    segment_ids = torch.tensor([[int(kind[c]) for c in row] for row in rows])
+    model = torch.nn.Module()
+    guard = BatchGuard(SimpleNamespace(model=model), "livr")
+    state = ForwardState(SegmentLayout(segment_ids), resolve_rule(rule), "auto")
+    guard(model, (), {STATE_KWARG: state})
+
+
+@pytest.mark.parametrize("rule", ["bottleneck", "bottleneck_answer_only"])
+def test_guard_stops_rows_with_an_image_and_no_latent_under_each_rule_hiding_it(rule):
+    with pytest.raises(ValueError, match=r"batch rows \[1\] hold image tokens and no LATENT token"):
+        _guard_check(rule, ["TIITLLAA", "TIIITTAA"])
+    _guard_check("standard", ["TIITLLAA", "TIIITTAA"])
+
+
+def test_guard_lets_text_only_rows_through():
+    # A row without an image has nothing to carry: no latent is needed there.
+    _guard_check("bottleneck", ["TIITLLAA", "TTTTTTAA"])
+
+
 def test_guard_labels_on_the_prompt_warn_once(base_dir, tmp_path):
     def everything_labelled(processor, ids):
         inner = LivrCollator(processor, latent_token_ids=ids)
