@@ -209,7 +209,38 @@ def test_latent_heatmap_follows_the_patch_grid(patched_tiny, tmp_path):
         assert png.height >= 224 and png.width > png.height
 
 
-def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_path):
+def test_answer_to_latent_attention_is_the_answer_rows_mass_on_latent_keys():
+    """The probe's number from hand-made attention: answer queries put 0.4 (layer 1, mean of two
+    heads) and 0.2 (layer 2) on the two latent keys, more on the image, so the answer is 0.3."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from livr_kernels import Segment
+    from livr_model.app.probes import answer_latent_attention
+
+    T, I, L, A = (int(s) for s in (Segment.TEXT, Segment.IMAGE, Segment.LATENT, Segment.ANSWER))
+    kinds = torch.tensor([[T, I, I, L, L, A, A]])
+    # Per layer and head: the probabilities of each answer row over keys T I I L L A A (rows sum to 1).
+    answer_rows = {(0, 0): [0.1, 0.3, 0.3, 0.1, 0.2, 0.0, 0.0], (0, 1): [0.0, 0.2, 0.3, 0.2, 0.3, 0.0, 0.0],
+                   (1, 0): [0.2, 0.3, 0.3, 0.1, 0.1, 0.0, 0.0], (1, 1): [0.1, 0.4, 0.3, 0.1, 0.1, 0.0, 0.0]}
+    weights = [torch.zeros(1, 2, 7, 7) for _ in range(2)]
+    for (layer, head), row in answer_rows.items():
+        weights[layer][0, head, 5:] = torch.tensor(row)
+        weights[layer][0, head, :5, 0] = 1.0  # prompt rows: all on the first token
+    encoder = SimpleNamespace(batch=lambda chunk, **kwargs: ({}, None, kinds))
+
+    class Handle:
+        @contextmanager
+        def capture_attention(self):
+            yield SimpleNamespace(weights=weights, segment_ids=kinds)
+
+    model = torch.nn.Linear(1, 1)
+    model.forward = lambda **kwargs: None
+    assert answer_latent_attention(model, Handle(), encoder, ["one example"]) == pytest.approx(0.3)
+
+
+def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_path, monkeypatch):
+    from livr_model.app import probes as probes_module
     from livr_model.patch import STATE_KWARG
 
     model, handle, encoder = patched_tiny["model"], patched_tiny["handle"], patched_tiny["encoder"]
@@ -217,10 +248,20 @@ def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_pat
     rules = []
     layer = model.get_base_model().model.language_model.layers[0].self_attn
     hook = layer.register_forward_pre_hook(lambda m, a, kw: rules.append(kw[STATE_KWARG].rule.name), with_kwargs=True)
+    real_predict = probes_module.predict
+    predictions_asked = []
+
+    def recording_predict(*args, **kwargs):
+        predictions_asked.append((handle.rule.name, kwargs.get("drop_latents", False)))
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(probes_module, "predict", recording_predict)
     try:
         metrics = evaluate_model_quiet(model, handle, encoder, examples, tmp_path)
     finally:
         hook.remove()
+    # Accuracy, then the latents-removed probe (latents dropped), then the bottleneck-forced probe.
+    assert predictions_asked == [("standard", False), ("standard", True), ("bottleneck", False)]
     assert handle.rule.name == "standard", "the rule in force before evaluation is restored"
     assert "bottleneck" in rules and "standard" in rules, "the bottleneck probe must really run under the bottleneck"
     saved = json.loads((tmp_path / "metrics.json").read_text())
