@@ -12,6 +12,7 @@ from livr_model.app.data import make_synthetic_dataset
 from livr_model.patch import STATE_KWARG
 from livr_model.app.tiny import build_tiny_model, build_tiny_processor
 from livr_model.app.config import TrainConfig, stage_plan
+from livr_model.app.callbacks import Callback
 from livr_model.app.models import load_trained
 from livr_model.app.state import trainable_state_dict
 from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, stage_peaks, steps_per_epoch
@@ -72,6 +73,17 @@ class RuleSpy:
         self._hook.remove()
 
 
+class AdamSteps(Callback):
+    """AdamW's step count after every optimizer step (its state restarts when a stage resets it)."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, run, info):
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        self.counts.append(int(next(iter(inner.state.values()))["step"]))
+
+
 @pytest.fixture(scope="module")
 def livr_run(tmp_path_factory):
     """One short LIVR run (2 stages x 1 epoch x 4 optimizer steps) shared by several tests."""
@@ -82,10 +94,11 @@ def livr_run(tmp_path_factory):
     steps = []
     train_examples, val_examples = tiny_data()
     cfg = tiny_config(out)
+    adam = AdamSteps()
     result = train(cfg, model=model, processor=processor, train_examples=train_examples, val_examples=val_examples,
-                   step_callback=steps.append)
+                   step_callback=steps.append, callbacks=[adam])
     spy.remove()
-    return dict(result=result, before=before, spy=spy, steps=steps, cfg=cfg, out=out)
+    return dict(result=result, before=before, spy=spy, steps=steps, cfg=cfg, out=out, adam_steps=adam.counts)
 
 
 def test_stage_plan_per_mode():
@@ -222,6 +235,19 @@ def test_stages_run_with_their_rules(livr_run):
     # what the attention layer itself received on every training forward (2 micro-batches a step)
     assert spy.calls == ["bottleneck"] * 8 + ["standard"] * 8
     assert all(math.isfinite(s.loss) for s in steps)
+
+
+def test_stage2_starts_with_fresh_optimizer_state(livr_run):
+    assert livr_run["adam_steps"] == [1, 2, 3, 4, 1, 2, 3, 4]
+
+
+def test_optimizer_state_runs_on_across_stages_without_the_reset(tmp_path):
+    model, processor = tiny_setup()
+    train_examples, val_examples = tiny_data()
+    adam = AdamSteps()
+    train(tiny_config(tmp_path, reset_optimizer_per_stage=False, max_steps=6), model=model, processor=processor,
+          train_examples=train_examples, val_examples=val_examples, callbacks=[adam])
+    assert adam.counts == [1, 2, 3, 4, 5, 6]
 
 
 def test_only_lora_and_latent_rows_train(livr_run):
