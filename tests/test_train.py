@@ -389,6 +389,29 @@ def test_replacing_a_checkpoint_moves_the_old_one_aside_before_the_rename(tmp_pa
     assert survivors, "the old checkpoint was deleted before the new one was in place"
 
 
+def test_validation_selects_the_first_epoch_with_the_best_accuracy(monkeypatch):
+    from types import SimpleNamespace
+
+    from livr_model.app import callbacks
+    from livr_model.app.state import ResumeState
+    from livr_model.modes import Stage
+
+    accuracies = iter([0.5, 0.5, 0.75, 0.75, 0.25])
+    monkeypatch.setattr(callbacks, "validation_accuracy", lambda run, rule=None: next(accuracies))
+    state = ResumeState()
+    run = SimpleNamespace(state=state, stage=Stage("stage2", "standard", 5), cfg=SimpleNamespace(eval_rule="standard"),
+                          handle=SimpleNamespace(set_rule=lambda rule: None), accelerator=SimpleNamespace(is_main_process=False),
+                          epoch=0, epoch_in_stage=0, val_per_task=None)
+    chosen = []
+    for step in (10, 20, 30, 40, 50):
+        state.global_step = step
+        callbacks.Validate().on_epoch_end(run)
+        chosen.append(run.is_best)
+    # A tie does not move the selection to a later checkpoint; a worse epoch never takes it.
+    assert chosen == [True, False, True, False, False]
+    assert (state.best_metric, state.best_step) == (0.75, 30)
+
+
 def test_prune_keeps_the_newest_and_the_selected(tmp_path):
     dirs = []
     for step in (1, 2, 3, 4):
