@@ -208,6 +208,20 @@ def test_user_segment_ids_override_derivation_for_the_mask_only_ablation(arch):
     assert _max_live_diff(got, derived, batch) > 1e-3
 
 
+def test_user_segment_ids_without_pad_take_the_padding_from_the_attention_mask():
+    """Custom kinds given with TEXT where the batch is padded: the attention_mask still makes those keys PAD."""
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch)
+    batch = _batch(arch, "left")
+    segments = _segments(batch)
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    unpadded = segments.masked_fill(padding, int(Segment.TEXT))
+    _patch(model, "bottleneck")
+    expected = _logits(model, dict(batch, segment_ids=segments))
+    assert _max_live_diff(_logits(model, dict(batch, segment_ids=unpadded)), expected, batch) < EXACT
+
+
 def test_document_ids_from_the_forward_or_a_callable():
     arch = "qwen2_5_vl"
     model = build_tiny_model(arch)
