@@ -67,6 +67,19 @@ def test_standard_rule_equals_sdpa_in_eval(arch, padding_side):
     handle.remove()
 
 
+def test_the_layers_own_scaling_reaches_the_kernel():
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch)
+    batch = _batch(arch, "right")
+    default = _logits(model, batch)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.scaling = 0.3
+    expected = _logits(model, batch)
+    assert _max_live_diff(expected, default, batch) > 1e-3, "the scaling must matter for the check to mean anything"
+    _patch(model, "standard")
+    assert _max_live_diff(_logits(model, batch), expected, batch) < EXACT
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
