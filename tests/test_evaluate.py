@@ -191,6 +191,30 @@ def test_likelihood_scores_do_not_depend_on_batching(patched_tiny):
         assert record["correct"] == (record["prediction"] == example.answer)
 
 
+def test_answer_logprob_is_the_models_own_answer_loss_summed(patched_tiny):
+    """transformers' causal-LM loss (labels shifted by the model) over the answer tokens, summed."""
+    from livr_model.app.predict import answer_logprobs, eval_mode
+
+    model, encoder = patched_tiny["model"], patched_tiny["encoder"]
+    example = _examples("counting", 1)[0]
+    batch, labels, segment_ids = encoder.batch([example], with_answer=True, padding_side="right")
+    with eval_mode(model), torch.no_grad():
+        loss = model(**batch, labels=labels, segment_ids=segment_ids).loss.item()
+    answer_tokens = int((labels[:, 1:] != -100).sum())
+    assert answer_logprobs(model, encoder, [example])[0] == pytest.approx(-loss * answer_tokens, rel=1e-4)
+
+
+def test_generated_replies_hold_only_the_new_tokens(patched_tiny):
+    from livr_model.app.predict import generate_replies
+
+    model, encoder = patched_tiny["model"], patched_tiny["encoder"]
+    examples = _examples("counting", 2)
+    replies = generate_replies(model, encoder, examples, handle=patched_tiny["handle"], max_new_tokens=3)
+    assert len(replies) == 2
+    for example, reply in zip(examples, replies):
+        assert example.question not in reply and "assistant" not in reply, reply
+
+
 def test_latent_heatmap_follows_the_patch_grid(patched_tiny, tmp_path):
     from PIL import Image
 
