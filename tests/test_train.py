@@ -155,6 +155,9 @@ def test_schedule_warms_up_then_decays_and_restarts_per_stage():
     # stage 2 starts over: warmup from small to peak again
     assert stage2[0] == pytest.approx(stage1[0] * (warm1 + 1) / (warm2 + 1))
     assert stage2[warm2] == pytest.approx(1.0) and stage2[-1] < 0.01
+    # A fractional warmup rounds up, as transformers' get_warmup_steps does for the TRL callback: 0.05 * 30 -> 2 steps.
+    short = StageSchedule([30], warmup_ratio=0.05)
+    assert [short(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 def test_stage2_lr_scales_only_the_second_stage():
