@@ -67,6 +67,20 @@ def test_standard_rule_equals_sdpa_in_eval(arch, padding_side):
     handle.remove()
 
 
+def test_attention_dropout_in_training_is_refused_not_dropped():
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    batch = _batch(arch, "right")
+    _patch(model, "bottleneck")
+    model.eval()
+    _logits(model, batch)  # eval: no dropout asked for
+    model.train()
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model(**batch)
+
+
 def test_the_layers_own_scaling_reaches_the_kernel():
     arch = "qwen2_5_vl"
     model = build_tiny_model(arch)
