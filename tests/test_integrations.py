@@ -1,5 +1,6 @@
 """LivrCollator and LivrStageCallback inside TRL's SFTTrainer and transformers' Trainer (issue 9)."""
 import json
+import math
 import shutil
 import warnings
 
@@ -285,6 +286,18 @@ def trainer_steps(base_dir, tmp_path, callback_kwargs: dict, **arguments) -> lis
     Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
             callbacks=[LivrStageCallback(handle, stage_epochs=(1, 1), **callback_kwargs), recorder]).train()
     return recorder.steps
+
+
+def test_a_one_stage_mode_runs_one_schedule_under_its_rule(base_dir, tmp_path):
+    # prompt-tuning: one standard-rule stage of E1 + E2 epochs: one warmup and one cosine, no boundary.
+    steps = trainer_steps(base_dir, tmp_path, {"mode": "prompt-tuning"}, warmup_steps=0.1)
+    total = 2 * STEPS_PER_STAGE
+    warmup = math.ceil(0.1 * total)
+    want = [LR * (s + 1) / (warmup + 1) if s < warmup else LR * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            for s in range(total)]
+    assert [s["lr"] for s in steps] == pytest.approx(want, rel=1e-9)
+    assert [s["rule"] for s in steps] == ["standard"] * total
+    assert [s["adam_step"] for s in steps] == list(range(1, total + 1)), "no stage boundary resets AdamW"
 
 
 def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, tmp_path):
