@@ -155,8 +155,10 @@ def test_real_tile_shapes_agree_within_the_tolerance():
 
     base = KernelConfig(fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16)
     other = dataclasses.replace(base, fwd_block_n=32, dkv_block_m=32, dq_block_n=32, longest_first=False)
-    layout = SegmentLayout(livr_layout(1, 96, pad=5))
-    q, k, v, do = (t.detach().to(torch.bfloat16) for t in random_qkv(1, 4, 2, 96, 96, 32))
+    # CPU tensors run under the interpreter, which conftest turns on only where there is no GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = SegmentLayout(livr_layout(1, 96, pad=5).to(device))
+    q, k, v, do = (t.detach().to(device, torch.bfloat16) for t in random_qkv(1, 4, 2, 96, 96, 32))
 
     def outputs(config):
         o, lse = segment_attention_fwd(q, k, v, layout, resolve_rule("bottleneck"), 32 ** -0.5, config)
@@ -164,3 +166,39 @@ def test_real_tile_shapes_agree_within_the_tolerance():
 
     error = autotune.agreement_error(outputs(other), outputs(base))
     assert error < autotune.AGREEMENT_TOLERANCE / 5, error
+
+
+def test_agreement_error_is_the_worst_of_all_pairs():
+    """A wrong output must count even when a later tensor (a gradient) agrees exactly."""
+    want = (torch.ones(8, 8), torch.ones(8, 8))
+    wrong_first = (torch.ones(8, 8) * 1.5, torch.ones(8, 8))
+    assert autotune.agreement_error(wrong_first, want) == pytest.approx(0.5)
+    wrong_second = (torch.ones(8, 8), torch.ones(8, 8) * 0.75)
+    assert autotune.agreement_error(wrong_second, want) == pytest.approx(0.25)
+
+
+def test_tuned_candidates_are_compared_on_the_output_and_every_gradient(monkeypatch):
+    """What the tuner checks per candidate: the output, dQ, dK and dV of the real kernels, as the
+    float64 reference computes them (a check on the output alone would pass a config whose
+    backward tiles are broken)."""
+    from kernel_cases import livr_layout, random_qkv
+    from livr_kernels import SegmentLayout, reference_attention, resolve_rule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    captured = {}
+    monkeypatch.setattr(autotune, "checked_benchmark", lambda outputs, timed: captured.setdefault("outputs", outputs))
+    seg = livr_layout(1, 40, pad=3)
+    q, k, v, _ = (t.detach().to(device) for t in random_qkv(1, 2, 1, 40, 40, 16))
+    rule = resolve_rule("bottleneck")
+    torch.manual_seed(1)
+    autotune._time_forward_backward(q, k, v, SegmentLayout(seg.to(device)), rule, 16 ** -0.5)
+    torch.manual_seed(1)
+    do = torch.randn_like(q)  # the upstream gradient the tuner draws
+    config = KernelConfig(fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=16, dq_block_m=16, dq_block_n=16)
+    got = captured["outputs"](config)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out64 = reference_attention(q64, k64, v64, seg.to(device), rule)
+    want = (out64,) + torch.autograd.grad(out64, (q64, k64, v64), do.double())
+    assert len(got) == len(want) == 4
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=name)

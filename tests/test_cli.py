@@ -130,3 +130,8 @@ def test_example_config_trains_on_the_example_jsonl(tmp_path, monkeypatch):
     assert eval_main(["--checkpoint", str(out), "--method", "likelihood", "--no-probes", "--limit", "6"]) == 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["accuracy"]["per_task"]["counting"]["total"] == 6, "the run's val_data, limited per task"
+    assert metrics["rule"] == "standard", "the run's eval rule by default"
+    argv = ["--checkpoint", str(out), "--method", "likelihood", "--no-probes", "--limit", "2", "--rule", "bottleneck",
+            "--output-dir", str(tmp_path / "forced")]
+    assert eval_main(argv) == 0
+    assert json.loads((tmp_path / "forced" / "metrics.json").read_text())["rule"] == "bottleneck"

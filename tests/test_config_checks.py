@@ -32,6 +32,13 @@ def write(path, text):
         ("output_dir: ''", r"output_dir: expected a non-empty string; got ''"),
         ("max_steps: 0", r"max_steps: expected an integer >= 1 or null; got 0"),
         ("mode: nonsense", r"mode must be one of"),
+        # Half-open ranges: the excluded end itself is refused.
+        ("warmup_ratio: 1.0", r"warmup_ratio: expected a number in \[0, 1\); got 1.0"),
+        ("val_fraction: 1", r"val_fraction: expected a number in \[0, 1\); got 1"),
+        ("betas: [0.9, 1.0]", r"betas: expected a list of 2 numbers in \[0, 1\); got \[0.9, 1.0\]"),
+        ("lora_dropout: 1.0", r"lora_dropout: expected a number in \[0, 1\)"),
+        ("weight_decay: -0.01", r"weight_decay: expected a number >= 0; got -0.01"),
+        (f"seed: {config_module.MAX_SEED + 1}", r"seed: expected an integer in \[0, 4294967295\]"),
     ],
 )
 def test_bad_yaml_values_are_named(tmp_path, yaml_line, message):
@@ -65,6 +72,12 @@ def test_python_api_values_are_checked_too():
         TrainConfig(stage_epochs="12")
     with pytest.raises(ValueError, match=r"eval_rule: expected one of"):
         TrainConfig(eval_rule="bogus")
+
+
+def test_the_included_ends_of_each_range_are_accepted():
+    cfg = TrainConfig(warmup_ratio=0.0, val_fraction=0.0, weight_decay=0.0, lora_dropout=0.0, betas=(0.0, 0.0),
+                      seed=config_module.MAX_SEED, latents=1, stage_epochs=(0, 1))
+    assert (cfg.warmup_ratio, cfg.val_fraction, cfg.seed, cfg.stage_epochs) == (0.0, 0.0, config_module.MAX_SEED, (0, 1))
 
 
 def test_every_field_has_a_check():

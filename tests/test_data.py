@@ -120,6 +120,14 @@ def test_jsonl_errors_name_the_line(tmp_path, line, message):
         load_jsonl(path)
 
 
+def test_jsonl_line_numbers_count_blank_lines(tmp_path):
+    """The line an editor shows: blank lines before the bad one still count."""
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"images": [], "question": "fine", "answer": "ok"}\n\n\n{"images": [], "question": "Q"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:4: missing required field"):
+        load_jsonl(path)
+
+
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(ValueError, match="existing JSONL file"):
         load_jsonl(tmp_path / "nope.jsonl")

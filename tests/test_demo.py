@@ -142,6 +142,31 @@ def test_verdict_rejects_a_constant_answer_that_beats_chance():
         check_demo_learned(metrics)
 
 
+def test_majority_rate_is_each_tasks_most_common_answer_share():
+    examples = [SimpleNamespace(task="counting", answer=a) for a in "BBBACDB"] + \
+        [SimpleNamespace(task="jigsaw", answer=a) for a in "ABBA"]
+    assert probes_module.majority_rate(examples) == {"counting": pytest.approx(4 / 7), "jigsaw": 0.5}
+
+
+def test_verdict_rejects_varied_answers_no_better_than_always_the_most_common():
+    # B is gold 60% of the time; four different answers, 60% right: chance is beaten, the majority rate is not.
+    answers = list("BBBBBBACDA")
+    predictions = list("BBBBBBDACB")
+    metrics = fabricated_metrics(predictions, answers, forced=0.8)
+    assert metrics["accuracy"]["average"] == 0.6 and metrics["majority"]["counting"] == 0.6
+    verdict = learning_verdict(metrics)
+    assert not verdict.learned and "not 10 points above 60.0%" in verdict.text
+
+
+def test_verdict_counts_unreadable_replies_as_no_distinct_answer():
+    # Only A and B are ever given (plus one reply with no letter): two distinct answers, not three.
+    answers = list("ABCDABCDAB")
+    predictions = list("ABBAABBAA") + [None]
+    metrics = fabricated_metrics(predictions, answers, forced=0.8)
+    verdict = learning_verdict(metrics)
+    assert not verdict.learned and "only 2 distinct" in verdict.text
+
+
 def test_verdict_accepts_a_model_that_learned_and_reports_the_signature():
     answers = list("ABCDABCDAB")
     predictions = list("ABCDABCDAA")
@@ -177,6 +202,42 @@ def test_bottleneck_stage_record_takes_the_last_bottleneck_epoch():
     assert bottleneck_stage_record(history[2:]) is None
     # Records written before the bottleneck stage was scored under its rule hold no such accuracy.
     assert bottleneck_stage_record([{"epoch": 0, "global_step": 100, "stage": "stage1", "val_accuracy": 0.5}]) is None
+
+
+@pytest.mark.parametrize("constant", [True, False], ids=["always-B", "learned"])
+def test_demo_run_judges_its_own_evaluation(monkeypatch, tmp_path, constant):
+    """run_demo's wiring, training and evaluation faked: the verdict saved in metrics.json and the
+    exit code come from the evaluated predictions and the bottleneck stage's record, so a demo that
+    answers B to everything exits 1 whatever else went right."""
+    from pathlib import Path
+
+    from livr_model.app import demo as demo_module
+
+    answers = list("ABCDABCDAB")
+    predictions = ["B"] * len(answers) if constant else list("ABCDABCDAA")
+    history = [{"epoch": 0, "global_step": 50, "stage": "stage1", "rule": "bottleneck", "stage_rule_accuracy": 0.9},
+               {"epoch": 1, "global_step": 100, "stage": "stage2", "rule": "standard", "stage_rule_accuracy": None}]
+
+    def evaluate(*args, output_dir=None, extra=None, **kwargs):
+        metrics = dict(fabricated_metrics(predictions, answers, forced=0.3), **(extra or {}))
+        (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(demo_module, "build_demo_base", lambda base_dir, *args, **kwargs: base_dir.mkdir(parents=True))
+    monkeypatch.setattr(demo_module, "train", lambda cfg, step_callback=None: SimpleNamespace(
+        val_examples=[], state=SimpleNamespace(history=history)))
+    monkeypatch.setattr(demo_module, "load_trained", lambda out: SimpleNamespace(
+        model=None, handle=None, encoder=None, checkpoint_dir=Path(out) / ckpt.CHECKPOINTS_DIR / "step-00000100"))
+    monkeypatch.setattr(demo_module, "evaluate_model", evaluate)
+    out = tmp_path / "demo"
+    code = train_main(["--demo", "--demo-size", "small", "--output-dir", str(out), "--no-progress"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert code == (1 if constant else 0)
+    assert saved["verdict"]["learned"] is not constant
+    assert ("DID NOT LEARN" in saved["verdict"]["text"]) is constant
+    # The signature is judged on the bottleneck stage's own record, not on the forced probe (30%).
+    assert saved[BOTTLENECK_STAGE_KEY] == {"accuracy": 0.9, "global_step": 50, "epoch": 0}
+    assert saved["verdict"]["signature"] is True
 
 
 def test_demo_exits_non_zero_when_the_model_did_not_learn(monkeypatch, tmp_path):

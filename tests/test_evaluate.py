@@ -191,6 +191,30 @@ def test_likelihood_scores_do_not_depend_on_batching(patched_tiny):
         assert record["correct"] == (record["prediction"] == example.answer)
 
 
+def test_answer_logprob_is_the_models_own_answer_loss_summed(patched_tiny):
+    """transformers' causal-LM loss (labels shifted by the model) over the answer tokens, summed."""
+    from livr_model.app.predict import answer_logprobs, eval_mode
+
+    model, encoder = patched_tiny["model"], patched_tiny["encoder"]
+    example = _examples("counting", 1)[0]
+    batch, labels, segment_ids = encoder.batch([example], with_answer=True, padding_side="right")
+    with eval_mode(model), torch.no_grad():
+        loss = model(**batch, labels=labels, segment_ids=segment_ids).loss.item()
+    answer_tokens = int((labels[:, 1:] != -100).sum())
+    assert answer_logprobs(model, encoder, [example])[0] == pytest.approx(-loss * answer_tokens, rel=1e-4)
+
+
+def test_generated_replies_hold_only_the_new_tokens(patched_tiny):
+    from livr_model.app.predict import generate_replies
+
+    model, encoder = patched_tiny["model"], patched_tiny["encoder"]
+    examples = _examples("counting", 2)
+    replies = generate_replies(model, encoder, examples, handle=patched_tiny["handle"], max_new_tokens=3)
+    assert len(replies) == 2
+    for example, reply in zip(examples, replies):
+        assert example.question not in reply and "assistant" not in reply, reply
+
+
 def test_latent_heatmap_follows_the_patch_grid(patched_tiny, tmp_path):
     from PIL import Image
 
@@ -209,7 +233,38 @@ def test_latent_heatmap_follows_the_patch_grid(patched_tiny, tmp_path):
         assert png.height >= 224 and png.width > png.height
 
 
-def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_path):
+def test_answer_to_latent_attention_is_the_answer_rows_mass_on_latent_keys():
+    """The probe's number from hand-made attention: answer queries put 0.4 (layer 1, mean of two
+    heads) and 0.2 (layer 2) on the two latent keys, more on the image, so the answer is 0.3."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from livr_kernels import Segment
+    from livr_model.app.probes import answer_latent_attention
+
+    T, I, L, A = (int(s) for s in (Segment.TEXT, Segment.IMAGE, Segment.LATENT, Segment.ANSWER))
+    kinds = torch.tensor([[T, I, I, L, L, A, A]])
+    # Per layer and head: the probabilities of each answer row over keys T I I L L A A (rows sum to 1).
+    answer_rows = {(0, 0): [0.1, 0.3, 0.3, 0.1, 0.2, 0.0, 0.0], (0, 1): [0.0, 0.2, 0.3, 0.2, 0.3, 0.0, 0.0],
+                   (1, 0): [0.2, 0.3, 0.3, 0.1, 0.1, 0.0, 0.0], (1, 1): [0.1, 0.4, 0.3, 0.1, 0.1, 0.0, 0.0]}
+    weights = [torch.zeros(1, 2, 7, 7) for _ in range(2)]
+    for (layer, head), row in answer_rows.items():
+        weights[layer][0, head, 5:] = torch.tensor(row)
+        weights[layer][0, head, :5, 0] = 1.0  # prompt rows: all on the first token
+    encoder = SimpleNamespace(batch=lambda chunk, **kwargs: ({}, None, kinds))
+
+    class Handle:
+        @contextmanager
+        def capture_attention(self):
+            yield SimpleNamespace(weights=weights, segment_ids=kinds)
+
+    model = torch.nn.Linear(1, 1)
+    model.forward = lambda **kwargs: None
+    assert answer_latent_attention(model, Handle(), encoder, ["one example"]) == pytest.approx(0.3)
+
+
+def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_path, monkeypatch):
+    from livr_model.app import probes as probes_module
     from livr_model.patch import STATE_KWARG
 
     model, handle, encoder = patched_tiny["model"], patched_tiny["handle"], patched_tiny["encoder"]
@@ -217,15 +272,30 @@ def test_evaluate_model_writes_metrics_and_runs_the_probes(patched_tiny, tmp_pat
     rules = []
     layer = model.get_base_model().model.language_model.layers[0].self_attn
     hook = layer.register_forward_pre_hook(lambda m, a, kw: rules.append(kw[STATE_KWARG].rule.name), with_kwargs=True)
+    real_predict = probes_module.predict
+    predictions_asked = []
+
+    def recording_predict(*args, **kwargs):
+        predictions_asked.append((handle.rule.name, kwargs.get("drop_latents", False)))
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(probes_module, "predict", recording_predict)
     try:
         metrics = evaluate_model_quiet(model, handle, encoder, examples, tmp_path)
     finally:
         hook.remove()
+    # Accuracy, then the latents-removed probe (latents dropped), then the bottleneck-forced probe.
+    assert predictions_asked == [("standard", False), ("standard", True), ("bottleneck", False)]
     assert handle.rule.name == "standard", "the rule in force before evaluation is restored"
     assert "bottleneck" in rules and "standard" in rules, "the bottleneck probe must really run under the bottleneck"
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["accuracy"]["per_task"].keys() == {"counting", "visual_similarity"}
     assert saved["chance"] == {"counting": 0.25, "visual_similarity": 0.5}
+    # The verdict's other baseline: always giving the task's most common gold answer.
+    for task in ("counting", "visual_similarity"):
+        golds = [e.answer for e in examples if e.task == task]
+        assert saved["majority"][task] == pytest.approx(max(golds.count(a) for a in golds) / len(golds))
+    assert saved["options"] == {"counting": 4, "visual_similarity": 2}
     probes = saved["probes"]
     assert 0.0 < probes["answer_to_latent_attention"] < 1.0
     assert probes["latents_removed"]["per_task"]["counting"]["total"] == 3

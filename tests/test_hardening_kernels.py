@@ -7,7 +7,7 @@ import torch
 from transformers import StaticCache
 
 from kernel_cases import livr_layout, random_qkv
-from livr_kernels import AttentionRule, KernelConfig, reference_attention, segment_attention
+from livr_kernels import AttentionRule, KernelConfig, reference_attention, segment_attention, segment_mask
 from livr_model import patch_attention
 from tiny_models import TINY_TOKENS, BatchSpec, SampleLayout, build_tiny_model, make_batch, prompt_only
 
@@ -110,6 +110,23 @@ def test_bad_config_is_refused_on_both_backends(backend):
     q, k, v, _ = random_qkv(1, 2, 1, 4, 4, 16, requires_grad=False)
     with pytest.raises(ValueError, match="config must be None or a livr_kernels.KernelConfig"):
         segment_attention(q, k, v, torch.zeros(1, 4, dtype=torch.long), config={"fwd_block_m": 16}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_given_scale_is_the_one_used(backend):
+    """scale= multiplies the scores (models pass their own, e.g. a query_pre_attn_scalar), on both backends."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, _ = (t.to(device) for t in random_qkv(1, 2, 1, 12, 12, 16, requires_grad=False))
+    seg = livr_layout(1, 12).to(device)
+    scale = 0.7
+    mask = segment_mask(seg, "bottleneck")[:, None]
+    scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * scale
+    want = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v.double().repeat_interleave(2, 1)
+    config = SMALL_TILES if backend == "triton" else None
+    got = segment_attention(q, k, v, seg, "bottleneck", scale=scale, backend=backend, config=config)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    default = segment_attention(q, k, v, seg, "bottleneck", backend=backend, config=config)
+    assert not torch.allclose(got, default), "0.7 differs from 16 ** -0.5: the outputs must too"
 
 
 def test_integer_scale_works_like_a_float():

@@ -1,5 +1,6 @@
 """LivrCollator and LivrStageCallback inside TRL's SFTTrainer and transformers' Trainer (issue 9)."""
 import json
+import math
 import shutil
 import warnings
 
@@ -287,6 +288,18 @@ def trainer_steps(base_dir, tmp_path, callback_kwargs: dict, **arguments) -> lis
     return recorder.steps
 
 
+def test_a_one_stage_mode_runs_one_schedule_under_its_rule(base_dir, tmp_path):
+    # prompt-tuning: one standard-rule stage of E1 + E2 epochs: one warmup and one cosine, no boundary.
+    steps = trainer_steps(base_dir, tmp_path, {"mode": "prompt-tuning"}, warmup_steps=0.1)
+    total = 2 * STEPS_PER_STAGE
+    warmup = math.ceil(0.1 * total)
+    want = [LR * (s + 1) / (warmup + 1) if s < warmup else LR * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            for s in range(total)]
+    assert [s["lr"] for s in steps] == pytest.approx(want, rel=1e-9)
+    assert [s["rule"] for s in steps] == ["standard"] * total
+    assert [s["adam_step"] for s in steps] == list(range(1, total + 1)), "no stage boundary resets AdamW"
+
+
 def test_without_restart_the_trainer_keeps_its_schedule_and_optimizer(base_dir, tmp_path):
     steps = trainer_steps(base_dir, tmp_path, {"restart_schedule": False}, lr_scheduler_type="linear")
     total = 2 * STEPS_PER_STAGE
@@ -375,6 +388,35 @@ def run_steps(base_dir, tmp_path, *, ids_trainable=True, make_collator=livr_coll
 def test_guard_batch_without_latents_under_bottleneck_is_an_error(base_dir, tmp_path):
     with pytest.raises(ValueError, match="no LATENT token.*LivrCollator"):
         run_steps(base_dir, tmp_path, make_collator=lambda processor, ids: LivrCollator(processor, mode="sft"))
+
+
+def _guard_check(rule, rows):
+    """BatchGuard on one training forward whose tokens have the kinds in ``rows`` (strings of T I L A)."""
+    from types import SimpleNamespace
+
+    from livr_kernels import SegmentLayout, resolve_rule
+    from livr_model.forward_layout import ForwardState
+    from livr_model.integrations import BatchGuard
+    from livr_model.patch import STATE_KWARG
+
+    kind = {"T": Segment.TEXT, "I": Segment.IMAGE, "L": Segment.LATENT, "A": Segment.ANSWER}
+    segment_ids = torch.tensor([[int(kind[c]) for c in row] for row in rows])
+    model = torch.nn.Module()
+    guard = BatchGuard(SimpleNamespace(model=model), "livr")
+    state = ForwardState(SegmentLayout(segment_ids), resolve_rule(rule), "auto")
+    guard(model, (), {STATE_KWARG: state})
+
+
+@pytest.mark.parametrize("rule", ["bottleneck", "bottleneck_answer_only"])
+def test_guard_stops_rows_with_an_image_and_no_latent_under_each_rule_hiding_it(rule):
+    with pytest.raises(ValueError, match=r"batch rows \[1\] hold image tokens and no LATENT token"):
+        _guard_check(rule, ["TIITLLAA", "TIIITTAA"])
+    _guard_check("standard", ["TIITLLAA", "TIIITTAA"])
+
+
+def test_guard_lets_text_only_rows_through():
+    # A row without an image has nothing to carry: no latent is needed there.
+    _guard_check("bottleneck", ["TIITLLAA", "TTTTTTAA"])
 
 
 def test_guard_labels_on_the_prompt_warn_once(base_dir, tmp_path):

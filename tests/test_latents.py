@@ -48,6 +48,16 @@ def test_add_grows_tokenizer_and_model(tiny):
     assert torch.equal(weight[:vocab], weight_before)
     rows = weight[ids]
     assert rows.std() > 0.5 * weight_before.std() and len({tuple(r.tolist()) for r in rows}) == K
+    # Drawn from the old rows' per-dimension statistics: standardised by them, the new rows look
+    # like unit normal draws (a unit-variance draw, or the mean alone, would not).
+    z = (rows - weight_before.mean(0)) / weight_before.std(0)
+    assert abs(z.mean().item()) < 0.5 and 0.5 < z.std().item() < 2.0
+    # The new output rows are the mean old output row: no logit preference for a latent token.
+    output = model.get_output_embeddings().weight
+    assert output.data_ptr() != weight.data_ptr(), "the tiny model's embeddings are untied"
+    mean_output_row = output[:vocab].mean(0)
+    for token_id in ids:
+        torch.testing.assert_close(output[token_id], mean_output_row)
     # Each latent is one special token that decoding with skip_special_tokens drops.
     text = "".join(latent_token_strings(K))
     assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
@@ -145,6 +155,18 @@ def test_restrict_trains_only_latent_rows(tiny):
     assert_only_latent_rows_changed(before, weight.detach(), ids)
     assert torch.equal(weight[ids], state["embeddings"])
     assert not any(name.endswith("livr_latent_delta") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("trainable_before", [True, False])
+def test_remove_gives_the_embedding_back_its_requires_grad(tiny, trainable_before):
+    model, processor = tiny
+    ids = add_latent_tokens(model, processor, k=K, seed=0)
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(trainable_before)
+    handle = restrict_embedding_grad(model, ids)
+    assert not weight.requires_grad, "the matrix is frozen while only the latent rows train"
+    handle.remove()
+    assert weight.requires_grad is trainable_before
 
 
 def test_restrict_rejects_bad_use(tiny):

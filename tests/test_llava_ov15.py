@@ -73,6 +73,21 @@ def test_module_patch_applies_the_rule(rule, implementation):
     assert torch.allclose(plain[real], causal[real], atol=EXACT)
 
 
+def test_attention_dropout_in_training_is_refused_not_dropped():
+    """The kernels have no attention dropout: a layer that asks for it in training is an error, as on
+    the registry path, never silently trained without it."""
+    model = build_mirror()
+    for layer in model.model.language_model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    input_ids, attention_mask, labels, _ = _batch()
+    patch_attention(model, rule="bottleneck", latent_token_ids=LATENT_IDS)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)  # eval: no dropout asked for
+    model.train()
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
 def test_the_bottleneck_changes_what_text_sees():
     model = build_mirror()
     input_ids, attention_mask, labels, segments = _batch()

@@ -121,6 +121,8 @@ def test_bottleneck_hides_an_examples_own_image_from_its_text(patched):
 
 def test_plan_is_best_fit_decreasing():
     assert plan_packing([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    # The 1 goes to the fullest row it fits (4 + 3 leaves 1), not the first (6 leaves 2).
+    assert plan_packing([1, 3, 4, 6], 8) == [[3], [2, 1, 0]]
     assert plan_packing([3, 3], None) == [[0, 1]]
     with pytest.raises(ValueError, match="example 1 has 9 tokens, more than the packing max_length=8"):
         plan_packing([2, 9], 8)

@@ -53,3 +53,16 @@ def test_trained_latent_rows_come_back_from_the_checkpoint(tmp_path, mode):
     assert torch.allclose(loaded, trained_rows, atol=1e-6)
     assert run.encoder.vocab_latent_ids == (tuple(ids) if mode == "mask-only" else ())
     assert run.encoder.latent_token_ids == (tuple(ids) if mode == "prompt-tuning" else ())
+
+
+@pytest.mark.parametrize("mode", ["livr", "mask-only"])
+def test_only_new_latent_tokens_are_marked_latent_by_id(mode):
+    """A borrowed vocabulary token may also occur in a question; it is LATENT only in its slot, so
+    the patch must not mark it by id (new latent tokens occur nowhere else and are)."""
+    from livr_model.app.config import TrainConfig
+    from livr_model.app.models import build_trainable_model
+
+    model, processor = tiny_setup()
+    _, handle, latent_ids = build_trainable_model(TrainConfig(mode=mode, latents=LATENTS), model, processor)
+    assert len(latent_ids) == LATENTS
+    assert handle.latent_token_ids == (tuple(latent_ids) if mode == "livr" else ())

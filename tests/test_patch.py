@@ -67,6 +67,33 @@ def test_standard_rule_equals_sdpa_in_eval(arch, padding_side):
     handle.remove()
 
 
+def test_attention_dropout_in_training_is_refused_not_dropped():
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    batch = _batch(arch, "right")
+    _patch(model, "bottleneck")
+    model.eval()
+    _logits(model, batch)  # eval: no dropout asked for
+    model.train()
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model(**batch)
+
+
+def test_the_layers_own_scaling_reaches_the_kernel():
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch)
+    batch = _batch(arch, "right")
+    default = _logits(model, batch)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.scaling = 0.3
+    expected = _logits(model, batch)
+    assert _max_live_diff(expected, default, batch) > 1e-3, "the scaling must matter for the check to mean anything"
+    _patch(model, "standard")
+    assert _max_live_diff(_logits(model, batch), expected, batch) < EXACT
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
@@ -206,6 +233,20 @@ def test_user_segment_ids_override_derivation_for_the_mask_only_ablation(arch):
     got = _logits(model, dict(batch, segment_ids=custom))
     assert _max_live_diff(got, expected, batch) < EXACT
     assert _max_live_diff(got, derived, batch) > 1e-3
+
+
+def test_user_segment_ids_without_pad_take_the_padding_from_the_attention_mask():
+    """Custom kinds given with TEXT where the batch is padded: the attention_mask still makes those keys PAD."""
+    arch = "qwen2_5_vl"
+    model = build_tiny_model(arch)
+    batch = _batch(arch, "left")
+    segments = _segments(batch)
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    unpadded = segments.masked_fill(padding, int(Segment.TEXT))
+    _patch(model, "bottleneck")
+    expected = _logits(model, dict(batch, segment_ids=segments))
+    assert _max_live_diff(_logits(model, dict(batch, segment_ids=unpadded)), expected, batch) < EXACT
 
 
 def test_document_ids_from_the_forward_or_a_callable():

@@ -150,5 +150,10 @@ def test_manual_decode_with_the_returned_cache_and_documents():
             image_sizes=prompt["image_sizes"], batch_num_images=prompt["batch_num_images"],
             segment_ids=full_segments, use_cache=False,
         )
+        # Kinds given over every key at the decode step: the new token still continues the cached last document.
+        prefill = model(**prompt, doc_ids=docs, use_cache=True)
+        given = model(input_ids=token, attention_mask=mask, segment_ids=full_segments, use_cache=True,
+                      **{name: getattr(prefill, name)})
     assert (step.logits[:, -1] - recompute.logits[:, -1]).abs().max().item() < 1e-5
+    assert (given.logits[:, -1] - recompute.logits[:, -1]).abs().max().item() < 1e-5
     assert (step.logits[:, -1] - without_docs.logits[:, -1]).abs().max().item() > 1e-3

@@ -24,9 +24,10 @@ def test_bottleneck_blocks_text_and_answer_from_image_only():
     assert rule.allows(L, I) and rule.allows(I, I) and rule.allows(A, L)
 
 
-def test_answer_only_ablation():
+def test_answer_only_ablation_blocks_answer_to_image_and_nothing_else():
     rule = RULES["bottleneck_answer_only"]
-    assert not rule.allows(A, I) and rule.allows(T, I)
+    blocked = {(q, k) for q in Segment for k in Segment if q != P and k != P and not rule.allows(q, k)}
+    assert blocked == {(A, I)}
 
 
 def test_custom_rule_and_pad_forced_off():

@@ -39,6 +39,24 @@ def test_aggregate_means_and_spreads_over_seeds(tmp_path):
     assert single["seeds"] == 1 and single["accuracy_std"] == 0.0
 
 
+def test_a_cell_summarises_evaluate_models_metrics():
+    predictions = ["A", "B", None, "C", "B"]
+    metrics = {
+        "accuracy": {"average": 0.6}, "majority": {"counting": 0.6, "jigsaw": 0.5},
+        "chance": {"counting": 0.25, "jigsaw": 0.5}, "options": {"counting": 4, "jigsaw": 2},
+        "predictions": [{"task": "counting", "prediction": p} for p in predictions],
+        "probes": {"latents_removed": {"average": 0.3}, "bottleneck_forced": {"average": 0.55},
+                   "answer_to_latent_attention": 0.07},
+    }
+    summary = study.summarize_metrics(metrics, 12.0)
+    assert summary == pytest.approx({
+        "accuracy": 0.6, "majority": 0.55, "chance": 0.375, "latents_removed": 0.3, "bottleneck_forced": 0.55,
+        "answer_to_latent_attention": 0.07, "distinct_answers": 3, "cpu_seconds": 12.0,
+        # 60% is not 10 points above the 55% majority rate.
+        "learned": False,
+    })
+
+
 def test_write_study_tables_and_plot(tmp_path):
     for seed, acc in ((0, 0.8), (1, 0.6)):
         fabricate(tmp_path, "counting", "livr", seed, acc, forced=0.55)

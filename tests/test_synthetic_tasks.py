@@ -259,6 +259,15 @@ def test_every_split_is_balanced_over_the_answers(task, sizes):
             assert abs(count - n / options) <= 1, f"{task}: answer {answer} {count} times of {n}"
 
 
+def test_answer_order_is_not_a_fixed_cycle():
+    """Balanced, but in random order: a split that cycles A, B, C, D would let the position of an
+    item in a list (the first val_limit items, a batch) predict its answer."""
+    answers = [e.answer for e in make_synthetic_dataset("counting", 40, image_size=28)]
+    blocks = [tuple(answers[i:i + 4]) for i in range(0, 40, 4)]
+    assert all(sorted(block) == list("ABCD") for block in blocks)
+    assert len(set(blocks)) > 1, f"every block of four is {blocks[0]}"
+
+
 @pytest.mark.parametrize("task", ["quadrant", "object_localization", "counting"])
 def test_a_task_gives_exactly_its_capacity_then_refuses(task):
     """Small image, small spaces: the whole capacity comes out distinct, one more is a named error."""

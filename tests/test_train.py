@@ -12,6 +12,7 @@ from livr_model.app.data import make_synthetic_dataset
 from livr_model.patch import STATE_KWARG
 from livr_model.app.tiny import build_tiny_model, build_tiny_processor
 from livr_model.app.config import TrainConfig, stage_plan
+from livr_model.app.callbacks import Callback
 from livr_model.app.models import load_trained
 from livr_model.app.state import trainable_state_dict
 from livr_model.app.schedule import StageSchedule, accumulation_groups, epoch_order, rank_batches, stage_peaks, steps_per_epoch
@@ -72,6 +73,17 @@ class RuleSpy:
         self._hook.remove()
 
 
+class AdamSteps(Callback):
+    """AdamW's step count after every optimizer step (its state restarts when a stage resets it)."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, run, info):
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        self.counts.append(int(next(iter(inner.state.values()))["step"]))
+
+
 @pytest.fixture(scope="module")
 def livr_run(tmp_path_factory):
     """One short LIVR run (2 stages x 1 epoch x 4 optimizer steps) shared by several tests."""
@@ -82,10 +94,11 @@ def livr_run(tmp_path_factory):
     steps = []
     train_examples, val_examples = tiny_data()
     cfg = tiny_config(out)
+    adam = AdamSteps()
     result = train(cfg, model=model, processor=processor, train_examples=train_examples, val_examples=val_examples,
-                   step_callback=steps.append)
+                   step_callback=steps.append, callbacks=[adam])
     spy.remove()
-    return dict(result=result, before=before, spy=spy, steps=steps, cfg=cfg, out=out)
+    return dict(result=result, before=before, spy=spy, steps=steps, cfg=cfg, out=out, adam_steps=adam.counts)
 
 
 def test_stage_plan_per_mode():
@@ -97,6 +110,19 @@ def test_stage_plan_per_mode():
     assert plan("latents-only") == [("standard", 4), ("standard", 6)]
     assert plan("sft") == [("standard", 10)]
     assert plan("image-twice") == [("standard", 10)]
+
+
+def test_stage_plan_honours_sft_epochs_and_drops_empty_stages():
+    def plan(**settings):
+        return [(s.name, s.rule, s.epochs) for s in stage_plan(TrainConfig(**settings))]
+
+    # sft_epochs sets the one-stage modes' length; the two-stage modes keep theirs.
+    assert plan(mode="sft", sft_epochs=3) == [("sft", "standard", 3)]
+    assert plan(mode="prompt-tuning", sft_epochs=2) == [("prompt-tuning", "standard", 2)]
+    assert plan(mode="livr", sft_epochs=3) == [("stage1", "bottleneck", 4), ("stage2", "standard", 6)]
+    # A stage of zero epochs is not run (nor logged, nor switched to).
+    assert plan(mode="livr", stage_epochs=(0, 5)) == [("stage2", "standard", 5)]
+    assert plan(mode="livr", stage_epochs=(3, 0)) == [("stage1", "bottleneck", 3)]
 
 
 def test_train_config_defaults_are_the_papers():
@@ -129,6 +155,9 @@ def test_schedule_warms_up_then_decays_and_restarts_per_stage():
     # stage 2 starts over: warmup from small to peak again
     assert stage2[0] == pytest.approx(stage1[0] * (warm1 + 1) / (warm2 + 1))
     assert stage2[warm2] == pytest.approx(1.0) and stage2[-1] < 0.01
+    # A fractional warmup rounds up, as transformers' get_warmup_steps does for the TRL callback: 0.05 * 30 -> 2 steps.
+    short = StageSchedule([30], warmup_ratio=0.05)
+    assert [short(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 def test_stage2_lr_scales_only_the_second_stage():
@@ -209,6 +238,19 @@ def test_stages_run_with_their_rules(livr_run):
     # what the attention layer itself received on every training forward (2 micro-batches a step)
     assert spy.calls == ["bottleneck"] * 8 + ["standard"] * 8
     assert all(math.isfinite(s.loss) for s in steps)
+
+
+def test_stage2_starts_with_fresh_optimizer_state(livr_run):
+    assert livr_run["adam_steps"] == [1, 2, 3, 4, 1, 2, 3, 4]
+
+
+def test_optimizer_state_runs_on_across_stages_without_the_reset(tmp_path):
+    model, processor = tiny_setup()
+    train_examples, val_examples = tiny_data()
+    adam = AdamSteps()
+    train(tiny_config(tmp_path, reset_optimizer_per_stage=False, max_steps=6), model=model, processor=processor,
+          train_examples=train_examples, val_examples=val_examples, callbacks=[adam])
+    assert adam.counts == [1, 2, 3, 4, 5, 6]
 
 
 def test_only_lora_and_latent_rows_train(livr_run):
@@ -330,6 +372,47 @@ def test_checkpoint_directory_is_all_or_nothing(tmp_path):
     ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "new"})
     assert (final / "a.txt").read_text() == "new"
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
+
+
+def test_replacing_a_checkpoint_moves_the_old_one_aside_before_the_rename(tmp_path, monkeypatch):
+    """A kill at the rename that puts the new directory in place must not have deleted the old one."""
+    final = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(5)
+    ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "old"})
+    real_replace = ckpt.os.replace
+
+    def killed_at_the_final_rename(src, dst):
+        if str(src).endswith(ckpt.TMP_SUFFIX) and str(dst) == str(final):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint_dir(final, {ckpt.INFO: json.dumps({"global_step": 5}), "a.txt": "new"})
+    survivors = [p for p in final.parent.iterdir() if (p / "a.txt").is_file() and (p / "a.txt").read_text() == "old"]
+    assert survivors, "the old checkpoint was deleted before the new one was in place"
+
+
+def test_validation_selects_the_first_epoch_with_the_best_accuracy(monkeypatch):
+    from types import SimpleNamespace
+
+    from livr_model.app import callbacks
+    from livr_model.app.state import ResumeState
+    from livr_model.modes import Stage
+
+    accuracies = iter([0.5, 0.5, 0.75, 0.75, 0.25])
+    monkeypatch.setattr(callbacks, "validation_accuracy", lambda run, rule=None: next(accuracies))
+    state = ResumeState()
+    run = SimpleNamespace(state=state, stage=Stage("stage2", "standard", 5), cfg=SimpleNamespace(eval_rule="standard"),
+                          handle=SimpleNamespace(set_rule=lambda rule: None), accelerator=SimpleNamespace(is_main_process=False),
+                          epoch=0, epoch_in_stage=0, val_per_task=None)
+    chosen = []
+    for step in (10, 20, 30, 40, 50):
+        state.global_step = step
+        callbacks.Validate().on_epoch_end(run)
+        chosen.append(run.is_best)
+    # A tie does not move the selection to a later checkpoint; a worse epoch never takes it.
+    assert chosen == [True, False, True, False, False]
+    assert (state.best_metric, state.best_step) == (0.75, 30)
 
 
 def test_prune_keeps_the_newest_and_the_selected(tmp_path):
