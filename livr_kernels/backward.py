@@ -136,6 +136,7 @@ def segment_attention_bwd_kernel_dkv(
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     LONGEST_FIRST: tl.constexpr,
+    INDEX_AHEAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
 ):
@@ -176,15 +177,25 @@ def segment_attention_bwd_kernel_dkv(
         p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse = lse + i_bhq * n_q
         p_delta = delta + i_bhq * n_q
-        # Unlike the forward and dQ, the tile index is loaded in the iteration that uses it: read one
-        # iteration ahead it would buy a third Q/dO buffer but spills this kernel at D=128 on sm_90
-        # (255 registers + 40 B stack at 32x128); the pipeliner then keeps two buffers.
+        # INDEX_AHEAD reads the next full tile's index one iteration ahead, as the forward and dQ
+        # do: the pipeliner then keeps every stage for Q and dO (3 buffers at num_stages=3 on
+        # sm_90, not 2). Where that spills (``KernelConfig.dkv_index_ahead``) the index is loaded
+        # in the iteration that uses it; the partial loop always does (read ahead there too, the
+        # kernel spills under Triton 3.6).
+        if INDEX_AHEAD:
+            i_m = tl.load(p_full)
         for i_t in range(0, n_full):
+            if INDEX_AHEAD:
+                i_next = tl.load(p_full + tl.minimum(i_t + 1, num_q_blocks - 1))
+            else:
+                i_m = tl.load(p_full + i_t)
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                o_bm, o_d, m_d, tl.load(p_full + i_t), n_q, offset, stride_qn, stride_don, scale_log2,
+                o_bm, o_d, m_d, i_m, n_q, offset, stride_qn, stride_don, scale_log2,
                 BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
             )
+            if INDEX_AHEAD:
+                i_m = i_next
         for i_t in range(0, n_partial):
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
@@ -390,7 +401,7 @@ def segment_attention_bwd(
         dk_parts.stride(0), dk_parts.stride(1), dk_parts.stride(2),
         dv_parts.stride(0), dv_parts.stride(1), dv_parts.stride(2),
         n_q, n_k, num_q_blocks, num_k_blocks,
-        HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, **common,
+        HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, INDEX_AHEAD=config.dkv_index_ahead, **common,
     )
     if split > 1:
         dk.copy_(dk_parts.view(batch, hkv, split, n_k, head_dim).sum(2))

@@ -44,6 +44,9 @@ class KernelConfig:
     # Launch the rows with the most tiles first (``TileSchedule.order``); False launches them in
     # row order, to compare.
     longest_first: bool = True
+    # dK/dV reads its next full tile's index one iteration ahead (a third Q/dO buffer on sm_90);
+    # False where that spills.
+    dkv_index_ahead: bool = True
     # Forward K and V tiles through the tensor memory accelerator (host tensor descriptors) where
     # the GPU has one (sm_90 and newer) and the tensors are 16-byte aligned; else pointer loads.
     # Off in the tables until a GPU has timed it; the autotuner tries it on Hopper and Blackwell.
@@ -67,9 +70,10 @@ _HOPPER_CONFIGS = {
     # 128 keys spill the forward here (255 registers + 16 B); dQ takes 64-key tiles (254 registers).
     128: KernelConfig(fwd_warps=8, dq_block_n=64),
     # 64x64 forward tiles: 255 registers, no spill under 3.6 and 3.9, half the SASS per key of 64x32.
+    # Two stages leave one Q/dO buffer, so dK/dV gains nothing from reading its index ahead.
     256: KernelConfig(
         fwd_block_m=64, fwd_block_n=64, dkv_block_m=16, dkv_block_n=32, dq_block_m=64, dq_block_n=16,
-        fwd_warps=8, num_stages=2,
+        fwd_warps=8, num_stages=2, dkv_index_ahead=False,
     ),
 }
 _D256_NARROW = replace(_HOPPER_CONFIGS[256], fwd_block_n=32)
@@ -89,7 +93,8 @@ _SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
 # spilled) and at 80 in the backward preprocess (8 B); with maxnreg=255: 160 and 81, no spill.
 _BLACKWELL_CONFIGS = {
     **{block_d: KernelConfig(fwd_warps=8, maxnreg=MAX_REGISTERS) for block_d in (16, 32, 64)},
-    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, maxnreg=MAX_REGISTERS),
+    # dK/dV's index read ahead spills 16-32 B here at D=80/128 under Triton 3.9.
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, maxnreg=MAX_REGISTERS, dkv_index_ahead=False),
     256: replace(_D256_NARROW, maxnreg=MAX_REGISTERS),
 }
 

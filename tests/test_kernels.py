@@ -174,6 +174,19 @@ def test_launch_order_changes_nothing_but_the_order():
         assert_close_fp32(longest, reference64(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2)))
 
 
+def test_dkv_index_read_ahead_changes_nothing_but_the_pipelining():
+    """dK/dV reading its next tile index one iteration ahead (the default) or in the iteration that
+    uses it (``dkv_index_ahead=False``, where ahead spills) visits the same tiles: identical results."""
+    seg = livr_layout(2, 61, pad=9)
+    q, k, v, do = random_qkv(2, 4, 2, 61, 61, 16)
+    docs = packed_docs(2, 61, 3)
+    ahead = kernel(q, k, v, do, seg, "bottleneck", docs)
+    in_place = kernel(q, k, v, do, seg, "bottleneck", docs, config=dataclasses.replace(SMALL_TILES, dkv_index_ahead=False))
+    assert SMALL_TILES.dkv_index_ahead
+    assert all(torch.equal(a, b) for a, b in zip(ahead, in_place))
+    assert_close_fp32(ahead, reference64(q, k, v, do, seg, "bottleneck", docs))
+
+
 def test_kernels_follow_the_launch_order(monkeypatch):
     """A launch order that lists one row twice and drops another leaves that row unwritten: the
     kernels take their rows from ``TileSchedule.order``."""
