@@ -16,9 +16,14 @@ import pytest  # noqa: E402
 
 torch.set_num_threads(1)
 
-# Test modules that drive the kernels on CPU tensors: they need the interpreter, which a GPU
-# machine leaves off so that test_kernels_cuda.py runs compiled code.
-INTERPRETER_MODULES = ("test_kernels.py",)
+# Tests that drive the kernels on CPU tensors need the interpreter, which a GPU machine leaves off
+# so that test_kernels_cuda.py runs compiled code: whole modules here, single tests or parameters
+# by the ``interpreter`` mark.
+INTERPRETER_MODULES = ("test_kernels.py", "test_tma.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs the Triton kernels on CPU tensors (needs TRITON_INTERPRET=1)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="CPU-tensor kernel tests need TRITON_INTERPRET=1; test_kernels_cuda.py covers the compiled kernels here")
     for item in items:
-        if item.path.name in INTERPRETER_MODULES:
+        if item.path.name in INTERPRETER_MODULES or item.get_closest_marker("interpreter") is not None:
             item.add_marker(skip)
 
 

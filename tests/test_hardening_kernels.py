@@ -11,7 +11,7 @@ from livr_kernels import AttentionRule, KernelConfig, reference_attention, segme
 from livr_model import patch_attention
 from tiny_models import TINY_TOKENS, BatchSpec, SampleLayout, build_tiny_model, make_batch, prompt_only
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
 SMALL_TILES = KernelConfig(fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=16, dq_block_m=16, dq_block_n=16)
 # fp16 scores of q = k = 40 at D = 64: 40 * 40 * 64 = 102400 > 65504, the largest fp16.
 OVERFLOW_VALUE = 40.0

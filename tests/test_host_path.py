@@ -177,6 +177,7 @@ def test_kernels_with_the_same_tiles_share_one_schedule():
     assert len(layout._schedules) == 2
 
 
+@pytest.mark.interpreter
 def test_forward_and_backward_classify_once(monkeypatch):
     calls = []
     original = blocks.fine_weights
@@ -193,6 +194,7 @@ def test_forward_and_backward_classify_once(monkeypatch):
             assert t.dtype == (torch.int64 if name == "order" else torch.int32) and t.is_contiguous(), name
 
 
+@pytest.mark.interpreter
 def test_inference_builds_only_the_forward_schedule():
     layout = SegmentLayout(livr_layout(1, 40))
     q, k, v, _ = random_qkv(1, 2, 1, 40, 40, 16, requires_grad=False)
@@ -266,7 +268,7 @@ def _step(model, batch, **kwargs):
     return loss
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "reference"])
+@pytest.mark.parametrize("kernel_backend", [pytest.param("triton", marks=pytest.mark.interpreter), "reference"])
 def test_patched_forward_and_backward_never_sync(kernel_backend, monkeypatch):
     model, handle = _tiny(kernel_backend)
     batch = _batch()
@@ -293,6 +295,7 @@ def test_sync_guard_catches_a_read_back(monkeypatch):
     assert guard.found and all("blocks.py" in f for f in guard.found)
 
 
+@pytest.mark.interpreter
 def test_decode_steps_extend_the_cached_layout_without_syncs(monkeypatch):
     model, _ = _tiny("triton")
     model.eval()
