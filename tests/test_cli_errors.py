@@ -235,3 +235,23 @@ def test_demo_refuses_an_unusable_output_dir_before_building_anything(tmp_path, 
     line = error_line(capsys.readouterr().err, "livr-train")
     assert ("is a file" if occupied == "file" else "holds another run") in line, line
     assert not (tmp_path / "out" / "base").exists() if occupied != "file" else out.is_file()
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_model_that_cannot_be_loaded_is_one_line_naming_the_setting(tmp_path, monkeypatch, capsys, folder):
+    """A mistyped hub id with no hub reachable, or a folder without a model: transformers' own
+    message spans two lines and never says it came from --model."""
+    from livr_model.app import models
+
+    def unreachable(source, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection.")
+
+    monkeypatch.setattr(models.AutoProcessor, "from_pretrained", staticmethod(unreachable))
+    name = str(tmp_path) if folder else "qwen-vl-typo"
+    code = cli.train_main(["--data", "synthetic:counting", "--synthetic-train-size", "4", "--synthetic-val-size", "4",
+                           "--model", name, "--output-dir", str(tmp_path / "run")])
+    assert code == EXIT_USAGE
+    line = error_line(capsys.readouterr().err, "livr-train")
+    where = "the local folder" if folder else "not a local folder, and the hub"
+    assert line == (f"model: {name!r}: {where} could not provide it: We couldn't connect to 'https://huggingface.co' "
+                    "to load the files. Check your internet connection."), line
