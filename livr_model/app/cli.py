@@ -85,7 +85,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     _value_flag(p, "mode", str, f"one of {', '.join(MODES)} (default {d.mode})", choices=tuple(MODES))
     _value_flag(p, "latents", int, f"number K of latent tokens (default {d.latents})")
     _value_flag(p, "stage-epochs", int, f"epochs of stage 1 (bottleneck) and stage 2 (standard) (default {d.stage_epochs[0]} {d.stage_epochs[1]})", nargs=2, metavar=("E1", "E2"))
-    _value_flag(p, "sft-epochs", _optional_int, "epochs of the one-stage modes sft and image-twice (default: E1 + E2)")
+    one_stage = [name for name, mode in MODES.items() if len(mode.stage_rules) == 1]
+    _value_flag(p, "sft-epochs", _optional_int, f"epochs of the one-stage modes ({', '.join(one_stage)}) (default: E1 + E2)")
     _value_flag(p, "output-dir", str, f"where checkpoints, run config and metrics go (default {d.output_dir})")
     _value_flag(p, "lr", float, f"AdamW learning rate (default {d.lr})")
     _value_flag(p, "stage2-lr", _optional_float, "peak learning rate of stage 2, the standard-mask stage (default: --lr)")
