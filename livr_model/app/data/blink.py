@@ -187,7 +187,7 @@ def load_spec(argument: str, cfg, split: str) -> List[Example]:
     if split_path is None:
         if split == "train":
             raise ValueError(
-                f"blink:{argument} would train on BLINK's val split, the only one with answers and the one "
+                "training would use BLINK's val split, the only one with answers and the one "
                 "livr-eval scores. Name a split file with disjoint train/eval item ids: --blink-split split.json "
                 "(write one with: python -m livr_model.app.data.blink --tasks "
                 f"{','.join(names)} --out split.json), or train on other data (JSONL, livr-data builders)"
