@@ -255,3 +255,19 @@ def test_model_that_cannot_be_loaded_is_one_line_naming_the_setting(tmp_path, mo
     where = "the local folder" if folder else "not a local folder, and the hub"
     assert line == (f"model: {name!r}: {where} could not provide it: We couldn't connect to 'https://huggingface.co' "
                     "to load the files. Check your internet connection."), line
+
+
+def test_eval_refuses_overlap_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A run without training fingerprints (a Trainer run) is refused without --allow-overlap; the
+    refusal comes before the base model is loaded, as a missing data file does."""
+    fake_eval_setup(monkeypatch)
+    loaded = []
+    monkeypatch.setattr(cli, "load_trained", lambda *args, **kwargs: loaded.append(True))
+
+    def refuse(checkpoint, examples, *, allow):
+        raise ValueError(f"{checkpoint}: no train_fingerprints.json in the run; pass --allow-overlap to evaluate anyway")
+
+    monkeypatch.setattr(cli, "check_overlap", refuse)
+    code = cli.eval_main(["--checkpoint", str(tmp_path), "--data", "synthetic:counting"])
+    assert code == EXIT_USAGE and loaded == []
+    assert "--allow-overlap" in error_line(capsys.readouterr().err, "livr-eval")

@@ -237,7 +237,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             # The validation items the run recorded (same held-out indices, checked against their fingerprints).
             examples = prepare_data(cfg, record_dir=find_run_dir(args.checkpoint))[1]
-        run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
         if args.limit is not None:
             seen, limited = {}, []
             for example in examples:
@@ -245,7 +244,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                 if seen[example.task] <= args.limit:
                     limited.append(example)
             examples = limited
+        # Before the model: a refused overlap should not wait for a (possibly multi-GB) load.
         overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
+        run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
         output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
         # Now, not after the evaluation: an --output-dir that is a file or not writable.
         output_dir.mkdir(parents=True, exist_ok=True)
