@@ -137,7 +137,7 @@ def test_clean_data_gives_no_warning(tmp_path):
 @pytest.mark.parametrize(
     "val_data, message",
     [
-        ("missing.jsonl", "val_data 'missing.jsonl' is not a file, nor synthetic:<task>"),
+        ("missing.jsonl", "val_data 'missing.jsonl' is not a file: nothing is there"),
         ("synthetic:countng", "val_data 'synthetic:countng': synthetic tasks must be among ['counting', "),
     ],
 )
@@ -156,3 +156,23 @@ def test_data_errors_from_a_source_name_data_once():
         prepare_data(TrainConfig(data="synthetic:countng"))
     assert str(caught.value).startswith("data 'synthetic:countng': synthetic tasks must be among"), str(caught.value)
     assert str(caught.value).count("synthetic:countng") == 1
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("missing.jsonl", "data 'missing.jsonl' is not a file: nothing is there"),
+        ("sub/train.json", "data 'sub/train.json' is not a file: nothing is there"),
+        ("sub", "data 'sub' is not a file but a folder; name a JSONL file in it (it holds a.jsonl, b.jsonl)"),
+        ("blnk:Counting", "data 'blnk:Counting' is not a file, nor synthetic:<task>[,<task>], nor blink:<Subtask>"),
+    ],
+)
+def test_data_spec_that_names_no_file_says_why(tmp_path, monkeypatch, spec, message):
+    """A missing file, a folder, and a spec that is neither a path nor a source are told apart."""
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(tmp_path / "sub" / name, [GOOD_LINE])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        prepare_data(TrainConfig(data=spec))
+    assert str(caught.value).startswith(message), str(caught.value)

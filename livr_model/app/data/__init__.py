@@ -50,6 +50,8 @@ SOURCES: Dict[str, DataSource] = {
 }
 
 JSONL_SOURCE = DataSource("", jsonl.load_spec, "a JSONL path")
+# A spec ending so, or holding a path separator, was meant as a file.
+JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def source_of(spec: str):
@@ -80,7 +82,7 @@ def _load_one(spec: str, cfg, split: str, setting: str) -> list:
     source, argument = source_of(spec)
     if source is JSONL_SOURCE:
         if not Path(spec).is_file():
-            raise ValueError(f"{setting} {spec!r} is not a file, nor {', nor '.join(s.usage for s in SOURCES.values())}")
+            raise ValueError(_not_a_jsonl_file(spec, setting))
         # Its errors name file:line.
         return source.load_spec(argument, cfg, split)
     try:
@@ -88,6 +90,18 @@ def _load_one(spec: str, cfg, split: str, setting: str) -> list:
     except ValueError as error:
         # A source says what is wrong; which setting held the spec (data or val_data) only the caller knows.
         raise ValueError(f"{setting} {spec!r}: {error}") from error
+
+
+def _not_a_jsonl_file(spec: str, setting: str) -> str:
+    """Why ``spec``, which names no registered source, is not data: a folder, a missing file, or neither."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.jsonl"))
+        return (f"{setting} {spec!r} is not a file but a folder; name a JSONL file in it"
+                + (f" (it holds {', '.join(found)})" if found else ""))
+    if path.suffix in JSONL_SUFFIXES or "/" in spec or "\\" in spec:
+        return f"{setting} {spec!r} is not a file: nothing is there"
+    return f"{setting} {spec!r} is not a file, nor {', nor '.join(s.usage for s in SOURCES.values())}"
 
 
 def load_examples(spec: str, cfg, *, split: str, setting: str = "data") -> list:
