@@ -271,3 +271,17 @@ def test_eval_refuses_overlap_before_loading_the_model(tmp_path, monkeypatch, ca
     code = cli.eval_main(["--checkpoint", str(tmp_path), "--data", "synthetic:counting"])
     assert code == EXIT_USAGE and loaded == []
     assert "--allow-overlap" in error_line(capsys.readouterr().err, "livr-eval")
+
+
+def test_a_user_error_spanning_lines_is_printed_on_one(capsys):
+    """Messages passed on from libraries can hold line breaks; the error stays one line."""
+    import argparse
+
+    from livr_model.app.cli_errors import run_command
+
+    def body(args):
+        with user_input():
+            raise OSError("could not reach the hub.\nCheck your internet connection.\n")
+
+    assert run_command(argparse.ArgumentParser(prog="livr-x"), body, []) == EXIT_USAGE
+    assert error_line(capsys.readouterr().err, "livr-x") == "could not reach the hub. Check your internet connection."
