@@ -235,3 +235,53 @@ def test_demo_refuses_an_unusable_output_dir_before_building_anything(tmp_path, 
     line = error_line(capsys.readouterr().err, "livr-train")
     assert ("is a file" if occupied == "file" else "holds another run") in line, line
     assert not (tmp_path / "out" / "base").exists() if occupied != "file" else out.is_file()
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_model_that_cannot_be_loaded_is_one_line_naming_the_setting(tmp_path, monkeypatch, capsys, folder):
+    """A mistyped hub id with no hub reachable, or a folder without a model: transformers' own
+    message spans two lines and never says it came from --model."""
+    from livr_model.app import models
+
+    def unreachable(source, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection.")
+
+    monkeypatch.setattr(models.AutoProcessor, "from_pretrained", staticmethod(unreachable))
+    name = str(tmp_path) if folder else "qwen-vl-typo"
+    code = cli.train_main(["--data", "synthetic:counting", "--synthetic-train-size", "4", "--synthetic-val-size", "4",
+                           "--model", name, "--output-dir", str(tmp_path / "run")])
+    assert code == EXIT_USAGE
+    line = error_line(capsys.readouterr().err, "livr-train")
+    where = "the local folder" if folder else "not a local folder, and the hub"
+    assert line == (f"model: {name!r}: {where} could not provide it: We couldn't connect to 'https://huggingface.co' "
+                    "to load the files. Check your internet connection."), line
+
+
+def test_eval_refuses_overlap_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A run without training fingerprints (a Trainer run) is refused without --allow-overlap; the
+    refusal comes before the base model is loaded, as a missing data file does."""
+    fake_eval_setup(monkeypatch)
+    loaded = []
+    monkeypatch.setattr(cli, "load_trained", lambda *args, **kwargs: loaded.append(True))
+
+    def refuse(checkpoint, examples, *, allow):
+        raise ValueError(f"{checkpoint}: no train_fingerprints.json in the run; pass --allow-overlap to evaluate anyway")
+
+    monkeypatch.setattr(cli, "check_overlap", refuse)
+    code = cli.eval_main(["--checkpoint", str(tmp_path), "--data", "synthetic:counting"])
+    assert code == EXIT_USAGE and loaded == []
+    assert "--allow-overlap" in error_line(capsys.readouterr().err, "livr-eval")
+
+
+def test_a_user_error_spanning_lines_is_printed_on_one(capsys):
+    """Messages passed on from libraries can hold line breaks; the error stays one line."""
+    import argparse
+
+    from livr_model.app.cli_errors import run_command
+
+    def body(args):
+        with user_input():
+            raise OSError("could not reach the hub.\nCheck your internet connection.\n")
+
+    assert run_command(argparse.ArgumentParser(prog="livr-x"), body, []) == EXIT_USAGE
+    assert error_line(capsys.readouterr().err, "livr-x") == "could not reach the hub. Check your internet connection."

@@ -1,5 +1,7 @@
 """Every config value is checked when the config is built (YAML, flags, Python), naming the key,
 the value and what was expected; livr-eval's flags refuse values that would crash or be replaced."""
+import re
+
 import pytest
 
 from livr_model.app.cli import build_eval_parser, build_train_parser, resolve_train_config
@@ -133,3 +135,22 @@ def test_safety_flags_reach_the_config():
 def test_yaml_merge_key_override_is_not_a_duplicate():
     loaded = config_module.load_yaml("base: &base\n  lr: 1.0e-4\n  seed: 1\nrun:\n  <<: *base\n  seed: 2\n", "merge")
     assert loaded["run"] == {"lr": 1e-4, "seed": 2}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data: synthetic:counting\n  lr: 1\n", r"run.yaml: line 2, column 5: mapping values are not allowed here$"),
+        ("data: [unclosed\n", r"run.yaml: line 2, column 1: expected ',' or '\]', but got '<stream end>' "
+                              r"\(while parsing a flow sequence that starts at line 1, column 7\)$"),
+        ("data: synthetic:counting\n\tlr: 1\n", r"run.yaml: line 2, column 1: found character '\\t' that cannot start any token"),
+    ],
+)
+def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, text, message):
+    """PyYAML reports a syntax error over several lines ("<unicode string>", an excerpt, a caret);
+    the config file's error is one line that names the file and where the mistake is."""
+    config = write(tmp_path / "run.yaml", text)
+    with pytest.raises(ValueError) as caught:
+        resolve_train_config(["--config", str(config)])
+    assert "\n" not in str(caught.value) and "<unicode string>" not in str(caught.value)
+    assert re.search(message, str(caught.value)), str(caught.value)

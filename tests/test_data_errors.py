@@ -132,3 +132,47 @@ def test_clean_data_gives_no_warning(tmp_path):
         warnings.simplefilter("error")
         train, val = prepare_data(TrainConfig(data=train_path, val_data=val_path))
     assert (len(train), len(val)) == (6, 3)
+
+
+@pytest.mark.parametrize(
+    "val_data, message",
+    [
+        ("missing.jsonl", "val_data 'missing.jsonl' is not a file: nothing is there"),
+        ("synthetic:countng", "val_data 'synthetic:countng': synthetic tasks must be among ['counting', "),
+    ],
+)
+def test_validation_data_errors_name_val_data(folder, val_data, message):
+    """A mistake in --val-data is reported as such, not as one in --data."""
+    train = write_jsonl(folder / "train.jsonl", [GOOD_LINE] * 2)
+    cfg = TrainConfig(data=str(train), val_data=str(folder / val_data) if val_data.endswith(".jsonl") else val_data)
+    with pytest.raises(ValueError) as caught:
+        prepare_data(cfg)
+    expected = message.replace("'missing.jsonl'", repr(str(folder / "missing.jsonl")))
+    assert str(caught.value).startswith(expected), str(caught.value)
+
+
+def test_data_errors_from_a_source_name_data_once():
+    with pytest.raises(ValueError) as caught:
+        prepare_data(TrainConfig(data="synthetic:countng"))
+    assert str(caught.value).startswith("data 'synthetic:countng': synthetic tasks must be among"), str(caught.value)
+    assert str(caught.value).count("synthetic:countng") == 1
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("missing.jsonl", "data 'missing.jsonl' is not a file: nothing is there"),
+        ("sub/train.json", "data 'sub/train.json' is not a file: nothing is there"),
+        ("sub", "data 'sub' is not a file but a folder; name a JSONL file in it (it holds a.jsonl, b.jsonl)"),
+        ("blnk:Counting", "data 'blnk:Counting' is not a file, nor synthetic:<task>[,<task>], nor blink:<Subtask>"),
+    ],
+)
+def test_data_spec_that_names_no_file_says_why(tmp_path, monkeypatch, spec, message):
+    """A missing file, a folder, and a spec that is neither a path nor a source are told apart."""
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(tmp_path / "sub" / name, [GOOD_LINE])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        prepare_data(TrainConfig(data=spec))
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from livr_model.app.cli import build_eval_parser
 from livr_model.app.tiny import build_tiny_model, build_tiny_processor, save_tiny
 from livr_model.integrations import RUN_FILE, RUN_FILES, STAGE_LOG_KEY, LivrStageCallback
 
@@ -32,7 +33,7 @@ def load_script(name):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_example_trains_both_stages_and_writes_run_files(name, tiny_base, tmp_path):
+def test_example_trains_both_stages_and_writes_run_files(name, tiny_base, tmp_path, capsys):
     output_dir = tmp_path / "run"
     # The script builds the tiny base into <output-dir>/base when it is missing; reuse one here.
     shutil.copytree(tiny_base, output_dir / "base")
@@ -44,6 +45,19 @@ def test_example_trains_both_stages_and_writes_run_files(name, tiny_base, tmp_pa
     assert all((checkpoint / f).is_file() for f in RUN_FILES + ("adapter_model.safetensors", "adapter_config.json"))
     run = json.loads((checkpoint / RUN_FILE).read_text())
     assert run["base_model"] == str(output_dir / "base") and run["stage"] == "stage2" and run["num_latents"] == 4
+    hint = capsys.readouterr().out.splitlines()[-1]
+    assert f"livr-eval --checkpoint {output_dir} " in hint and "--allow-overlap" in hint.split(), hint
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_documented_eval_commands_allow_overlap(name):
+    """A Trainer run records no training fingerprints, so livr-eval refuses it unless --allow-overlap
+    is given: every livr-eval command a script documents must carry the flag."""
+    commands = [line.split()[1:] for line in (EXAMPLES / name).read_text().splitlines()
+                if line.strip().startswith("livr-eval ")]
+    assert commands
+    for argv in commands:
+        assert build_eval_parser().parse_args(argv).allow_overlap, argv
 
 
 def test_example_training_rows_are_not_validation_items():

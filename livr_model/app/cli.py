@@ -85,7 +85,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     _value_flag(p, "mode", str, f"one of {', '.join(MODES)} (default {d.mode})", choices=tuple(MODES))
     _value_flag(p, "latents", int, f"number K of latent tokens (default {d.latents})")
     _value_flag(p, "stage-epochs", int, f"epochs of stage 1 (bottleneck) and stage 2 (standard) (default {d.stage_epochs[0]} {d.stage_epochs[1]})", nargs=2, metavar=("E1", "E2"))
-    _value_flag(p, "sft-epochs", _optional_int, "epochs of the one-stage modes sft and image-twice (default: E1 + E2)")
+    one_stage = [name for name, mode in MODES.items() if len(mode.stage_rules) == 1]
+    _value_flag(p, "sft-epochs", _optional_int, f"epochs of the one-stage modes ({', '.join(one_stage)}) (default: E1 + E2)")
     _value_flag(p, "output-dir", str, f"where checkpoints, run config and metrics go (default {d.output_dir})")
     _value_flag(p, "lr", float, f"AdamW learning rate (default {d.lr})")
     _value_flag(p, "stage2-lr", _optional_float, "peak learning rate of stage 2, the standard-mask stage (default: --lr)")
@@ -236,7 +237,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             # The validation items the run recorded (same held-out indices, checked against their fingerprints).
             examples = prepare_data(cfg, record_dir=find_run_dir(args.checkpoint))[1]
-        run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
         if args.limit is not None:
             seen, limited = {}, []
             for example in examples:
@@ -244,7 +244,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                 if seen[example.task] <= args.limit:
                     limited.append(example)
             examples = limited
+        # Before the model: a refused overlap should not wait for a (possibly multi-GB) load.
         overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
+        run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
         output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
         # Now, not after the evaluation: an --output-dir that is a file or not writable.
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -52,5 +52,6 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
         if getattr(args, "debug", False) or not is_user_error(error):
             raise
         sys.stdout.flush()
-        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+        # One line whatever the message: some come from libraries that wrap theirs (the hub's, PyYAML's).
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         return EXIT_USAGE

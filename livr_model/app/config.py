@@ -308,11 +308,27 @@ ConfigLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str, source: str) -> Any:
-    """``text`` parsed with ``ConfigLoader``; errors name ``source``."""
+    """``text`` parsed with ``ConfigLoader``; errors name ``source`` (and the line, for a syntax error)."""
     try:
         return yaml.load(text, Loader=ConfigLoader)
+    except yaml.MarkedYAMLError as error:
+        raise ValueError(f"{source}: {_yaml_syntax_error(error)}") from None
     except (ValueError, yaml.YAMLError) as error:
         raise ValueError(f"{source}: {error}") from None
+
+
+def _yaml_syntax_error(error: yaml.MarkedYAMLError) -> str:
+    """PyYAML's several-line report (carets drawn under excerpts) as one line: where, what, and
+    where the construct it was reading began."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, context = error.problem or error.context or "not valid YAML", error.context if error.problem else None
+    mark = error.problem_mark or error.context_mark
+    text = f"{at(mark)}: {problem}" if mark is not None else problem
+    if context:
+        text += f" ({context}" + (f" that starts at {at(error.context_mark)}" if error.context_mark is not None else "") + ")"
+    return text
 
 
 def stage_plan(cfg: TrainConfig) -> list:

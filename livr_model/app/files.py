@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -80,13 +81,23 @@ def torch_load(path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"refusing to load {str(path)!r}: it holds pickled objects, not only tensors and plain values "
-            f"({first_line}). livr never unpickles objects from files (unpickling can run code): if this "
+            f"({_unpickler_reason(error)}). livr never unpickles objects from files (unpickling can run code): if this "
             "checkpoint was written by this livr, the file was replaced; an older livr's checkpoint cannot "
             "be resumed, but its adapter and latent rows (safetensors) still load for evaluation"
         ) from None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler refused (its line naming the GLOBAL), without the preamble
+    around it (terminal escape codes, and how to load the file anyway)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    named = [line for line in lines if "GLOBAL" in line]
+    if not named:
+        return next((line for line in lines if line), type(error).__name__)
+    reason = named[0].split("WeightsUnpickler error:", 1)[-1].strip()
+    return reason.split(". ")[0].rstrip(".")
 
 
 def load_safetensors(path) -> dict:

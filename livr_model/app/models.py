@@ -41,8 +41,15 @@ def load_model_and_processor(name: str, *, trust_remote_code: bool = False, dtyp
         install_remote_code_shims()
     # A folder as expanded above ("~/models/x" from a YAML file is not a hub id either).
     source = str(path) if path.is_dir() else name
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        # transformers' messages span lines and never say which setting held the name. The plain
+        # type: some hub error classes cannot be built from a message alone.
+        where = "the local folder" if path.is_dir() else "not a local folder, and the hub"
+        kind = ValueError if isinstance(error, ValueError) else OSError
+        raise kind(f"model: {name!r}: {where} could not provide it: {' '.join(str(error).split())}") from error
     return model, processor
 
 

@@ -37,12 +37,16 @@ TINY_MODEL = "tiny"
 BASE_DIR = "base"
 RUNS_DIR = "runs"
 CELL_FILE = "cell.json"
+GRID_FILE = "grid.json"
 STUDY_MD, STUDY_CSV, STUDY_PNG = "study.md", "study.csv", "study.png"
 # The numbers a cell records and the study aggregates (fractions; attention is a probability mass).
 METRICS = ("accuracy", "majority", "chance", "latents_removed", "bottleneck_forced", "answer_to_latent_attention",
            "distinct_answers", "cpu_seconds")
 GRID_KEYS = ("model", "modes", "tasks", "seeds", "train_examples", "val_examples", "stage_epochs", "latents", "lr",
              "grad_accum", "lora_r", "eval_method", "train_overrides")
+# What every cell of a study shares: a rerun may add modes, tasks and seeds, but reusing finished
+# cells under other values of these would mix two budgets in one table.
+CELL_SETTINGS = tuple(k for k in GRID_KEYS if k not in ("modes", "tasks", "seeds"))
 
 
 @dataclasses.dataclass
@@ -225,11 +229,28 @@ def write_study(study_dir, records: Sequence[dict], *, title: str = "") -> List[
     return rows
 
 
+def check_cell_settings(grid: Grid, study_dir) -> None:
+    """Refuse a grid whose ``CELL_SETTINGS`` differ from those the study's finished cells ran with
+    (its ``grid.json``): they would be skipped as finished and reported under the new settings."""
+    study_dir = Path(study_dir)
+    if not (study_dir / GRID_FILE).is_file() or not collect(study_dir):
+        return
+    saved = json.loads((study_dir / GRID_FILE).read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(grid)))
+    changed = [k for k in CELL_SETTINGS if saved.get(k) != now[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        raise ValueError(f"--output-dir {str(study_dir)!r}: its finished cells ran with {was}, this grid has "
+                         f"{', '.join(f'{k}={now[k]!r}' for k in changed)}; use another --output-dir (or delete "
+                         f"{str(study_dir / RUNS_DIR)!r} to run every cell again)")
+
+
 def run_study(grid: Grid, study_dir, *, log=print) -> List[dict]:
     """Run every unfinished cell of ``grid`` under ``study_dir``, then aggregate."""
     study_dir = Path(study_dir)
+    check_cell_settings(grid, study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(study_dir / "grid.json", dataclasses.asdict(grid))
+    atomic_write_json(study_dir / GRID_FILE, dataclasses.asdict(grid))
     base = grid.model
     if grid.model == TINY_MODEL:
         base_dir = study_dir / BASE_DIR
@@ -280,6 +301,7 @@ def _study(args: argparse.Namespace) -> int:
             if not records:
                 raise ValueError(f"--aggregate-only: no finished cells under {Path(args.output_dir) / RUNS_DIR}")
         else:
+            check_cell_settings(grid, args.output_dir)
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.aggregate_only:
         rows = write_study(args.output_dir, records)

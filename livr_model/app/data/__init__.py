@@ -50,6 +50,8 @@ SOURCES: Dict[str, DataSource] = {
 }
 
 JSONL_SOURCE = DataSource("", jsonl.load_spec, "a JSONL path")
+# A spec ending so, or holding a path separator, was meant as a file.
+JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def source_of(spec: str):
@@ -76,19 +78,38 @@ def split_specs(data: str) -> List[str]:
     return specs
 
 
-def _load_one(spec: str, cfg, split: str) -> list:
+def _load_one(spec: str, cfg, split: str, setting: str) -> list:
     source, argument = source_of(spec)
-    if source is JSONL_SOURCE and not Path(spec).is_file():
-        raise ValueError(f"data {spec!r} is not a file, nor {', nor '.join(s.usage for s in SOURCES.values())}")
-    return source.load_spec(argument, cfg, split)
+    if source is JSONL_SOURCE:
+        if not Path(spec).is_file():
+            raise ValueError(_not_a_jsonl_file(spec, setting))
+        # Its errors name file:line.
+        return source.load_spec(argument, cfg, split)
+    try:
+        return source.load_spec(argument, cfg, split)
+    except ValueError as error:
+        # A source says what is wrong; which setting held the spec (data or val_data) only the caller knows.
+        raise ValueError(f"{setting} {spec!r}: {error}") from error
 
 
-def load_examples(spec: str, cfg, *, split: str) -> list:
+def _not_a_jsonl_file(spec: str, setting: str) -> str:
+    """Why ``spec``, which names no registered source, is not data: a folder, a missing file, or neither."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.jsonl"))
+        return (f"{setting} {spec!r} is not a file but a folder; name a JSONL file in it"
+                + (f" (it holds {', '.join(found)})" if found else ""))
+    if path.suffix in JSONL_SUFFIXES or "/" in spec or "\\" in spec:
+        return f"{setting} {spec!r} is not a file: nothing is there"
+    return f"{setting} {spec!r} is not a file, nor {', nor '.join(s.usage for s in SOURCES.values())}"
+
+
+def load_examples(spec: str, cfg, *, split: str, setting: str = "data") -> list:
     """Examples of a ``--data`` value (one or several specs, concatenated in order) for the train
-    or val split."""
+    or val split; errors name ``setting``, the option that held ``spec``."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
-    return [e for one in split_specs(spec) for e in _load_one(one, cfg, split)]
+    return [e for one in split_specs(spec) for e in _load_one(one, cfg, split, setting)]
 
 
 def draws_validation(data: str) -> bool:
@@ -124,7 +145,7 @@ def _fresh_or_recorded_split(cfg, recorded: Optional[dict], record_dir) -> DataS
     if recorded is not None and recorded["source"] == HELD_OUT:
         return reuse_held_out(train_examples, recorded, record_dir)
     if cfg.val_data or draws_validation(cfg.data):
-        val = load_examples(cfg.val_data or cfg.data, cfg, split="val")
+        val = load_examples(cfg.val_data or cfg.data, cfg, split="val", setting="val_data" if cfg.val_data else "data")
         return DataSplit(train_examples, val, SEPARATE, pool_size=len(train_examples))
     if cfg.val_fraction <= 0:
         return DataSplit(train_examples, [], NONE, pool_size=len(train_examples))

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from livr_model.prompts import Example
 
+from ..cli_errors import add_debug_flag, run_command, user_input
 from ..files import atomic_write_json
 
 BLINK_REPO = "BLINK-Benchmark/BLINK"
@@ -90,19 +91,24 @@ def load_blink(subtask: str, split: str = "val", cache_dir=None) -> List[Example
     return examples
 
 
+class BlinkUnavailable(OSError, RuntimeError):
+    """BLINK cannot be read here (no ``datasets``, no hub, no cache). An OSError, so the tools report
+    it in one line as they do an unreachable model hub; a RuntimeError, as it was before."""
+
+
 def load_rows(name: str, split: str, cache_dir=None):
     """The raw rows of one BLINK subtask from the hub (or the ``datasets`` cache)."""
     try:
         # Optional heavy dependency (the `blink` extra): imported only when BLINK is asked for.
         import datasets
     except ImportError as error:
-        raise RuntimeError("load_blink needs the `datasets` library: pip install 'livr[blink]'") from error
+        raise BlinkUnavailable("load_blink needs the `datasets` library: pip install 'livr[blink]'") from error
     try:
         return datasets.load_dataset(BLINK_REPO, name, split=split, cache_dir=cache_dir)
     except Exception as error:  # the hub client raises many types (offline, HTTP, missing cache)
-        raise RuntimeError(
+        raise BlinkUnavailable(
             f"could not load BLINK subtask {name!r} (split {split!r}) from the Hugging Face hub "
-            f"({BLINK_REPO}): {type(error).__name__}: {error}. BLINK needs a reachable hub or a cache "
+            f"({BLINK_REPO}): {type(error).__name__}: {' '.join(str(error).split())}. BLINK needs a reachable hub or a cache "
             "already holding it (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE block downloads); offline, use a "
             "JSONL file or the built-in synthetic tasks instead."
         ) from error
@@ -187,7 +193,7 @@ def load_spec(argument: str, cfg, split: str) -> List[Example]:
     if split_path is None:
         if split == "train":
             raise ValueError(
-                f"blink:{argument} would train on BLINK's val split, the only one with answers and the one "
+                "training would use BLINK's val split, the only one with answers and the one "
                 "livr-eval scores. Name a split file with disjoint train/eval item ids: --blink-split split.json "
                 "(write one with: python -m livr_model.app.data.blink --tasks "
                 f"{','.join(names)} --out split.json), or train on other data (JSONL, livr-data builders)"
@@ -210,8 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="where the JSON split file goes")
     p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION, help="share of each subtask kept for evaluation")
     p.add_argument("--seed", type=int, default=42)
-    args = p.parse_args(argv)
-    split = write_blink_split(args.out, parse_subtasks(args.tasks), args.eval_fraction, args.seed)
+    add_debug_flag(p)
+    return run_command(p, _write_split, argv)
+
+
+def _write_split(args: argparse.Namespace) -> int:
+    with user_input():
+        split = write_blink_split(args.out, parse_subtasks(args.tasks), args.eval_fraction, args.seed)
     for task, parts in split["tasks"].items():
         print(f"{task}: {len(parts['train'])} train, {len(parts['eval'])} eval", flush=True)
     return 0

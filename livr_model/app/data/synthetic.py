@@ -127,14 +127,14 @@ def load_spec(argument: str, cfg, split: str) -> List[Example]:
     tasks = [t.strip() for t in argument.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
     if not tasks or unknown:
-        raise ValueError(f"data 'synthetic:{argument}': synthetic tasks must be among {list(SYNTHETIC_TASKS)}; got {tasks}")
+        raise ValueError(f"synthetic tasks must be among {list(SYNTHETIC_TASKS)}; got {tasks}")
     sizes = [cfg.synthetic_val_size, cfg.synthetic_train_size]
     out = []
     for task in tasks:
         try:
             val, train = make_synthetic_splits(task, sizes, seed=SYNTHETIC_SEED, image_size=cfg.synthetic_image_size)
         except SyntheticCapacityError as error:
-            raise ValueError(f"data 'synthetic:{argument}' with synthetic_val_size={sizes[0]} and synthetic_train_size="
+            raise ValueError(f"with synthetic_val_size={sizes[0]} and synthetic_train_size="
                              f"{sizes[1]}: {error}; ask for fewer, or a larger synthetic_image_size") from None
         out.extend(train if split == "train" else val)
     return out
