@@ -83,6 +83,7 @@ def test_selection_defaults_and_options():
     assert len(cc.selection(full=True, dtypes=("fp32",))) == len(cc.FULL_HEAD_DIMS)
 
 
+@pytest.mark.interpreter
 def test_capture_refuses_the_interpreter():
     assert cc.interpreter_on()  # tests/conftest.py turns it on
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -274,6 +275,7 @@ def test_yardstick_rows_pair_livr_with_the_yardstick_and_apply_limits():
     assert table[1].split()[-1] == "ok" and "5.88" in table[1] and "5.69" in table[1]
 
 
+@pytest.mark.interpreter
 def test_yardstick_computes_causal_attention():
     """Under the interpreter: a yardstick that skipped work would make any loop look costly."""
     import torch

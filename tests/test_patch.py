@@ -388,6 +388,7 @@ def test_custom_rule_object_is_accepted():
     assert _max_live_diff(_logits(model, batch), expected, batch) < EXACT
 
 
+@pytest.mark.interpreter
 def test_triton_kernels_inside_the_model_match_the_reference_path():
     # The real kernels (Triton interpreter on CPU) behind the model: one layout shared by the layers,
     # forward and backward through the autograd Function, GQA heads un-repeated.
