@@ -57,8 +57,8 @@ def test_space_starts_with_the_table_and_varies_one_axis_at_a_time(capability):
         assert len(changed) == 1, changed
     assert any(c.fwd_block_n == 2 * base.fwd_block_n for c in space)
     assert [c.longest_first for c in space].count(False) == 1
-    # TMA loads only where the GPU has the copy engine (sm_90 and newer, large shared memory).
-    assert [c.fwd_tma for c in space].count(True) == (1 if capability in ((9, 0), (10, 0)) else 0)
+    # TMA loads only on Hopper, where compiling them saves registers (Blackwell's loops grow).
+    assert [c.fwd_tma for c in space].count(True) == (1 if capability == (9, 0) else 0)
     deeper = [c.num_stages for c in space if c.num_stages != base.num_stages]
     # Deeper pipelines only where shared memory is large (sm_90, sm_100); shallower elsewhere.
     assert deeper == ([base.num_stages + 1] if capability in ((9, 0), (10, 0)) else [base.num_stages - 1])
