@@ -8,8 +8,8 @@ Uses the torch and triton already installed (it never installs anything). Steps:
    against the float64 reference.
 2. Timings (CUDA events, median, ``triton.testing.do_bench``) on the LIVR layouts of
    ``benchmarks/layouts.py`` at the issue's setting (bf16, D=128, Hq=16, Hkv=2, 16k tokens per
-   batch): livr with a prebuilt layout (autotuned; the static table; the table launched in row
-   order instead of longest first; the table with 64-query dK/dV tiles) and with the layout built
+   batch): livr with a prebuilt layout (autotuned; the static table; the table with one setting
+   changed, ``TABLE_VARIANTS``, each also shown as a ratio to the table) and with the layout built
    per call, SDPA with a dense mask,
    SDPA ``is_causal`` (no LIVR mask: the floor), FlexAttention (Triton backend) with the block
    mask prebuilt and built per call, FlexAttention's FLASH backend and flash-attn where they import.
@@ -56,7 +56,7 @@ TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
     "fwd >= 450, bwd >= 300 TFLOP/s of required work"
 )
-METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr_table_tma", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
+METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr_table_tma", "livr_table_dkv_in_place", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
 
 
 def versions() -> dict:
@@ -159,13 +159,16 @@ def table_variant_runner(**change):
     return run
 
 
-# Row blocks launched in row order, not longest first (benchmarks/dispatch_model.py models the
-# difference); dK/dV on 64-query tiles, which the autotuner picked on the H100 but which spills a
-# little (the static table keeps 32); the forward's K and V through the copy engine (TMA).
+# One setting of the static table changed, each timed against it: row blocks launched in row order,
+# not longest first (benchmarks/dispatch_model.py models the difference); dK/dV on 64-query tiles,
+# which the autotuner picked on the H100 but which spills a little (the static table keeps 32); the
+# forward's K and V through the copy engine (TMA); dK/dV loading each tile index in the iteration
+# that uses it (one Q/dO buffer fewer, as before 2026-11-25's third session).
 TABLE_VARIANTS = {
     "livr_table_row_order": {"longest_first": False},
     "livr_table_dkv64": {"dkv_block_m": 64},
     "livr_table_tma": {"fwd_tma": True},
+    "livr_table_dkv_in_place": {"dkv_index_ahead": False},
 }
 
 
@@ -265,24 +268,25 @@ def benchmark(lengths, layouts, repeat_ms) -> list:
     return rows
 
 
-def launch_order_markdown(rows: list) -> list:
-    """Lines comparing the static table launched in row order with the same table longest first."""
+def variants_markdown(rows: list) -> list:
+    """Lines comparing each one-setting variant of the static table (``TABLE_VARIANTS``) with it."""
     timed = {(r["layout"], r["n"], r["method"]): r for r in rows}
     lines = []
-    for (layout, n, method), row_order in timed.items():
-        longest = timed.get((layout, n, "livr_table"))
-        if method != "livr_table_row_order" or longest is None:
+    for (layout, n, method), variant in timed.items():
+        table = timed.get((layout, n, "livr_table"))
+        if method not in TABLE_VARIANTS or table is None:
             continue
         ratios = [
-            "-" if not longest.get(col) or not row_order.get(col) else f"{row_order[col] / longest[col]:.2f}x"
+            "-" if not table.get(col) or not variant.get(col) else f"{variant[col] / table[col]:.2f}x"
             for col in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")
         ]
-        lines.append(f"| {layout} | {n} | " + " | ".join(ratios) + " |")
+        setting = ", ".join(f"{k}={v}" for k, v in TABLE_VARIANTS[method].items())
+        lines.append(f"| {method} ({setting}) | {layout} | {n} | " + " | ".join(ratios) + " |")
     if not lines:
         return []
-    return ["", "Launch order, measured: time in row order over time longest first (static table both; above "
-            "1.00x longest first is faster; benchmarks/dispatch_model.py gives the modelled tail):", "",
-            "| layout | N | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|"] + lines
+    return ["", "Static-table variants, measured: the variant's time over the static table's (above 1.00x "
+            "the static table is faster; benchmarks/dispatch_model.py models the launch order):", "",
+            "| variant | layout | N | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|---|"] + lines
 
 
 def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: list = ()) -> str:
@@ -312,7 +316,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
             f"{fmt_ms(r.get('bwd_ms'))} | {fmt_ms(r.get('fwd_bwd_ms'))} | {r.get('fwd_tflops', '-')} | "
             f"{r.get('bwd_tflops', '-')} | {ratio} | {note} |"
         )
-    lines += launch_order_markdown(rows)
+    lines += variants_markdown(rows)
     if recompiles:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
                   "| N | first call s | steady ms |", "|---|---|---|"]

@@ -12,22 +12,25 @@ def _row(layout, n, method, fwd, bwd):
             "fwd_bwd_ms": None if fwd is None else fwd + bwd}
 
 
-def test_launch_order_table_divides_row_order_by_longest_first():
+def test_variants_table_divides_each_variant_by_the_static_table():
     rows = [
         _row("packed", 8192, "livr_table", 1.0, 2.0),
         _row("packed", 8192, "livr_table_row_order", 1.1, 3.0),
+        _row("packed", 8192, "livr_table_dkv_in_place", 1.0, 2.5),
+        _row("packed", 8192, "livr", 0.5, 0.5),  # not a variant of the table
         _row("single", 8192, "livr_table", 2.0, 4.0),
         _row("single", 8192, "livr_table_row_order", None, None),
-        _row("single", 2048, "livr_table_row_order", 1.0, 1.0),  # no longest-first row to compare with
+        _row("single", 2048, "livr_table_row_order", 1.0, 1.0),  # no static-table row to compare with
     ]
-    lines = gpu_report.launch_order_markdown(rows)
-    assert "| packed | 8192 | 1.10x | 1.50x | 1.37x |" in lines
-    assert "| single | 8192 | - | - | - |" in lines
-    assert not any("| 2048 |" in line for line in lines)
-    assert gpu_report.launch_order_markdown([_row("packed", 8192, "livr", 1.0, 1.0)]) == []
+    lines = gpu_report.variants_markdown(rows)
+    assert "| livr_table_row_order (longest_first=False) | packed | 8192 | 1.10x | 1.50x | 1.37x |" in lines
+    assert "| livr_table_dkv_in_place (dkv_index_ahead=False) | packed | 8192 | 1.00x | 1.25x | 1.17x |" in lines
+    assert "| livr_table_row_order (longest_first=False) | single | 8192 | - | - | - |" in lines
+    assert not any("| 2048 |" in line or line.startswith("| livr (") for line in lines)
+    assert gpu_report.variants_markdown([_row("packed", 8192, "livr", 1.0, 1.0)]) == []
     info = {"device": "NVIDIA H100", "capability": "sm_90", "torch": "2.11"}
     report = gpu_report.markdown(info, {"summary": "skipped", "seconds": 0.0}, rows, [])
-    assert "Launch order, measured" in report and "| packed | 8192 | 1.10x | 1.50x | 1.37x |" in report
+    assert "Static-table variants, measured" in report and "| packed | 8192 | 1.10x | 1.50x | 1.37x |" in report
 
 
 def test_table_variants_are_timed_and_change_one_valid_setting():
