@@ -4,8 +4,9 @@ No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 3
 pipeline down to a cubin with the ptxas shipped in the Triton wheel, and the wheel's ``cuobjdump
 -res-usage`` reads the cubin's resources. What is compiled is not written down here: the host
 wrappers (``segment_attention_fwd`` / ``segment_attention_bwd``) run on small CPU tensors with each
-kernel's launch intercepted, so signatures, constexprs (the ``DOT_PRECISION`` heuristic included), tile sizes,
-``num_warps`` and ``num_stages`` are exactly what the package launches with ``default_config``.
+kernel's launch intercepted (``launch_capture.py``), so signatures, constexprs (the
+``DOT_PRECISION`` heuristic included), tile sizes, ``num_warps`` and ``num_stages`` are exactly
+what the package launches with ``default_config``.
 
 Where the numbers come from (checked against ``ptxas -v`` of the same compile, see
 tests/test_compile_check.py): the compiled kernel's metadata carries only shared memory offline
@@ -23,7 +24,6 @@ its unmasked loops (``compiled_stats.py``).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
@@ -54,6 +54,19 @@ from .compiled_stats import (  # noqa: F401  (re-exported: the tests and tools r
     read_sass,
     sass_tile_loops,
 )
+from .launch_capture import (  # noqa: F401  (re-exported: the tests and tools read them from here)
+    ALL_KERNELS,
+    KERNELS,
+    YARDSTICK_DTYPES,
+    YARDSTICK_KERNELS,
+    YARDSTICK_PREFIX,
+    KernelLaunch,
+    _jit_function,
+    _target,
+    capture_launches,
+    capture_yardstick_launches,
+    interpreter_on,
+)
 
 KIB = 1024
 # Every GPU generation a fine-tuner may own: A100, RTX 30xx/A10/A40, RTX 40xx/L4/L40, H100/H200,
@@ -62,7 +75,6 @@ ARCHS = (80, 86, 89, 90, 100, 120)
 DEFAULT_ARCHS = (80, 90)
 # Largest shared memory one block may use (the opt-in maximum), per architecture.
 SHARED_LIMIT = {80: 163 * KIB, 86: 99 * KIB, 89: 99 * KIB, 90: 227 * KIB, 100: 227 * KIB, 120: 99 * KIB}
-WARP_SIZE = 32
 # What gets compiled: (dtype, head dim) pairs and rules. fp16 and bf16 compile to the same
 # schedule (identical registers and shared memory in every table so far), so CI compiles bf16
 # only and `--dtypes fp16 bf16` adds fp16 (at D=64/128); --full takes every head-dim block,
@@ -75,47 +87,7 @@ CORE_HEAD_DIMS = (64, 128)
 EXTRA_HEAD_DIMS = (80, 256)
 FULL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DEFAULT_RULES = ("bottleneck",)
-# The issue's target setting. HQ and GROUP are constexprs, so the head counts are part of a variant.
-TARGET_Q_HEADS = 16
-TARGET_KV_HEADS = 2
-# Length of the capture tensors. Not a multiple of 16, like most real lengths, so the length
-# arguments get no divisibility hint (a multiple of 16 would compile a slightly different variant).
-CAPTURE_SEQ_LEN = 1000
-CAPTURE_DOCS = 3
-# Short kernel name -> (module, attribute) of what the host wrappers launch.
-KERNELS = {
-    "fwd": ("livr_kernels.forward", "segment_attention_fwd_kernel"),
-    "bwd_preprocess": ("livr_kernels.backward", "segment_attention_bwd_kernel_preprocess"),
-    "bwd_dkv": ("livr_kernels.backward", "segment_attention_bwd_kernel_dkv"),
-    "bwd_dq": ("livr_kernels.backward", "segment_attention_bwd_kernel_dq"),
-}
-# The plain causal kernels (livr_kernels/yardstick.py) that livr's main kernels are measured against.
-YARDSTICK_KERNELS = {
-    "fwd": ("livr_kernels.yardstick", "causal_fwd_kernel"),
-    "bwd_dkv": ("livr_kernels.yardstick", "causal_bwd_dkv_kernel"),
-    "bwd_dq": ("livr_kernels.yardstick", "causal_bwd_dq_kernel"),
-}
-YARDSTICK_PREFIX = "yardstick_"
-ALL_KERNELS = {**KERNELS, **{YARDSTICK_PREFIX + name: where for name, where in YARDSTICK_KERNELS.items()}}
-YARDSTICK_DTYPES = ("bf16", "fp16")
-# The yardstick has no bounds masks: its length is a multiple of every block size.
-YARDSTICK_SEQ_LEN = 1024
 _FP_FUSION_WARNING = ".*TRITON_DEFAULT_FP_FUSION.*"
-
-
-@dataclass
-class KernelLaunch:
-    """One intercepted kernel launch, in the form ``triton.compile`` takes it."""
-
-    kernel: str
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    attrs: Dict[Tuple[int, ...], list]
-    options: Dict[str, int]
-
-    def key(self) -> str:
-        return repr((self.kernel, sorted(self.signature.items()), sorted(self.constexprs.items()),
-                     sorted(self.attrs.items()), sorted(self.options.items())))
 
 
 @dataclass(frozen=True)
@@ -172,136 +144,6 @@ class KernelReport:
                 f"{limit / KIB:.0f} KiB per block (tile {self.tile}, {self.num_stages} stages)"
             )
         return found
-
-
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _jit_function(kernel: str):
-    from triton.runtime.jit import JITFunction
-
-    module, attr = ALL_KERNELS[kernel]
-    fn = getattr(importlib.import_module(module), attr)
-    # Heuristics / autotuner wrappers keep the JITFunction in ``.fn``.
-    while not isinstance(fn, JITFunction):
-        fn = fn.fn
-    return fn
-
-
-def _capability(arch: int) -> Tuple[int, int]:
-    return divmod(arch, 10)
-
-
-def _target(arch: int):
-    from triton.backends.compiler import GPUTarget
-
-    return GPUTarget("cuda", arch, WARP_SIZE)
-
-
-def _recording(backend, launches: List["KernelLaunch"], kernels: Sequence[str]):
-    """Context: each named kernel's launches are recorded (in launch form), not run."""
-    from triton.runtime.jit import create_function_from_signature
-
-    def recorder(kernel: str, fn):
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-
-        def run(*args, grid, warmup, **kwargs):
-            # The same specialisation a real launch computes: types, divisibility by 16, ints equal to 1.
-            bound, specialization, options = binder(*args, **kwargs)
-            names = list(bound)
-            signature = {name: spec[0] for name, spec in zip(names, specialization)}
-            constexprs = {name: bound[name] for name, spec in zip(names, specialization) if spec[0] == "constexpr"}
-            attrs = {
-                (i,): backend.parse_attr(spec[1])
-                for i, spec in enumerate(specialization)
-                if spec[0] != "constexpr" and isinstance(spec[1], str)
-            }
-            launches.append(KernelLaunch(kernel, signature, constexprs, attrs, dict(options)))
-
-        return run
-
-    class Recording:
-        def __enter__(self):
-            self.patched = []
-            for kernel in kernels:
-                fn = _jit_function(kernel)
-                fn.run = recorder(kernel, fn)
-                self.patched.append(fn)
-
-        def __exit__(self, *exc):
-            for fn in self.patched:
-                del fn.run
-
-    return Recording()
-
-
-def _capture_inputs(dtype: str, head_dim: int, n: int, kv_heads: int):
-    import torch
-
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    shape_q = (1, TARGET_Q_HEADS, n, head_dim)
-    shape_kv = (1, kv_heads, n, head_dim)
-    q, do = torch.zeros(shape_q, dtype=torch_dtype), torch.zeros(shape_q, dtype=torch_dtype)
-    k, v = torch.zeros(shape_kv, dtype=torch_dtype), torch.zeros(shape_kv, dtype=torch_dtype)
-    return torch_dtype, q, k, v, do
-
-
-def capture_launches(
-    arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str, config=None
-) -> List[KernelLaunch]:
-    """Run the forward and backward host wrappers on CPU tensors, recording each kernel launch.
-
-    ``config`` (a ``KernelConfig``) replaces ``default_config`` to try other tile sizes.
-    """
-    if interpreter_on():
-        raise RuntimeError("capture_launches needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
-    import torch
-    from triton.compiler.compiler import make_backend
-
-    from .backward import segment_attention_bwd
-    from .blocks import SegmentLayout
-    from .config import default_config
-    from .forward import segment_attention_fwd
-    from .segments import Segment, resolve_rule
-
-    n = CAPTURE_SEQ_LEN
-    seg = torch.full((1, n), int(Segment.TEXT), dtype=torch.int32)
-    seg[:, n // 8: n // 2] = int(Segment.IMAGE)
-    seg[:, n // 2 + n // 16: n // 2 + n // 8] = int(Segment.LATENT)
-    seg[:, n - n // 16:] = int(Segment.ANSWER)
-    doc = torch.arange(n, dtype=torch.int32)[None] * CAPTURE_DOCS // n if has_docs else None
-    layout = SegmentLayout(seg, doc)
-    torch_dtype, q, k, v, do = _capture_inputs(dtype, head_dim, n, TARGET_KV_HEADS)
-    config = config or default_config(head_dim, _capability(arch), torch_dtype)
-    resolved = resolve_rule(rule)
-    scale = head_dim ** -0.5
-    launches: List[KernelLaunch] = []
-    with _recording(make_backend(_target(arch)), launches, list(KERNELS)):
-        # The launches are only recorded, so o and lse come back uninitialised: fine for the capture.
-        o, lse = segment_attention_fwd(q, k, v, layout, resolved, scale, config)
-        segment_attention_bwd(do, q, k, v, o, lse, layout, resolved, scale, config)
-    return launches
-
-
-def capture_yardstick_launches(arch: int, dtype: str, head_dim: int, config=None) -> List[KernelLaunch]:
-    """The yardstick's launches with the tiles, warps and stages livr uses (``default_config``)."""
-    if interpreter_on():
-        raise RuntimeError("capture needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
-    from triton.compiler.compiler import make_backend
-
-    from .config import default_config
-    from .yardstick import causal_bwd, causal_fwd
-
-    torch_dtype, q, k, v, do = _capture_inputs(dtype, head_dim, YARDSTICK_SEQ_LEN, TARGET_KV_HEADS)
-    config = config or default_config(head_dim, _capability(arch), torch_dtype)
-    scale = head_dim ** -0.5
-    launches: List[KernelLaunch] = []
-    with _recording(make_backend(_target(arch)), launches, [YARDSTICK_PREFIX + name for name in YARDSTICK_KERNELS]):
-        o, lse = causal_fwd(q, k, v, scale, config)
-        # The yardstick backward has no GQA; one head group's K and V stand in (same tiles).
-        causal_bwd(do, q, q, q, o, lse, scale, config)
-    return launches
 
 
 def compile_launch(launch: KernelLaunch, variant: Variant) -> KernelReport:
