@@ -51,6 +51,11 @@ TFLOP = 1e12
 # The CUDA tests compile every kernel variant they touch; a hang must not eat the whole lease.
 TEST_TIMEOUT_S = 300
 TEST_WORKERS = 8
+# The lent GPU machines stop a command at 600 s: past this budget no new timing starts (one that
+# has started may still compile for a minute or two) and the report is written with what was
+# measured (--budget-s 0: no limit, e.g. on your own GPU).
+DEFAULT_BUDGET_S = 480
+NOT_TIMED = "not timed: time budget spent"
 BWD_FLOP_FACTOR = 2.5
 TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
@@ -73,8 +78,23 @@ def versions() -> dict:
     return out
 
 
-def run_cuda_tests() -> dict:
+class Budget:
+    """Seconds left of the report's time budget (``seconds`` 0: unlimited)."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.end = None if not seconds else clock() + seconds
+
+    def left(self, cap: float = float("inf")) -> float:
+        return cap if self.end is None else max(0.0, min(cap, self.end - self.clock()))
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
+def run_cuda_tests(budget: "Budget" = Budget(0)) -> dict:
     start = time.perf_counter()
+    timeout = budget.left(TEST_TIMEOUT_S)
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels_cuda.py"), "-q", "-p", "no:cacheprovider"]
     try:
         import xdist  # noqa: F401  (compiling the kernel variants dominates: spread it over the CPU cores)
@@ -83,25 +103,28 @@ def run_cuda_tests() -> dict:
     except ImportError:
         pass
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         print(output[-3000:], flush=True)
-        return {"returncode": 1, "summary": f"timed out after {TEST_TIMEOUT_S} s", "seconds": time.perf_counter() - start}
+        return {"returncode": 1, "summary": f"timed out after {timeout:.0f} s", "seconds": time.perf_counter() - start}
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     print("\n".join(tail), flush=True)
     return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.perf_counter() - start}
 
 
-def run_packing_step() -> list:
+def run_packing_step(budget: "Budget" = Budget(0)) -> list:
     """Rows of the packed vs padded model-step benchmark, or one row saying why there are none."""
+    timeout = budget.left(TEST_TIMEOUT_S)
+    if timeout <= 0:
+        return [{"error": NOT_TIMED}]
     out = ROOT / "benchmarks" / ".packing_step.json"
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "test_model_step.py"), "-k", "packing", "-q",
            "-p", "no:cacheprovider", "--benchmark-only", f"--benchmark-json={out}"]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return [{"error": f"timed out after {TEST_TIMEOUT_S} s"}]
+        return [{"error": f"timed out after {timeout:.0f} s"}]
     if proc.returncode != 0 or not out.exists():
         return [{"error": ((proc.stdout + proc.stderr).strip().splitlines() or ["no output"])[-1]}]
     rows = [b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]]
@@ -212,10 +235,12 @@ def time_method(case, method: str, repeat_ms: int) -> dict:
     return result
 
 
-def flex_recompile_times(layout_name: str, lengths) -> list:
+def flex_recompile_times(layout_name: str, lengths, budget: "Budget" = Budget(0)) -> list:
     """First-call time (compile + run) of compiled flex for each new sequence length."""
     rows = []
     for n in lengths:
+        if budget.spent():
+            break
         case = bench.make_case(layout_name, n)
         step = bench.make_step(case, "flex", "fwd_bwd")
         torch.cuda.synchronize()
@@ -235,7 +260,7 @@ def fmt_ms(ms) -> str:
     return "-" if ms is None else f"{ms:.3f}"
 
 
-def benchmark(lengths, layouts, repeat_ms) -> list:
+def benchmark(lengths, layouts, repeat_ms, budget: "Budget" = Budget(0)) -> list:
     extra = {"livr_table": livr_table_runner, **{name: table_variant_runner(**change) for name, change in TABLE_VARIANTS.items()},
              "flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
     for name, runner in extra.items():
@@ -244,11 +269,17 @@ def benchmark(lengths, layouts, repeat_ms) -> list:
     rows = []
     for layout_name in layouts:
         for n in lengths:
+            if budget.spent():
+                rows += [{"layout": layout_name, "n": n, "method": method, "error": NOT_TIMED} for method in METHODS]
+                continue
             case = bench.make_case(layout_name, n)
             fwd_flops = bench.FWD_FLOPS_PER_PAIR_PER_DIM * bench.SHAPE.head_dim * case.allowed_pairs * bench.SHAPE.q_heads
             for method in METHODS:
                 if method not in bench.RUNNERS:
                     rows.append({"layout": layout_name, "n": n, "method": method, "error": "not importable here"})
+                    continue
+                if budget.spent():
+                    rows.append({"layout": layout_name, "n": n, "method": method, "error": NOT_TIMED})
                     continue
                 timing = time_method(case, method, repeat_ms)
                 fwd, fwd_bwd = timing.get("fwd"), timing.get("fwd_bwd")
@@ -316,6 +347,10 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
             f"{fmt_ms(r.get('bwd_ms'))} | {fmt_ms(r.get('fwd_bwd_ms'))} | {r.get('fwd_tflops', '-')} | "
             f"{r.get('bwd_tflops', '-')} | {ratio} | {note} |"
         )
+    skipped = sum(r.get("error") == NOT_TIMED for r in rows)
+    if skipped:
+        lines += ["", f"Time budget spent: {skipped} of {len(rows)} timings above were not run "
+                  "(`--budget-s`, or fewer `--lengths`, to time them)."]
     lines += variants_markdown(rows)
     if recompiles:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
@@ -333,7 +368,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="N=4k and 8k only, shorter timing")
     parser.add_argument("--skip-tests", action="store_true", help="timings only")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths to time (default: 2k, 4k, 8k, 16k)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds after which no new timing starts and the report is written with what was measured "
+                             f"(default {DEFAULT_BUDGET_S}: the lent GPU machines stop a command at 600 s; 0: no limit)")
     args = parser.parse_args(argv)
+    if args.budget_s < 0:
+        parser.error(f"--budget-s must be 0 (no limit) or a positive number of seconds; got {args.budget_s}")
+    budget = Budget(args.budget_s)
     if not torch.cuda.is_available():
         print("gpu-report needs a CUDA GPU; none is visible to torch", file=sys.stderr)
         return 2
@@ -344,11 +385,11 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     tests = {"returncode": None, "summary": "skipped (--skip-tests)", "seconds": 0.0}
     if not args.skip_tests:
-        tests = run_cuda_tests()
+        tests = run_cuda_tests(budget)
     lengths = args.lengths or ((4096, 8192) if args.quick else bench.SHAPE.seq_lens)
-    rows = benchmark(lengths, bench.LAYOUT_NAMES, QUICK_REPEAT_MS if args.quick else REPEAT_MS)
-    recompiles = flex_recompile_times("single", (3000, 5000, 7000))
-    packing = run_packing_step()
+    rows = benchmark(lengths, bench.LAYOUT_NAMES, QUICK_REPEAT_MS if args.quick else REPEAT_MS, budget)
+    recompiles = flex_recompile_times("single", (3000, 5000, 7000), budget)
+    packing = run_packing_step(budget)
     report = markdown(info, tests, rows, recompiles, packing)
     report += "\nConfigs the autotuner chose for `livr` (`livr_table` is the static table):\n\n" + "".join(
         f"- {line}\n" for line in tuned_configs())

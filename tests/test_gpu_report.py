@@ -43,3 +43,43 @@ def test_table_variants_are_timed_and_change_one_valid_setting():
         assert name in gpu_report.METHODS
         changed = dataclasses.replace(base, **change)
         assert [f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(changed, f.name)] == list(change)
+
+
+def test_budget_stops_new_timings_and_the_report_says_how_many(monkeypatch):
+    """Past the budget no timing starts (the lent GPU machines stop a command at 600 s): the report
+    is still written, and names what it did not time."""
+    now = [0.0]
+    budget = gpu_report.Budget(10, clock=lambda: now[0])
+    timed = []
+
+    def fake_time(case, method, repeat_ms):
+        timed.append(method)
+        now[0] += 4.0  # every timing takes 4 s of the budget
+        return {"fwd": 1.0, "fwd_bwd": 3.0}
+
+    class Case:
+        allowed_pairs, causal_pairs = 10, 20
+
+        class segment_ids:
+            shape = (2, 8)
+
+    monkeypatch.setattr(gpu_report, "time_method", fake_time)
+    monkeypatch.setattr(gpu_report.bench, "make_case", type("Cached", (), {
+        "__call__": staticmethod(lambda layout, n: Case), "cache_clear": staticmethod(lambda: None)})())
+    monkeypatch.setattr(gpu_report.bench, "RUNNERS", {m: None for m in gpu_report.METHODS})
+    monkeypatch.setattr(gpu_report.torch.cuda, "empty_cache", lambda: None)
+    rows = gpu_report.benchmark([2048, 4096], ["single"], 1, budget)
+    assert timed == list(gpu_report.METHODS[:3])  # 0, 4, 8 s started; at 12 s the budget is spent
+    assert len(rows) == 2 * len(gpu_report.METHODS)
+    skipped = [r for r in rows if r.get("error") == gpu_report.NOT_TIMED]
+    assert len(skipped) == len(rows) - 3 and {r["n"] for r in skipped} == {2048, 4096}
+    assert gpu_report.flex_recompile_times("single", (3000,), budget) == []
+    assert gpu_report.run_packing_step(budget) == [{"error": gpu_report.NOT_TIMED}]
+    info = {"device": "NVIDIA H100", "capability": "sm_90", "torch": "2.11"}
+    report = gpu_report.markdown(info, {"summary": "skipped", "seconds": 0.0}, rows, [])
+    assert f"Time budget spent: {len(skipped)} of {len(rows)} timings above were not run" in report
+
+
+def test_no_budget_never_runs_out():
+    budget = gpu_report.Budget(0, clock=lambda: 1e12)
+    assert not budget.spent() and budget.left(300) == 300
