@@ -267,8 +267,9 @@ def benchmark(lengths, layouts, repeat_ms, budget: "Budget" = Budget(0)) -> list
         if runner is not None:
             bench.RUNNERS[name] = runner
     rows = []
-    for layout_name in layouts:
-        for n in lengths:
+    # Length outside, layout inside: a budget that runs out still leaves both layouts at the lengths timed.
+    for n in lengths:
+        for layout_name in layouts:
             if budget.spent():
                 rows += [{"layout": layout_name, "n": n, "method": method, "error": NOT_TIMED} for method in METHODS]
                 continue
