@@ -239,8 +239,8 @@ def below_chance_note(metrics: dict, margin: float = BELOW_CHANCE_MARGIN) -> Opt
         gold = _gold_share(records, prediction)
         text += f" The most common answer, {prediction!r}, is given for {100 * share:.0f}% of the items"
         text += f" but is the gold answer of {100 * gold:.0f}%." if gold is not None else "."
-    return text + (" A model that training barely moved keeps the preferences it started with: compare with the "
-                   "model before training.")
+    return text + (" Either training moved the model too little to undo the preferences it started with (score the "
+                   "model before training to tell), or the training labels and the evaluation disagree.")
 
 
 def metrics_table(metrics: dict) -> str:
