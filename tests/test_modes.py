@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from livr_kernels import Segment
+from livr_model.app.models import build_trainable_model, make_encoder
 from livr_model.app.probes import HEATMAP_FILE, evaluate_model
 from livr_model.app.train import train
 from livr_model.latents import DELTA_PARAMETER
@@ -55,6 +56,29 @@ def test_every_mode_trains_and_evaluates(tmp_path, name):
     for probe in PROBES:
         assert (metrics["probes"][probe] is not None) == (probe in mode.probes), probe
     assert (tmp_path / "eval" / HEATMAP_FILE).is_file() == ("heatmap" in mode.probes)
+
+
+def test_prompt_tuning_feeds_the_model_what_latents_only_does(tmp_path):
+    # The two differ only in what trains, which is what README's account of prompt-tuning's
+    # below-chance counting score rests on: same token ids, labels, segment ids and starting rows.
+    _, val_examples = tiny_data()
+    seen = {}
+    for name in ("prompt-tuning", "latents-only"):
+        model, processor = tiny_setup()
+        cfg = tiny_config(tmp_path / name, mode=name)
+        peft_model, _, latent_ids = build_trainable_model(cfg, model, processor)
+        encoder = make_encoder(cfg, peft_model, processor, latent_ids)
+        batches = [encoder.batch(val_examples[:2], with_answer=answer, padding_side=side)
+                   for answer, side in ((True, "right"), (False, "left"))]
+        with torch.no_grad():
+            rows = peft_model.get_input_embeddings()(torch.tensor(latent_ids))
+        seen[name] = (batches, rows)
+    (tuned, tuned_rows), (latents_only, latents_only_rows) = seen["prompt-tuning"], seen["latents-only"]
+    for (inputs, labels, segments), (other_inputs, other_labels, other_segments) in zip(tuned, latents_only):
+        assert torch.equal(inputs["input_ids"], other_inputs["input_ids"])
+        assert torch.equal(labels, other_labels) and torch.equal(segments, other_segments)
+        assert int((segments == int(Segment.LATENT)).sum()) == 2 * LATENTS
+    assert torch.equal(tuned_rows, latents_only_rows)
 
 
 def test_prompt_transform_comes_from_the_mode():

@@ -53,8 +53,35 @@ def test_a_cell_summarises_evaluate_models_metrics():
         "accuracy": 0.6, "majority": 0.55, "chance": 0.375, "latents_removed": 0.3, "bottleneck_forced": 0.55,
         "answer_to_latent_attention": 0.07, "distinct_answers": 3, "cpu_seconds": 12.0,
         # 60% is not 10 points above the 55% majority rate.
-        "learned": False,
+        "learned": False, "below_chance": False, "top_answer": "B", "top_answer_share": 0.4,
     })
+
+
+def test_a_cell_under_chance_is_flagged_with_its_preferred_answer(tmp_path):
+    # The default grid's prompt-tuning cell: "D" for every A, B and C item and mostly "B" for the D items.
+    answers = [letter for letter in "ABCD" for _ in range(25)]
+    predictions = ["D" if a != "D" or i % 25 < 3 else "B" for i, a in enumerate(answers)]
+    records = [{"task": "counting", "answer": a, "prediction": p, "correct": a == p} for a, p in zip(answers, predictions)]
+    metrics = {"accuracy": {"average": 0.03}, "majority": {"counting": 0.25}, "chance": {"counting": 0.25},
+               "options": {"counting": 4}, "predictions": records, "probes": {}}
+    summary = study.summarize_metrics(metrics, 5.0)
+    assert summary["below_chance"] and not summary["learned"]
+    assert (summary["top_answer"], summary["top_answer_share"], summary["distinct_answers"]) == ("D", 0.78, 2)
+    for seed in (0, 1):
+        out = cell_dir(tmp_path, "counting", "prompt-tuning", seed)
+        out.mkdir(parents=True)
+        (out / CELL_FILE).write_text(json.dumps(dict(summary, task="counting", mode="prompt-tuning", seed=seed)))
+    fabricate(tmp_path, "counting", "sft", 0, 0.9)
+    # Recorded before cells carried the flag: judged from accuracy and chance (24% is within the margin).
+    fabricate(tmp_path, "counting", "livr", 0, 0.1)
+    fabricate(tmp_path, "counting", "mask-only", 0, 0.24)
+    rows = {r["mode"]: r for r in write_study(tmp_path, collect(tmp_path))}
+    assert [rows[m]["below_chance"] for m in ("prompt-tuning", "sft", "livr", "mask-only")] == [2, 0, 1, 0]
+    md = (tmp_path / study.STUDY_MD).read_text()
+    assert "- counting / prompt-tuning: 2 of 2 seeds, accuracy 3.0 ± 0.0% against chance 25.0%; most common " \
+           "answer seed 0: 'D' on 78%; seed 1: 'D' on 78%" in md
+    assert "- counting / livr: 1 of 1 seeds" in md
+    assert "counting / sft:" not in md and "counting / mask-only:" not in md
 
 
 def test_write_study_tables_and_plot(tmp_path):

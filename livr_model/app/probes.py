@@ -21,7 +21,7 @@ from livr_model.prompts import PromptEncoder
 from .figures import draw_heatmap
 from .files import atomic_write_json
 from .predict import chunks, device_of, eval_mode, predict, rule_forced
-from .scoring import chance_accuracy, metrics_table, result_from_records
+from .scoring import below_chance_note, chance_accuracy, metrics_table, result_from_records
 
 @torch.no_grad()
 def answer_latent_attention(model, handle, encoder: PromptEncoder, examples: Sequence, *, batch_size: int = 4) -> Optional[float]:
@@ -197,6 +197,8 @@ class Verdict:
     learned: bool
     signature: Optional[bool]
     text: str
+    # Accuracy clearly under chance (``scoring.below_chance_note``): wrong answers preferred, not guessed.
+    below_chance: bool = False
 
 
 def bottleneck_stage_record(history: Sequence[dict]) -> Optional[dict]:
@@ -238,6 +240,9 @@ def learning_verdict(metrics: dict, *, margin: float = LEARNED_MARGIN, min_disti
         if distinct < needed:
             why.append(f"only {distinct} distinct answer(s)")
         lines.append(f"Verdict: DID NOT LEARN ({'; '.join(why)}).")
+    note = below_chance_note(metrics)
+    if note:
+        lines.append(note)
     probes = metrics.get("probes") or {}
     forced = probes.get("bottleneck_forced")
     stage = metrics.get(BOTTLENECK_STAGE_KEY)
@@ -257,7 +262,7 @@ def learning_verdict(metrics: dict, *, margin: float = LEARNED_MARGIN, min_disti
         signature = forced["average"] >= chance + signature_margin
         shown = "shown" if signature else "NOT shown"
         lines.append(f"Mechanism signature {shown}: " + "; ".join(_probe_details(probes, accuracy, chance)) + ".")
-    return Verdict(learned=learned, signature=signature, text="\n".join(lines))
+    return Verdict(learned=learned, signature=signature, text="\n".join(lines), below_chance=note is not None)
 
 
 def _probe_details(probes: dict, accuracy: float, chance: float) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -197,6 +198,51 @@ def result_from_records(records: Sequence[dict]) -> EvalResult:
     return result
 
 
+# Accuracy this many points under chance is not noise on the study's 100-item sets (over two standard
+# errors of a 4-way guess): the model prefers wrong answers systematically.
+BELOW_CHANCE_MARGIN = 0.10
+
+
+def most_common_prediction(records: Sequence[dict]) -> tuple:
+    """(prediction, share of all items) of the most common committed prediction; (None, 0.0) without one."""
+    committed = Counter(r["prediction"] for r in records if r.get("prediction") is not None)
+    if not committed:
+        return None, 0.0
+    prediction, count = committed.most_common(1)[0]
+    return prediction, count / len(records)
+
+
+def _gold_share(records: Sequence[dict], prediction: str) -> Optional[float]:
+    """The share of items whose gold answer is ``prediction`` (None when an answer is not a letter)."""
+    try:
+        return sum(answer_letter(r["answer"]) == prediction for r in records) / len(records)
+    except (KeyError, ValueError):
+        return None
+
+
+def below_chance_note(metrics: dict, margin: float = BELOW_CHANCE_MARGIN) -> Optional[str]:
+    """A plain warning when accuracy is at least ``margin`` under chance (multiple-choice tasks), naming
+    the answer the model prefers; None otherwise. Under chance is not weak learning: the model's
+    preferences run against the gold answers, which a reader must not take for a noisy zero."""
+    chances = list((metrics.get("chance") or {}).values())
+    if not chances or any(c is None for c in chances):
+        return None
+    chance = sum(chances) / len(chances)
+    accuracy = metrics["accuracy"]["average"]
+    if accuracy > chance - margin:
+        return None
+    records = metrics.get("predictions") or []
+    prediction, share = most_common_prediction(records)
+    text = (f"BELOW CHANCE: accuracy {100 * accuracy:.1f}% is {100 * (chance - accuracy):.1f} points under chance "
+            f"({100 * chance:.1f}%): the answers are systematically wrong, not guesses.")
+    if prediction is not None:
+        gold = _gold_share(records, prediction)
+        text += f" The most common answer, {prediction!r}, is given for {100 * share:.0f}% of the items"
+        text += f" but is the gold answer of {100 * gold:.0f}%." if gold is not None else "."
+    return text + (" Either training moved the model too little to undo the preferences it started with (score the "
+                   "model before training to tell), or the training labels and the evaluation disagree.")
+
+
 def metrics_table(metrics: dict) -> str:
     """The printed summary: accuracy per task and averaged, next to the probes and chance."""
     columns = {"accuracy": metrics["accuracy"]}
@@ -221,4 +267,7 @@ def metrics_table(metrics: dict) -> str:
         lines.append(f"mean answer->latent attention: {attention:.4f}")
     if probes.get("heatmap"):
         lines.append(f"latent->image attention heatmap: {probes['heatmap']}")
+    note = below_chance_note(metrics)
+    if note:
+        lines.append(note)
     return "\n".join(lines)

@@ -31,6 +31,7 @@ from .figures import draw_study_bars
 from .files import atomic_write_bytes, atomic_write_json
 from .models import load_trained
 from .probes import METRICS_FILE, evaluate_model, learning_verdict
+from .scoring import BELOW_CHANCE_MARGIN, most_common_prediction
 from .train import train
 
 TINY_MODEL = "tiny"
@@ -130,6 +131,7 @@ def summarize_metrics(metrics: dict, cpu: float) -> dict:
     probes = metrics.get("probes") or {}
     mean = lambda d: sum(d.values()) / len(d) if d and all(v is not None for v in d.values()) else None  # noqa: E731
     verdict = learning_verdict(metrics)
+    top, share = most_common_prediction(metrics.get("predictions", []))
     return {
         "accuracy": metrics["accuracy"]["average"],
         "majority": mean(metrics.get("majority", {})),
@@ -139,6 +141,9 @@ def summarize_metrics(metrics: dict, cpu: float) -> dict:
         "answer_to_latent_attention": probes.get("answer_to_latent_attention"),
         "distinct_answers": len({r["prediction"] for r in metrics.get("predictions", []) if r["prediction"] is not None}),
         "learned": verdict.learned,
+        "below_chance": verdict.below_chance,
+        "top_answer": top,
+        "top_answer_share": share,
         "cpu_seconds": cpu,
     }
 
@@ -174,6 +179,18 @@ def _mean_std(values: Sequence[float]) -> tuple:
     return mean, std
 
 
+def _below_chance(cell: dict) -> bool:
+    """The cell's below-chance flag; cells recorded before the flag existed are judged from their numbers."""
+    if "below_chance" in cell:
+        return bool(cell["below_chance"])
+    return cell.get("chance") is not None and cell["accuracy"] <= cell["chance"] - BELOW_CHANCE_MARGIN
+
+
+def _top_answers(cells: Sequence[dict]) -> str:
+    return "; ".join(f"seed {c['seed']}: {c['top_answer']!r} on {100 * c['top_answer_share']:.0f}%"
+                     for c in cells if c.get("top_answer") is not None)
+
+
 def aggregate(records: Sequence[dict]) -> List[dict]:
     """One row per (task, mode), in first-seen order: seeds, and mean / std over seeds of every metric."""
     groups: Dict[tuple, List[dict]] = {}
@@ -184,9 +201,11 @@ def aggregate(records: Sequence[dict]) -> List[dict]:
     keys = sorted(groups, key=lambda k: (list(dict.fromkeys(t for t, _ in groups)).index(k[0]), order.get(k[1], len(order)), k[1]))
     for task, mode in keys:
         cells = groups[(task, mode)]
-        row = {"task": task, "mode": mode, "seeds": len(cells), "learned": sum(bool(c.get("learned")) for c in cells)}
+        row = {"task": task, "mode": mode, "seeds": len(cells), "learned": sum(bool(c.get("learned")) for c in cells),
+               "below_chance": sum(_below_chance(c) for c in cells)}
         for name in METRICS:
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([c.get(name) for c in cells])
+        row["top_answers"] = _top_answers(cells)
         rows.append(row)
     return rows
 
@@ -207,6 +226,15 @@ def study_markdown(rows: Sequence[dict]) -> str:
                      f"| {_pct(r['accuracy_mean'], r['accuracy_std'])} | {_pct(r['majority_mean'], r['majority_std'])} "
                      f"| {_pct(r['latents_removed_mean'], r['latents_removed_std'])} "
                      f"| {_pct(r['bottleneck_forced_mean'], r['bottleneck_forced_std'])} | {attention} | {cpu} |")
+    below = [r for r in rows if r.get("below_chance")]
+    if below:
+        lines += ["", f"Below chance (accuracy at least {100 * BELOW_CHANCE_MARGIN:.0f} points under it): these cells "
+                      "prefer wrong answers systematically; they did not guess. README.md, section \"The study\", "
+                      "explains the default grid's case."]
+        for r in below:
+            top = f"; most common answer {r['top_answers']}" if r.get("top_answers") else ""
+            lines.append(f"- {r['task']} / {r['mode']}: {r['below_chance']} of {r['seeds']} seeds, accuracy "
+                         f"{_pct(r['accuracy_mean'], r['accuracy_std'])}% against chance {100 * r['chance_mean']:.1f}%{top}")
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +292,8 @@ def run_study(grid: Grid, study_dir, *, log=print) -> List[dict]:
             log(f"study: [{index}/{len(cells)}] {task} / {mode} / seed {seed}: finished before, skipped")
             continue
         record = run_cell(grid, base, task, mode, seed, out)
-        log(f"study: [{index}/{len(cells)}] {task} / {mode} / seed {seed}: accuracy {100 * record['accuracy']:.1f}% "
+        below = ", BELOW CHANCE" if _below_chance(record) else ""
+        log(f"study: [{index}/{len(cells)}] {task} / {mode} / seed {seed}: accuracy {100 * record['accuracy']:.1f}%{below} "
             f"({record['cpu_seconds']:.0f}s CPU)")
     title = f"livr-study: {len(grid.modes)} modes x {len(grid.tasks)} tasks x {len(grid.seeds)} seeds, model {grid.model}"
     rows = write_study(study_dir, collect(study_dir), title=title)
