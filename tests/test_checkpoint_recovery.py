@@ -153,6 +153,24 @@ def test_no_partly_deleted_backup_keeps_the_backup_name(tmp_path, monkeypatch):
     assert (final / MARKER).read_text() == "new"
 
 
+def test_overwrite_after_a_killed_overwrite(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    small_checkpoint(out, STEP, "first run")
+    cfg = tiny_config(out, overwrite=True)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        raise Killed("killed while deleting the previous run")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        ckpt.claim_output_dir(cfg, is_main=True)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    small_checkpoint(out, STEP, "second run")
+    ckpt.claim_output_dir(cfg, is_main=True)
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 def run(out, **overrides):
     model, processor = tiny_setup()
     train_examples, val_examples = tiny_data()

@@ -297,11 +297,14 @@ def claim_output_dir(cfg: TrainConfig, is_main: bool) -> None:
         for name in found:
             entry = output_dir / name
             if entry.is_dir():
-                doomed = entry.with_name(entry.name + DELETING_SUFFIX)
-                os.replace(entry, doomed)
-                shutil.rmtree(doomed)
+                delete_dir(entry)
             else:
                 entry.unlink()
+        # What a killed --overwrite left half-deleted.
+        for name in RUN_ENTRIES:
+            leftover = output_dir / (name + DELETING_SUFFIX)
+            if leftover.is_dir():
+                delete_dir(leftover)
 
 
 def read_info(checkpoint_dir) -> dict:
