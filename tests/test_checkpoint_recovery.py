@@ -210,6 +210,19 @@ def test_real_loaders_after_a_kill_while_replacing_the_latest_checkpoint(tmp_pat
         ckpt.checkpoint_dir_name(1), ckpt.checkpoint_dir_name(2)]
 
 
+def test_a_pointer_write_removes_the_temporary_file_a_killed_one_left(tmp_path):
+    final = small_checkpoint(tmp_path, STEP, "old")
+    ckpt.write_pointer(tmp_path, ckpt.LATEST_POINTER, final)
+    # what SIGKILL leaves mid-write: atomic_write_bytes's cleanup never runs
+    stale = tmp_path / f".{ckpt.LATEST_POINTER}.k1ll3d{ckpt.TMP_SUFFIX}"
+    stale.write_text('{"path": "checkpoints/step-0000')
+    other = tmp_path / f".{ckpt.SELECTED_POINTER}.k1ll3d{ckpt.TMP_SUFFIX}"
+    other.write_text("{")
+    ckpt.write_pointer(tmp_path, ckpt.LATEST_POINTER, final)
+    assert not stale.exists() and other.exists(), "only the written pointer's own leftovers go"
+    assert ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER) == final
+
+
 def test_a_kill_while_a_resumed_run_rewrites_an_uncommitted_checkpoint(tmp_path, monkeypatch):
     """The window livr-train itself meets: a save whose latest.json write was killed leaves step 2
     uncommitted; the resumed run saves step 2 again and is killed between the renames. latest.json

@@ -179,6 +179,9 @@ def write_pointer(output_dir, pointer_name: str, checkpoint_dir, extra: Optional
         # A pointer names the checkpoint, never the copy a killed save left (renamed back by the next save).
         checkpoint_dir = checkpoint_dir.with_name(checkpoint_dir.name[: -len(OLD_SUFFIX)])
     rel = os.path.relpath(checkpoint_dir, output_dir)
+    # A kill during an earlier write of this pointer left its temporary file (one process writes pointers).
+    for stale in output_dir.glob(f".{pointer_name}.*{TMP_SUFFIX}"):
+        stale.unlink()
     payload = {"path": rel}
     payload.update(extra or {})
     return atomic_write_json(output_dir / pointer_name, payload)
