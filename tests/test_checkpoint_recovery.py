@@ -57,6 +57,23 @@ def count_events(tmp_path, monkeypatch):
     return counter.count
 
 
+def killed_between_the_renames(monkeypatch, final, write):
+    """Run ``write``, a replacement of ``final``, killed after the old directory went aside and
+    before the new one came in."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(ckpt.TMP_SUFFIX) and Path(dst) == Path(final):
+            raise Killed("killed between the renames")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.os, "replace", replace)
+        with pytest.raises(Killed):
+            write()
+    assert not Path(final).exists(), "the kill fell between the two renames"
+
+
 def test_a_kill_at_every_rename_or_deletion_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     events = count_events(tmp_path, monkeypatch)
     assert events >= 2, "replacing a checkpoint renames the old one aside and the new one in"
@@ -88,18 +105,7 @@ def test_a_restore_is_logged_in_one_line(tmp_path, monkeypatch, capsys):
     out = tmp_path
     final = small_checkpoint(out, STEP, "old")
     ckpt.write_pointer(out, ckpt.LATEST_POINTER, final)
-    real = ckpt.os.replace
-
-    def killed_at_the_rename_in(src, dst):
-        if str(src).endswith(ckpt.TMP_SUFFIX) and Path(dst) == final:
-            raise Killed("killed between the renames")
-        return real(src, dst)
-
-    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_rename_in)
-    with pytest.raises(Killed):
-        small_checkpoint(out, STEP, "new")
-    monkeypatch.setattr(ckpt.os, "replace", real)
-    assert not final.exists(), "the kill fell between the two renames"
+    killed_between_the_renames(monkeypatch, final, lambda: small_checkpoint(out, STEP, "new"))
     capsys.readouterr()
     assert (ckpt.resolve_checkpoint(out) / MARKER).read_text() == "old"
     lines = capsys.readouterr().out.splitlines()
@@ -115,17 +121,7 @@ def test_the_selected_checkpoint_is_found_after_a_killed_replace(tmp_path, monke
     best = small_checkpoint(tmp_path, STEP, "best")
     latest = small_checkpoint(tmp_path, STEP + 1, "later", selected_step=STEP)
     ckpt.write_pointer(tmp_path, ckpt.LATEST_POINTER, latest)
-    real = ckpt.os.replace
-
-    def killed_at_the_rename_in(src, dst):
-        if str(src).endswith(ckpt.TMP_SUFFIX) and Path(dst) == best:
-            raise Killed("killed between the renames")
-        return real(src, dst)
-
-    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_rename_in)
-    with pytest.raises(Killed):
-        small_checkpoint(tmp_path, STEP, "rewritten")
-    monkeypatch.setattr(ckpt.os, "replace", real)
+    killed_between_the_renames(monkeypatch, best, lambda: small_checkpoint(tmp_path, STEP, "rewritten"))
     assert (ckpt.resolve_checkpoint(tmp_path) / MARKER).read_text() == "best"
     # selected.json names the checkpoint, never its backup
     ckpt.write_selected_pointer(tmp_path)
@@ -185,18 +181,7 @@ def test_real_loaders_after_a_kill_while_replacing_the_latest_checkpoint(tmp_pat
     run(out, max_steps=1)
     latest = ckpt.read_pointer(out, ckpt.LATEST_POINTER)
     files = {p.name: p.read_bytes() for p in latest.iterdir()}
-    real = ckpt.os.replace
-
-    def killed_at_the_rename_in(src, dst):
-        if str(src).endswith(ckpt.TMP_SUFFIX) and Path(dst) == latest:
-            raise Killed("killed between the renames")
-        return real(src, dst)
-
-    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_rename_in)
-    with pytest.raises(Killed):
-        ckpt.write_checkpoint_dir(latest, files)
-    monkeypatch.setattr(ckpt.os, "replace", real)
-    assert not latest.exists()
+    killed_between_the_renames(monkeypatch, latest, lambda: ckpt.write_checkpoint_dir(latest, files))
     for path in (out, latest):
         assert read_run_config(path).output_dir == str(out)
         model, processor = tiny_setup()
@@ -240,17 +225,7 @@ def test_a_kill_while_a_resumed_run_rewrites_an_uncommitted_checkpoint(tmp_path,
     monkeypatch.setattr(state_module, "write_pointer", real_write_pointer)
     uncommitted = tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(2)
     assert uncommitted.is_dir() and ckpt.read_info(ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER))["global_step"] == 1
-    real_replace = ckpt.os.replace
-
-    def killed_at_the_rename_in(src, dst):
-        if str(src).endswith(ckpt.TMP_SUFFIX) and Path(dst) == uncommitted:
-            raise Killed("killed between the renames")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_rename_in)
-    with pytest.raises(Killed):
-        run(tmp_path, max_steps=2, save_steps=1, resume=True)
-    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    killed_between_the_renames(monkeypatch, uncommitted, lambda: run(tmp_path, max_steps=2, save_steps=1, resume=True))
     assert ckpt.read_info(ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER))["global_step"] == 1
     resumed = run(tmp_path, max_steps=3, save_steps=1, resume=True, keep_checkpoints=5)
     assert resumed.state.global_step == 3
