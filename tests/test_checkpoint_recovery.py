@@ -231,3 +231,13 @@ def test_a_kill_while_a_resumed_run_rewrites_an_uncommitted_checkpoint(tmp_path,
     assert resumed.state.global_step == 3
     assert sorted(p.name for p in (tmp_path / ckpt.CHECKPOINTS_DIR).iterdir()) == [
         ckpt.checkpoint_dir_name(step) for step in (1, 2, 3)]
+
+
+def test_resume_refuses_a_latest_pointer_to_a_missing_checkpoint(tmp_path, capsys):
+    """With no copy to fall back to, --resume says what is missing instead of starting the run over."""
+    run(tmp_path, max_steps=1)
+    latest = ckpt.read_pointer(tmp_path, ckpt.LATEST_POINTER)
+    shutil.rmtree(latest)
+    with pytest.raises(ValueError, match=rf"latest.json' names '{ckpt.CHECKPOINTS_DIR}/{latest.name}', which is missing"):
+        run(tmp_path, max_steps=2, resume=True)
+    assert not (tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(2)).exists()
