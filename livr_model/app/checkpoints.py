@@ -87,7 +87,8 @@ def write_checkpoint_dir(final_dir, files: Mapping[str, Any]) -> Path:
 
     ``files`` maps a file name to bytes, str, or a callable that writes that file given its path.
     Everything is written into ``<final_dir>.tmp`` and the directory is renamed into place at the
-    end; an existing directory of the same name is replaced (moved aside first, then deleted).
+    end; an existing directory of the same name is replaced (moved aside to ``<final_dir>.old``
+    first, then deleted). What a killed earlier write left beside it is tidied first.
     """
     final_dir = Path(final_dir)
     tidy_checkpoints_root(final_dir.parent)
