@@ -21,6 +21,15 @@ Every file is written to a temporary name, fsynced and renamed; a checkpoint dir
 assembled under a temporary name and renamed into place only when complete, and the pointers
 are updated after that, so a crash at any moment leaves the previous checkpoint usable.
 
+Replacing a directory of the same name takes two renames (the old one aside to ``<name>.old``,
+the new one in), and no portable rename swaps two directories. A kill between them leaves the
+old checkpoint whole under ``<name>.old``: the loaders then read that copy (one line says so;
+they rename nothing, so a read-only run directory loads too), and the next write renames it
+back. Every write starts by tidying what a killed write or prune left: ``.tmp`` folders (never
+complete as far as anyone knows), ``.old`` folders whose checkpoint exists again, and
+``.deleting`` folders. A folder is only ever deleted under a ``.deleting`` name, so a ``.old``
+folder is always whole.
+
 Writing ``latest.json`` commits a checkpoint. The selection is part of that commit: each
 checkpoint's info.json names the selected step as of that save, and loaders follow the latest
 checkpoint's record (``selected.json`` is a copy for people and tools, repaired on resume), so a
@@ -65,6 +74,10 @@ REQUIRED_FILES = (INFO, RUN_CONFIG_JSON, ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINI
 RUN_ENTRIES = (RUN_CONFIG_JSON, RUN_CONFIG_YAML, LATEST_POINTER, SELECTED_POINTER, CHECKPOINTS_DIR)
 
 
+# Backups already reported by usable_checkpoint_dir: one line per copy, however often it is resolved.
+_REPORTED_BACKUPS: set = set()
+
+
 def checkpoint_dir_name(step: int) -> str:
     return STEP_DIR_TEMPLATE.format(step=step)
 
@@ -74,12 +87,12 @@ def write_checkpoint_dir(final_dir, files: Mapping[str, Any]) -> Path:
 
     ``files`` maps a file name to bytes, str, or a callable that writes that file given its path.
     Everything is written into ``<final_dir>.tmp`` and the directory is renamed into place at the
-    end; an existing directory of the same name is replaced (moved aside first, then deleted).
+    end; an existing directory of the same name is replaced (moved aside to ``<final_dir>.old``
+    first, then deleted). What a killed earlier write left beside it is tidied first.
     """
     final_dir = Path(final_dir)
+    tidy_checkpoints_root(final_dir.parent)
     tmp_dir = final_dir.with_name(final_dir.name + TMP_SUFFIX)
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     for name, content in files.items():
         target = tmp_dir / name
@@ -92,21 +105,84 @@ def write_checkpoint_dir(final_dir, files: Mapping[str, Any]) -> Path:
         else:
             raise ValueError(f"files[{name!r}] must be bytes, str or a callable writer; got {type(content).__name__}")
     fsync_dir(tmp_dir)
-    old_dir = final_dir.with_name(final_dir.name + OLD_SUFFIX)
+    old_dir = backup_dir(final_dir)
     if final_dir.exists():
-        if old_dir.exists():
-            shutil.rmtree(old_dir)
+        # old_dir cannot exist here: the tidy above renamed it back or deleted it.
         os.replace(final_dir, old_dir)
+        fsync_dir(final_dir.parent)
+    # Between these two renames the checkpoint lives only as old_dir (usable_checkpoint_dir reads it).
     os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
     if old_dir.exists():
-        shutil.rmtree(old_dir)
+        delete_dir(old_dir)
     return final_dir
+
+
+def backup_dir(checkpoint_dir) -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.with_name(checkpoint_dir.name + OLD_SUFFIX)
+
+
+def delete_dir(path) -> None:
+    """Delete a folder under a ``.deleting`` name, so a kill midway never leaves a partial folder
+    under a name the loaders read (a checkpoint's, or the ``.old`` copy they fall back to)."""
+    path = Path(path)
+    doomed = path if path.name.endswith(DELETING_SUFFIX) else path.with_name(path.name + DELETING_SUFFIX)
+    if doomed != path:
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.replace(path, doomed)
+        fsync_dir(path.parent)
+    shutil.rmtree(doomed)
+
+
+def usable_checkpoint_dir(checkpoint_dir) -> Optional[Path]:
+    """``checkpoint_dir`` if it exists; else its ``.old`` copy when a write replacing it was killed
+    between its two renames (that copy is the checkpoint: the new one never landed); else None."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        return checkpoint_dir
+    backup = backup_dir(checkpoint_dir)
+    if not (backup / INFO).is_file():
+        return None
+    if backup not in _REPORTED_BACKUPS:
+        _REPORTED_BACKUPS.add(backup)
+        print(f"checkpoint: {str(checkpoint_dir)!r} is missing; reading {backup.name}, the copy a save killed while "
+              "replacing it left (the run's next save renames it back)", flush=True)
+    return backup
+
+
+def tidy_checkpoints_root(root) -> None:
+    """Finish what a killed write or prune left in ``root``: a ``.old`` copy whose checkpoint is
+    missing is renamed back (logged); ``.tmp``, ``.deleting`` and other ``.old`` folders are deleted."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or not entry.name.endswith(TRANSIENT_SUFFIXES):
+            continue
+        if entry.name.endswith(OLD_SUFFIX):
+            original = entry.with_name(entry.name[: -len(OLD_SUFFIX)])
+            if not original.exists() and (entry / INFO).is_file():
+                os.replace(entry, original)
+                fsync_dir(root)
+                _REPORTED_BACKUPS.discard(entry)
+                print(f"checkpoint: restored {original.name} from {entry.name}, which a save killed while replacing "
+                      "it left", flush=True)
+                continue
+        delete_dir(entry)
 
 
 def write_pointer(output_dir, pointer_name: str, checkpoint_dir, extra: Optional[dict] = None) -> Path:
     output_dir = Path(output_dir)
-    rel = os.path.relpath(Path(checkpoint_dir), output_dir)
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.name.endswith(OLD_SUFFIX):
+        # A pointer names the checkpoint, never the copy a killed save left (renamed back by the next save).
+        checkpoint_dir = checkpoint_dir.with_name(checkpoint_dir.name[: -len(OLD_SUFFIX)])
+    rel = os.path.relpath(checkpoint_dir, output_dir)
+    # A kill during an earlier write of this pointer left its temporary file (one process writes pointers).
+    for stale in output_dir.glob(f".{pointer_name}.*{TMP_SUFFIX}"):
+        stale.unlink()
     payload = {"path": rel}
     payload.update(extra or {})
     return atomic_write_json(output_dir / pointer_name, payload)
@@ -117,8 +193,7 @@ def read_pointer(output_dir, pointer_name: str) -> Optional[Path]:
     if not pointer.is_file():
         return None
     rel = json.loads(pointer.read_text())["path"]
-    path = Path(output_dir) / rel
-    return path if path.is_dir() else None
+    return usable_checkpoint_dir(Path(output_dir) / rel)
 
 
 def selected_from_latest(output_dir) -> Optional[Path]:
@@ -129,9 +204,10 @@ def selected_from_latest(output_dir) -> Optional[Path]:
     step = read_info(latest).get("selected_step")
     if step is None:
         return None
-    selected = Path(output_dir) / CHECKPOINTS_DIR / checkpoint_dir_name(step)
-    if not selected.is_dir():
-        raise ValueError(f"the latest checkpoint {str(latest)!r} selects step {step}, but {str(selected)!r} is missing")
+    wanted = Path(output_dir) / CHECKPOINTS_DIR / checkpoint_dir_name(step)
+    selected = usable_checkpoint_dir(wanted)
+    if selected is None:
+        raise ValueError(f"the latest checkpoint {str(latest)!r} selects step {step}, but {str(wanted)!r} is missing")
     return selected
 
 
@@ -147,6 +223,9 @@ def resolve_checkpoint(path, prefer: str = SELECTED_POINTER) -> Path:
         raise ValueError(f"checkpoint: {str(path)!r} is a checkpoint being written or deleted ({path.suffix}), not a usable one")
     if (path / INFO).is_file():
         return path
+    backup = None if path.exists() else usable_checkpoint_dir(path)
+    if backup is not None:
+        return backup
     trainer_checkpoint = find_trainer_checkpoint(path)   # a TRL / Trainer run (livr_model.app.trainer_runs)
     if trainer_checkpoint is not None:
         return trainer_checkpoint
@@ -222,11 +301,14 @@ def claim_output_dir(cfg: TrainConfig, is_main: bool) -> None:
         for name in found:
             entry = output_dir / name
             if entry.is_dir():
-                doomed = entry.with_name(entry.name + DELETING_SUFFIX)
-                os.replace(entry, doomed)
-                shutil.rmtree(doomed)
+                delete_dir(entry)
             else:
                 entry.unlink()
+        # What a killed --overwrite left half-deleted.
+        for name in RUN_ENTRIES:
+            leftover = output_dir / (name + DELETING_SUFFIX)
+            if leftover.is_dir():
+                delete_dir(leftover)
 
 
 def read_info(checkpoint_dir) -> dict:

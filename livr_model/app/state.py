@@ -213,6 +213,11 @@ def load_resume(accelerator, cfg: TrainConfig, model, optimizer, scheduler,
     None when it has no checkpoint yet. Refuses changed settings and, when ``data_fingerprints``
     are given, changed data."""
     latest = read_pointer(cfg.output_dir, LATEST_POINTER)
+    pointer = Path(cfg.output_dir) / LATEST_POINTER
+    if latest is None and pointer.is_file():
+        # Starting over here would silently drop the run the pointer commits.
+        raise ValueError(f"--resume: {str(pointer)!r} names {json.loads(pointer.read_text())['path']!r}, which is "
+                         "missing (deleted or moved); put it back, or start over with --overwrite instead of --resume")
     if latest is None:
         if accelerator.is_main_process:
             print(f"--resume: no checkpoint in {cfg.output_dir}; starting a new run", flush=True)
