@@ -16,19 +16,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from livr_kernels import Segment
 
 from .archs import tokenizer_of
+from .atomic import atomic_write_bytes
 from .latents import HANDLE_ATTRIBUTE, _peft_token_layer, latent_state_dict, latent_token_strings
 from .lr import WARMUP_OFFSET, warmup_cosine
 from .modes import LATENTS_NONE, TRAIN_LATENT_ROWS, get_mode
@@ -47,7 +47,6 @@ RUN_FILES = (RUN_FILE, LATENT_WEIGHTS, TOKENIZER_ADDITIONS)  # the last two only
 RUN_FORMAT = 1
 STAGE_LOG_KEY = "livr_stage"
 EVAL_RULE = "standard"
-TMP_SUFFIX = ".tmp"
 
 
 class LivrCollator:
@@ -150,16 +149,8 @@ def stage_lr_factor(step: int, boundary: int, total: int, warmups: Sequence[int]
     return stage2_scale * warmup_cosine(step - boundary, total - boundary, warmups[1], warmup_extra=WARMUP_OFFSET)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, payload: dict) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
 
 def latent_rows_trainable(model, latent_token_ids: Sequence[int]) -> bool:
@@ -376,7 +367,7 @@ class LivrStageCallback(TrainerCallback):
         latent_ids = list(self.handle.latent_token_ids)
         if self.mode.new_latents and latent_ids:
             rows = latent_state_dict(self.handle.model, latent_ids)
-            _atomic_write(directory / LATENT_WEIGHTS, lambda p: save_file(rows, str(p)))
+            atomic_write_bytes(directory / LATENT_WEIGHTS, save_safetensors(rows))
             _write_json(directory / TOKENIZER_ADDITIONS, {"tokens": latent_token_strings(len(latent_ids)), "ids": latent_ids})
         _write_json(directory / RUN_FILE, {
             "format": RUN_FORMAT,

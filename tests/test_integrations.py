@@ -470,3 +470,29 @@ def test_packing_collator_gives_the_loss_of_the_padded_batch(base_dir):
     with pytest.raises(ValueError, match="packing=True needs model="):
         LivrCollator(processor, latent_token_ids=ids, packing=True)
     handle.remove()
+
+
+def test_run_files_are_written_atomically(base_dir, tmp_path, monkeypatch):
+    """The callback's run files go through livr_model.atomic: a save that fails half-way (the latent
+    rows, say) leaves the files of the previous save whole and no temporary file behind."""
+    import livr_model.integrations as integrations
+
+    model, _, ids = fresh(base_dir)
+    callback = LivrStageCallback(patch_attention(model, rule="bottleneck", latent_token_ids=ids), stage_epochs=(1, 1))
+    folder = callback.write_run_files(tmp_path / "ckpt", model, step=1)
+    before = {name: (folder / name).read_bytes() for name in RUN_FILES}
+
+    def failing_save(rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(integrations, "save_safetensors", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        callback.write_run_files(folder, model, step=2)
+    assert {name: (folder / name).read_bytes() for name in RUN_FILES} == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(RUN_FILES)
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(integrations, "atomic_write_bytes", lambda path, data: calls.append(path.name) or path.write_bytes(data))
+    callback.write_run_files(folder, model, step=3)
+    assert sorted(calls) == sorted(RUN_FILES)
+    assert json.loads((folder / RUN_FILE).read_text())["global_step"] == 3

@@ -1,12 +1,10 @@
-"""Atomic file writes: a temporary file in the same folder, fsynced, then renamed into place."""
+"""Atomic file writes of the application's formats (``livr_model.atomic`` does the writing)."""
 from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -14,40 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save
 
-TMP_SUFFIX = ".tmp"
-
-
-def fsync_dir(path: Path) -> None:
-    # The rename itself is only durable once the directory entry is flushed.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
+from ..atomic import TMP_SUFFIX, atomic_write_bytes, fsync_dir  # noqa: F401  (re-exported)
 
 
 def atomic_write_text(path, text: str) -> Path:
