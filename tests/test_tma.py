@@ -93,3 +93,13 @@ def test_segment_attention_takes_tma_from_the_config(descriptor_calls):
     q, k, v, _ = random_qkv(1, 2, 1, 20, 20, 16)
     out = segment_attention(q, k, v, seg, "bottleneck", backend="triton", config=TMA_TILES)
     assert descriptor_calls == [True] and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("batch,n_q,n_k", [(0, 5, 5), (1, 0, 0)], ids=["no-rows", "no-keys"])
+def test_empty_keys_fall_back_to_pointer_loads(descriptor_calls, batch, n_q, n_k):
+    """A tensor descriptor needs every dimension positive: empty K/V (no rows, or no keys) take the
+    pointer path, which launches nothing, instead of failing on the descriptor's assertion."""
+    q, k, v = (torch.randn(batch, 2, n, 16) for n in (n_q, n_k, n_k))
+    seg = torch.zeros(batch, n_k, dtype=torch.long)
+    out = segment_attention(q, k, v, seg, "standard", backend="triton", config=TMA_TILES)
+    assert out.shape == q.shape and descriptor_calls == [False]
