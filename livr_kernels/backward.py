@@ -357,6 +357,10 @@ def segment_attention_bwd(
     """Gradients (dq, dk, dv) shaped like (q, k, v)."""
     batch, hq, n_q, head_dim = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
+    if n_q == 0:
+        # No query reaches a key. The dK/dV grid would still hold a program per key block, with
+        # no tile index in its row to read (its read-ahead of the first index has nothing to read).
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     do, q, k, v, o = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, q, k, v, o))
     block_d = head_dim_block(head_dim)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids

@@ -1,6 +1,7 @@
 """Issue 12's kernel and patch items: inputs that gave a wrong result or an unclear error."""
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -88,6 +89,21 @@ def test_rule_entries_accept_bools_and_zero_one():
     rule = AttentionRule("x", table)
     assert rule.allowed[0] == (True, True, False, True, False)
     assert not any(any(row) for row in rule.allowed[1:])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("index_ahead", [False, True])
+def test_no_queries_give_zero_key_gradients(index_ahead):
+    """No queries but keys: the dK/dV grid still has a program per key block, whose rows hold no
+    tile index at all. Reading the first index ahead of the loop there read an empty tensor (a
+    segfault under the interpreter, an illegal address on a GPU)."""
+    config = dataclasses.replace(SMALL_TILES, dkv_index_ahead=index_ahead)
+    q = torch.randn(1, 2, 0, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(2))
+    out = segment_attention(q, k, v, torch.zeros(1, 40, dtype=torch.long), "standard", backend="triton", config=config)
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
