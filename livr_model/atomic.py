@@ -8,6 +8,12 @@ import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# mkstemp creates its file readable by the owner only; the renamed file gets the mode a plain
+# open() would give (0o666 less the umask), like the other files of a checkpoint. Read once: no
+# portable call reads the umask without setting it, and setting it races with other threads.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,6 +36,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -41,3 +41,12 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path, monkeypatch):
 
 def test_the_application_writes_through_the_same_writer():
     assert files.atomic_write_bytes is atomic.atomic_write_bytes and files.fsync_dir is atomic.fsync_dir
+
+
+def test_written_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """mkstemp makes its file 0600: renamed into place as it is, a run file in a Trainer checkpoint
+    was unreadable to the group and others, unlike every file the Trainer writes beside it."""
+    plain = tmp_path / "plain.json"
+    plain.write_bytes(b"{}")
+    written = atomic.atomic_write_bytes(tmp_path / "run.json", b"{}")
+    assert os.stat(written).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
