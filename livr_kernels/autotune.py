@@ -27,7 +27,7 @@ import torch
 import triton
 
 from .blocks import SegmentLayout
-from .config import KernelConfig, default_config, triton_version, tuning_space
+from .config import KernelConfig, default_config, head_dim_block, triton_version, tuning_space
 from .segments import AttentionRule
 
 ENV_VAR = "LIVR_AUTOTUNE"
@@ -164,12 +164,15 @@ def _time_forward_backward(q, k, v, layout: SegmentLayout, rule: AttentionRule, 
     from triton.testing import do_bench
 
     from .backward import segment_attention_bwd
-    from .forward import segment_attention_fwd
+    from .forward import segment_attention_fwd, tma_descriptors
 
     q, k, v = (t.detach() for t in (q, k, v))
     do = torch.randn_like(q)
 
     def outputs(config: KernelConfig):
+        if config.fwd_tma and tma_descriptors(k, v, config.fwd_block_n, head_dim_block(q.shape[-1])) is None:
+            # It would time (and check) the pointer loads, yet be stored for tensors that take TMA.
+            raise ValueError(f"{config}: these K and V cannot take TMA loads, so this candidate cannot be timed here")
         o, lse = segment_attention_fwd(q, k, v, layout, rule, scale, config)
         return (o,) + tuple(segment_attention_bwd(do, q, k, v, o, lse, layout, rule, scale, config))
 

@@ -202,3 +202,22 @@ def test_tuned_candidates_are_compared_on_the_output_and_every_gradient(monkeypa
     assert len(got) == len(want) == 4
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_a_tma_candidate_is_skipped_where_the_tuning_tensors_cannot_take_tma(monkeypatch):
+    """K and V the copy engine cannot read make a TMA config run pointer loads: timed so, it could
+    win on noise and be stored for the length bucket, then run TMA loads on aligned tensors that the
+    agreement check never compared. The candidate raises instead (``tune`` skips it)."""
+    from kernel_cases import livr_layout, random_qkv
+    from livr_kernels import SegmentLayout, resolve_rule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    captured = {}
+    monkeypatch.setattr(autotune, "checked_benchmark", lambda outputs, timed: captured.setdefault("outputs", outputs))
+    q, k, v, _ = (t.detach().to(device) for t in random_qkv(1, 2, 1, 20, 20, 16))
+    k = torch.zeros(20 * 16 + 1, device=device)[1:].view(1, 1, 20, 16).copy_(k)  # base 4 bytes past alignment
+    autotune._time_forward_backward(q, k, v, SegmentLayout(livr_layout(1, 20).to(device)), resolve_rule("bottleneck"), 0.25)
+    config = KernelConfig(fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=16, dq_block_m=16, dq_block_n=16)
+    assert len(captured["outputs"](config)) == 4
+    with pytest.raises(ValueError, match="TMA"):
+        captured["outputs"](dataclasses.replace(config, fwd_tma=True))
