@@ -241,3 +241,28 @@ def test_resume_refuses_a_latest_pointer_to_a_missing_checkpoint(tmp_path, capsy
     with pytest.raises(ValueError, match=rf"latest.json' names '{ckpt.CHECKPOINTS_DIR}/{latest.name}', which is missing"):
         run(tmp_path, max_steps=2, resume=True)
     assert not (tmp_path / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_dir_name(2)).exists()
+
+
+def test_livr_eval_of_a_checkpoint_a_kill_left_as_its_copy_keeps_the_name_free(tmp_path, monkeypatch, capsys):
+    """``livr-eval --checkpoint <run>/checkpoints/step-N``, step-N living only as its ``.old`` copy:
+    the default output folder (``<checkpoint>/eval``) made step-N again, holding nothing but eval/.
+    Every loader then took that folder for the checkpoint (resume refused it as incomplete) and the
+    next save's tidy deleted the copy, the only one left. The metrics go into the copy read."""
+    from livr_model.app.cli import eval_main, train_main
+    from livr_model.app.tiny import build_tiny_model, build_tiny_processor, save_tiny
+
+    processor = build_tiny_processor(56)
+    save_tiny(build_tiny_model(processor, text_hidden=64, vision_hidden=32, vision_depth=1), processor, tmp_path / "base")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "run"
+    assert train_main(["--config", "examples/tiny_counting.yaml", "--model", str(tmp_path / "base"),
+                       "--output-dir", str(out), "--max-steps", "1", "--no-progress"]) == 0
+    latest = ckpt.read_pointer(out, ckpt.LATEST_POINTER)
+    files = {p.name: p.read_bytes() for p in latest.iterdir() if p.is_file()}
+    killed_between_the_renames(monkeypatch, latest, lambda: ckpt.write_checkpoint_dir(latest, files))
+    argv = ["--checkpoint", str(latest), "--method", "likelihood", "--no-probes", "--limit", "2"]
+    assert eval_main(argv) == 0
+    assert not latest.exists(), "livr-eval made the missing checkpoint's name again"
+    assert (ckpt.backup_dir(latest) / "eval" / "metrics.json").is_file()
+    assert ckpt.read_pointer(out, ckpt.LATEST_POINTER) == ckpt.backup_dir(latest)
+    ckpt.require_complete(ckpt.read_pointer(out, ckpt.LATEST_POINTER))

@@ -247,7 +247,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         # Before the model: a refused overlap should not wait for a (possibly multi-GB) load.
         overlap = check_overlap(args.checkpoint, examples, allow=args.allow_overlap)
         run = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
-        output_dir = Path(args.output_dir) if args.output_dir is not None else Path(args.checkpoint) / "eval"
+        # A checkpoint that lives only as the copy a killed save left is evaluated into that copy:
+        # <checkpoint>/eval would make the missing name again, a folder every loader then takes for it.
+        given = Path(args.checkpoint)
+        default_dir = (given if given.exists() else Path(run.checkpoint_dir)) / "eval"
+        output_dir = Path(args.output_dir) if args.output_dir is not None else default_dir
         # Now, not after the evaluation: an --output-dir that is a file or not writable.
         output_dir.mkdir(parents=True, exist_ok=True)
     evaluate_model(
