@@ -373,7 +373,7 @@ def main(argv=None) -> int:
                         help=f"seconds after which no new timing starts and the report is written with what was measured "
                              f"(default {DEFAULT_BUDGET_S}: the lent GPU machines stop a command at 600 s; 0: no limit)")
     args = parser.parse_args(argv)
-    if args.budget_s < 0:
+    if not args.budget_s >= 0:  # also refuses nan
         parser.error(f"--budget-s must be 0 (no limit) or a positive number of seconds; got {args.budget_s}")
     budget = Budget(args.budget_s)
     if not torch.cuda.is_available():

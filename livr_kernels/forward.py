@@ -276,15 +276,17 @@ TMA_MIN_CAPABILITY = (9, 0)
 def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
     """(B, H, N, D) tensor descriptors of K and V with [1, 1, block_n, block_d] tiles, or None when
     the copy engine cannot read them: a GPU before sm_90, an empty tensor (a descriptor's dimensions
-    must be positive), or a base or row stride that is not 16-byte aligned. On CPU (the interpreter,
-    compile_check's capture) only the size and alignment count."""
+    must be positive), a base or row stride that is not 16-byte aligned, or a broadcast dimension
+    (stride 0, from ``expand``: a tensor map needs positive strides). On CPU (the interpreter,
+    compile_check's capture) only the size, the strides and the alignment count."""
     if k.numel() == 0:
         return None
     if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device) < TMA_MIN_CAPABILITY:
         return None
     for t in (k, v):
         size = t.element_size()
-        if t.data_ptr() % TMA_ALIGNMENT or any(stride * size % TMA_ALIGNMENT for stride in t.stride()[:-1]):
+        strides = t.stride()[:-1]
+        if t.data_ptr() % TMA_ALIGNMENT or any(stride * size % TMA_ALIGNMENT or stride <= 0 for stride in strides):
             return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -2,6 +2,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_report  # noqa: E402
@@ -83,3 +85,10 @@ def test_budget_stops_new_timings_and_the_report_says_how_many(monkeypatch):
 def test_no_budget_never_runs_out():
     budget = gpu_report.Budget(0, clock=lambda: 1e12)
     assert not budget.spent() and budget.left(300) == 300
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_or_nan_budget_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_report.main(["--budget-s", value])
+    assert exit_info.value.code == 2 and "--budget-s must be 0" in capsys.readouterr().err

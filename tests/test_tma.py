@@ -78,6 +78,19 @@ def test_unaligned_tensors_fall_back_to_pointer_loads(descriptor_calls):
     assert_close_fp32(got, reference64(q, k, v, do, seg, "bottleneck", None))
 
 
+def test_broadcast_heads_fall_back_to_pointer_loads(descriptor_calls):
+    """K/V heads broadcast with expand() have stride 0, which a tensor map cannot take: pointer
+    loads, same result as the materialised heads."""
+    seg = livr_layout(1, 24, pad=2)
+    q, k, v, do = random_qkv(1, 4, 1, 24, 24, 16)
+    k_wide, v_wide = (t.detach().expand(1, 2, 24, 16).requires_grad_() for t in (k, v))
+    assert k_wide.stride()[1] == 0
+    got = kernel(q, k_wide, v_wide, do, seg, "bottleneck", None, config=TMA_TILES)
+    assert descriptor_calls == [False]
+    want = reference64(q, k_wide.detach().contiguous(), v_wide.detach().contiguous(), do, seg, "bottleneck", None)
+    assert_close_fp32(got[:2], want[:2])
+
+
 def test_row_strides_and_bases_must_be_16_byte_aligned():
     shifted = torch.zeros(1, 1, 30 * 16 + 1)[..., 1:].view(1, 1, 30, 16)
     assert forward_mod.tma_descriptors(shifted, shifted, 16, 16) is None
