@@ -266,3 +266,23 @@ def test_livr_eval_of_a_checkpoint_a_kill_left_as_its_copy_keeps_the_name_free(t
     assert (ckpt.backup_dir(latest) / "eval" / "metrics.json").is_file()
     assert ckpt.read_pointer(out, ckpt.LATEST_POINTER) == ckpt.backup_dir(latest)
     ckpt.require_complete(ckpt.read_pointer(out, ckpt.LATEST_POINTER))
+
+
+def test_a_folder_recreated_under_the_name_of_a_checkpoint_left_as_its_copy(tmp_path, capsys):
+    """After a kill between the renames, anything that re-creates ``step-N/`` without a checkpoint
+    (an eval folder written into it by hand, say) neither hides the ``.old`` copy from the loaders
+    nor gets it deleted by the next save: the stray folder is set aside, the copy renamed back."""
+    final = small_checkpoint(tmp_path, STEP, "kept")
+    os.replace(final, ckpt.backup_dir(final))
+    (final / "eval").mkdir(parents=True)
+    (final / "eval" / "metrics.json").write_text("{}")
+    got = ckpt.usable_checkpoint_dir(final)
+    assert got == ckpt.backup_dir(final) and (got / MARKER).read_text() == "kept"
+    assert "holds no checkpoint" in capsys.readouterr().out
+    small_checkpoint(tmp_path, STEP + 1, "next")  # the next save tidies the folder
+    root = final.parent
+    assert (final / MARKER).read_text() == "kept" and not ckpt.backup_dir(final).exists()
+    aside = root / (final.name + ckpt.INCOMPLETE_SUFFIX)
+    assert (aside / "eval" / "metrics.json").is_file(), "the stray folder is kept for the user"
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path)] == [final.name, ckpt.checkpoint_dir_name(STEP + 1)]
+    assert "moved it to" in capsys.readouterr().out

@@ -67,6 +67,8 @@ INFO = "info.json"
 STEP_DIR_TEMPLATE = "step-{step:08d}"
 OLD_SUFFIX = ".old"
 DELETING_SUFFIX = ".deleting"
+# A folder under a checkpoint's name that holds no checkpoint, set aside so its .old copy can return.
+INCOMPLETE_SUFFIX = ".incomplete"
 TRANSIENT_SUFFIXES = (TMP_SUFFIX, OLD_SUFFIX, DELETING_SUFFIX)
 # Files every training checkpoint holds; a directory missing one is refused by the loaders.
 REQUIRED_FILES = (INFO, RUN_CONFIG_JSON, ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_STATE)
@@ -136,25 +138,45 @@ def delete_dir(path) -> None:
     shutil.rmtree(doomed)
 
 
+def _holds_checkpoint(path: Path) -> bool:
+    return (path / INFO).is_file()
+
+
 def usable_checkpoint_dir(checkpoint_dir) -> Optional[Path]:
-    """``checkpoint_dir`` if it exists; else its ``.old`` copy when a write replacing it was killed
-    between its two renames (that copy is the checkpoint: the new one never landed); else None."""
+    """``checkpoint_dir`` if it exists (and holds a checkpoint, or nothing better is there); else its
+    ``.old`` copy when a write replacing it was killed between its two renames (that copy is the
+    checkpoint: the new one never landed), also when something has since re-created a folder of
+    the checkpoint's name without a checkpoint in it; else None."""
     checkpoint_dir = Path(checkpoint_dir)
-    if checkpoint_dir.is_dir():
-        return checkpoint_dir
     backup = backup_dir(checkpoint_dir)
-    if not (backup / INFO).is_file():
+    if checkpoint_dir.is_dir() and (_holds_checkpoint(checkpoint_dir) or not _holds_checkpoint(backup)):
+        return checkpoint_dir
+    if not _holds_checkpoint(backup):
         return None
     if backup not in _REPORTED_BACKUPS:
         _REPORTED_BACKUPS.add(backup)
-        print(f"checkpoint: {str(checkpoint_dir)!r} is missing; reading {backup.name}, the copy a save killed while "
+        state = "holds no checkpoint" if checkpoint_dir.is_dir() else "is missing"
+        print(f"checkpoint: {str(checkpoint_dir)!r} {state}; reading {backup.name}, the copy a save killed while "
               "replacing it left (the run's next save renames it back)", flush=True)
     return backup
 
 
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<name>.incomplete[-N]``: kept for the user, never read or deleted."""
+    aside = path.with_name(path.name + INCOMPLETE_SUFFIX)
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{INCOMPLETE_SUFFIX}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
 def tidy_checkpoints_root(root) -> None:
     """Finish what a killed write or prune left in ``root``: a ``.old`` copy whose checkpoint is
-    missing is renamed back (logged); ``.tmp``, ``.deleting`` and other ``.old`` folders are deleted."""
+    missing is renamed back (logged; a folder of the checkpoint's name that holds no checkpoint is
+    first set aside as ``.incomplete``, not deleted); ``.tmp``, ``.deleting`` and other ``.old``
+    folders are deleted."""
     root = Path(root)
     if not root.is_dir():
         return
@@ -163,7 +185,11 @@ def tidy_checkpoints_root(root) -> None:
             continue
         if entry.name.endswith(OLD_SUFFIX):
             original = entry.with_name(entry.name[: -len(OLD_SUFFIX)])
-            if not original.exists() and (entry / INFO).is_file():
+            if _holds_checkpoint(entry) and not _holds_checkpoint(original):
+                if original.exists():
+                    aside = _set_aside(original)
+                    print(f"checkpoint: {original.name} held no checkpoint (no {INFO}); moved it to {aside.name}",
+                          flush=True)
                 os.replace(entry, original)
                 fsync_dir(root)
                 _REPORTED_BACKUPS.discard(entry)
