@@ -140,6 +140,22 @@ def test_launch_order_gives_identical_results():
         assert torch.equal(a, b), f"{name} differs between launch orders"
 
 
+def test_dkv_index_read_ahead_gives_identical_results():
+    """dK/dV reading its next tile index ahead (the table's default on sm_80/sm_90) or in place."""
+    n = 3000
+    seg = livr_layout(2, n, pad=400).to(DEVICE)
+    doc = packed_docs(2, n, 4).to(DEVICE)
+    q, k, v, do = _inputs(2, 16, 2, n, n, 128, torch.bfloat16)
+    config = default_config(128, torch.cuda.get_device_capability(), torch.bfloat16)
+    results = [
+        _with_grads(lambda a, b, c: segment_attention(a, b, c, seg, "bottleneck", doc, backend="triton", config=c_),
+                    q, k, v, do)
+        for c_ in (dataclasses.replace(config, dkv_index_ahead=True), dataclasses.replace(config, dkv_index_ahead=False))
+    ]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name} differs between reading the dK/dV tile index ahead and in place"
+
+
 def test_prebuilt_layout_runs_without_host_sync():
     """Once a layout's tile lists exist, a forward + backward never waits for the GPU."""
     n = 1024
