@@ -4,8 +4,8 @@
 
 Uses the torch and triton already installed (it never installs anything). Steps:
 
-1. ``pytest tests/test_kernels_cuda.py``: the compiled kernels, forward and every gradient,
-   against the float64 reference.
+1. ``pytest tests/test_kernels_cuda.py tests/test_host_path.py``: the compiled kernels, forward and
+   every gradient, against the float64 reference; no host-device sync in a patched step.
 2. Timings (CUDA events, median, ``triton.testing.do_bench``) on the LIVR layouts of
    ``benchmarks/layouts.py`` at the issue's setting (bf16, D=128, Hq=16, Hkv=2, 16k tokens per
    batch): livr with a prebuilt layout (autotuned; the static table; the table with one setting
@@ -51,6 +51,9 @@ TFLOP = 1e12
 # The CUDA tests compile every kernel variant they touch; a hang must not eat the whole lease.
 TEST_TIMEOUT_S = 300
 TEST_WORKERS = 8
+# The compiled kernels against float64 (every gradient), and the host path: no host-device sync in a
+# patched forward + backward (torch.cuda.set_sync_debug_mode("error")), op counts, decode steps.
+CUDA_TEST_FILES = ("test_kernels_cuda.py", "test_host_path.py")
 # The lent GPU machines stop a command at 600 s: past this budget no new timing starts (one that
 # has started may still compile for a minute or two) and the report is written with what was
 # measured (--budget-s 0: no limit, e.g. on your own GPU).
@@ -95,7 +98,7 @@ class Budget:
 def run_cuda_tests(budget: "Budget" = Budget(0)) -> dict:
     start = time.perf_counter()
     timeout = budget.left(TEST_TIMEOUT_S)
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels_cuda.py"), "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", *(str(ROOT / "tests" / name) for name in CUDA_TEST_FILES), "-q", "-p", "no:cacheprovider"]
     try:
         import xdist  # noqa: F401  (compiling the kernel variants dominates: spread it over the CPU cores)
 
@@ -328,7 +331,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
         "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("device", "capability")) + ".",
         f"Shape: {str(bench.SHAPE.dtype).replace('torch.', '')}, D={bench.SHAPE.head_dim}, "
         f"Hq={bench.SHAPE.q_heads}, Hkv={bench.SHAPE.kv_heads}, {bench.SHAPE.tokens_per_batch} tokens per batch, bottleneck rule.",
-        f"CUDA tests (tests/test_kernels_cuda.py): {tests['summary']} in {tests['seconds']:.0f} s.",
+        f"CUDA tests ({', '.join('tests/' + name for name in CUDA_TEST_FILES)}): {tests['summary']} in {tests['seconds']:.0f} s.",
         "Times are medians of CUDA-event timings (triton.testing.do_bench); bwd = fwd+bwd minus fwd; "
         "TFLOP/s count only the work the mask requires (4*D FLOPs per allowed pair and head, x2.5 for bwd), "
         "the same numerator for every method. " + TARGETS + ".",
