@@ -169,15 +169,19 @@ def _time_forward_backward(q, k, v, layout: SegmentLayout, rule: AttentionRule, 
     q, k, v = (t.detach() for t in (q, k, v))
     do = torch.randn_like(q)
 
-    def outputs(config: KernelConfig):
-        if config.fwd_tma and tma_descriptors(k, v, config.fwd_block_n, head_dim_block(q.shape[-1])) is None:
-            # It would time (and check) the pointer loads, yet be stored for tensors that take TMA.
-            raise ValueError(f"{config}: these K and V cannot take TMA loads, so this candidate cannot be timed here")
+    def step(config: KernelConfig):
         o, lse = segment_attention_fwd(q, k, v, layout, rule, scale, config)
         return (o,) + tuple(segment_attention_bwd(do, q, k, v, o, lse, layout, rule, scale, config))
 
+    def outputs(config: KernelConfig):
+        # Checked once per candidate (checked_benchmark calls this before timing), not in the timed loop.
+        if config.fwd_tma and tma_descriptors(k, v, config.fwd_block_n, head_dim_block(q.shape[-1])) is None:
+            # It would time (and check) the pointer loads, yet be stored for tensors that take TMA.
+            raise ValueError(f"{config}: these K and V cannot take TMA loads, so this candidate cannot be timed here")
+        return step(config)
+
     def timed(config: KernelConfig) -> float:
-        return do_bench(lambda: outputs(config), warmup=WARMUP_MS, rep=REPEAT_MS)
+        return do_bench(lambda: step(config), warmup=WARMUP_MS, rep=REPEAT_MS)
 
     return checked_benchmark(outputs, timed)
 
