@@ -220,6 +220,11 @@ def _gold_share(records: Sequence[dict], prediction: str) -> Optional[float]:
         return None
 
 
+def is_below_chance(accuracy: float, chance: float, margin: float = BELOW_CHANCE_MARGIN) -> bool:
+    """Accuracy at least ``margin`` under chance: wrong answers preferred, not guessed."""
+    return accuracy <= chance - margin
+
+
 def below_chance_note(metrics: dict, margin: float = BELOW_CHANCE_MARGIN) -> Optional[str]:
     """A plain warning when accuracy is at least ``margin`` under chance (multiple-choice tasks), naming
     the answer the model prefers; None otherwise. Under chance is not weak learning: the model's
@@ -229,7 +234,7 @@ def below_chance_note(metrics: dict, margin: float = BELOW_CHANCE_MARGIN) -> Opt
         return None
     chance = sum(chances) / len(chances)
     accuracy = metrics["accuracy"]["average"]
-    if accuracy > chance - margin:
+    if not is_below_chance(accuracy, chance, margin):
         return None
     records = metrics.get("predictions") or []
     prediction, share = most_common_prediction(records)

@@ -31,7 +31,7 @@ from .figures import draw_study_bars
 from .files import atomic_write_bytes, atomic_write_json
 from .models import load_trained
 from .probes import METRICS_FILE, evaluate_model, learning_verdict
-from .scoring import BELOW_CHANCE_MARGIN, most_common_prediction
+from .scoring import BELOW_CHANCE_MARGIN, is_below_chance, most_common_prediction
 from .train import train
 
 TINY_MODEL = "tiny"
@@ -183,7 +183,7 @@ def _below_chance(cell: dict) -> bool:
     """The cell's below-chance flag; cells recorded before the flag existed are judged from their numbers."""
     if "below_chance" in cell:
         return bool(cell["below_chance"])
-    return cell.get("chance") is not None and cell["accuracy"] <= cell["chance"] - BELOW_CHANCE_MARGIN
+    return cell.get("chance") is not None and is_below_chance(cell["accuracy"], cell["chance"])
 
 
 def _top_answers(cells: Sequence[dict]) -> str:
