@@ -278,6 +278,7 @@ def test_a_folder_recreated_under_the_name_of_a_checkpoint_left_as_its_copy(tmp_
     (final / "eval" / "metrics.json").write_text("{}")
     got = ckpt.usable_checkpoint_dir(final)
     assert got == ckpt.backup_dir(final) and (got / MARKER).read_text() == "kept"
+    assert ckpt.resolve_checkpoint(final) == got, "the step's own path leads to its copy too"
     assert "holds no checkpoint" in capsys.readouterr().out
     small_checkpoint(tmp_path, STEP + 1, "next")  # the next save tidies the folder
     root = final.parent

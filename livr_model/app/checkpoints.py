@@ -249,8 +249,10 @@ def resolve_checkpoint(path, prefer: str = SELECTED_POINTER) -> Path:
         raise ValueError(f"checkpoint: {str(path)!r} is a checkpoint being written or deleted ({path.suffix}), not a usable one")
     if (path / INFO).is_file():
         return path
-    backup = None if path.exists() else usable_checkpoint_dir(path)
-    if backup is not None:
+    # The .old copy a killed save left, where ``path`` is missing or holds no checkpoint (a run's
+    # output directory is returned as itself, and is resolved through its pointers below).
+    backup = usable_checkpoint_dir(path)
+    if backup is not None and backup != path:
         return backup
     trainer_checkpoint = find_trainer_checkpoint(path)   # a TRL / Trainer run (livr_model.app.trainer_runs)
     if trainer_checkpoint is not None:
