@@ -11,7 +11,8 @@ Uses the torch and triton already installed (it never installs anything). Steps:
    batch): livr with a prebuilt layout (autotuned; the static table; the table with one setting
    changed, ``TABLE_VARIANTS``, each also shown as a ratio to the table) and with the layout built
    per call, SDPA with a dense mask,
-   SDPA ``is_causal`` (no LIVR mask: the floor), FlexAttention (Triton backend) with the block
+   SDPA ``is_causal`` (no LIVR mask: the floor), the same causal attention in Triton with livr's
+   tiles (``triton_causal.py``: splits the distance to the floor into mask cost and Triton cost), FlexAttention (Triton backend) with the block
    mask prebuilt and built per call, FlexAttention's FLASH backend and flash-attn where they import.
    Forward, backward (forward+backward minus forward) and TFLOP/s of the required work.
 3. FlexAttention recompiles: first-call time of each new sequence length.
@@ -41,6 +42,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import test_attention as bench  # noqa: E402
+import triton_causal  # noqa: E402
 from livr_kernels import autotune, segment_attention  # noqa: E402
 from livr_kernels.config import default_config  # noqa: E402
 
@@ -64,7 +66,7 @@ TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
     "fwd >= 450, bwd >= 300 TFLOP/s of required work"
 )
-METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr_table_tma", "livr_table_dkv_in_place", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
+METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr_table_tma", "livr_table_dkv_in_place", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "triton_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
 
 
 def versions() -> dict:
@@ -265,7 +267,8 @@ def fmt_ms(ms) -> str:
 
 def benchmark(lengths, layouts, repeat_ms, budget: "Budget" = Budget(0)) -> list:
     extra = {"livr_table": livr_table_runner, **{name: table_variant_runner(**change) for name, change in TABLE_VARIANTS.items()},
-             "flex_flash": flex_flash_runner(), "flash_attn": flash_attn_runner()}
+             "triton_causal": triton_causal.run_triton_causal, "flex_flash": flex_flash_runner(),
+             "flash_attn": flash_attn_runner()}
     for name, runner in extra.items():
         if runner is not None:
             bench.RUNNERS[name] = runner
@@ -356,6 +359,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
         lines += ["", f"Time budget spent: {skipped} of {len(rows)} timings above were not run "
                   "(`--budget-s`, or fewer `--lengths`, to time them)."]
     lines += variants_markdown(rows)
+    lines += triton_causal.gap_markdown(rows)
     if recompiles:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
                   "| N | first call s | steady ms |", "|---|---|---|"]

@@ -240,10 +240,14 @@ def make_step(case: Case, method: str, mode: str):
 
 
 def expected_output(case: Case, method: str) -> Optional[torch.Tensor]:
-    """An independent result to check ``method`` against: the dense-mask SDPA, or livr for SDPA itself."""
+    """An independent result to check ``method`` against: the dense-mask SDPA, livr for SDPA itself, causal
+    SDPA for the causal Triton kernel."""
     if method == "sdpa_causal":
         return None
-    other = run_livr if method == "sdpa_dense_mask" else run_sdpa_dense
+    if method == "triton_causal":
+        other = run_sdpa_causal
+    else:
+        other = run_livr if method == "sdpa_dense_mask" else run_sdpa_dense
     with torch.no_grad():
         return case.cached(f"expected_{other.__name__}", lambda: other(case, case.q, case.k, case.v))
 

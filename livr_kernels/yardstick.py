@@ -1,6 +1,6 @@
-"""A plain causal flash attention (forward and backward), kept only as compile_check's yardstick.
+"""A plain causal flash attention (forward and backward), kept as compile_check's yardstick.
 
-Never used at run time. It computes the same tiles with the same math as livr's kernels, but
+Never used at run time (``make gpu-report`` also times it, ``benchmarks/triton_causal.py``). It computes the same tiles with the same math as livr's kernels, but
 walks key (or query) blocks by advancing pointers instead of reading a tile list, and has no
 segment mask: what its unmasked loop costs per key is what livr's FULL-tile loop should cost.
 ``compile_check`` compiles both with the same tiles, warps and stages and compares the SASS

@@ -92,3 +92,48 @@ def test_a_negative_or_nan_budget_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_report.main(["--budget-s", value])
     assert exit_info.value.code == 2 and "--budget-s must be 0" in capsys.readouterr().err
+
+
+def test_gap_table_splits_the_distance_to_causal_sdpa_into_mask_and_triton():
+    rows = [
+        _row("single", 8192, "livr_table", 3.0, 6.0),
+        _row("single", 8192, "triton_causal", 2.0, 5.0),
+        _row("single", 8192, "sdpa_causal", 1.0, 4.0),
+        _row("packed", 8192, "livr_table", 1.0, 2.0),
+        _row("packed", 8192, "triton_causal", 2.0, 4.0),  # no sdpa_causal row: nothing to split
+        _row("single", 2048, "triton_causal", None, None),
+        _row("single", 2048, "livr_table", 1.0, 1.0),
+        _row("single", 2048, "sdpa_causal", 1.0, 1.0),
+    ]
+    lines = gpu_report.triton_causal.gap_markdown(rows)
+    assert "| single | 8192 | 1.50x | 1.20x | 1.29x | 2.00x | 1.25x | 1.40x |" in lines
+    assert "| single | 2048 | - | - | - | - | - | - |" in lines
+    assert not any(line.startswith("| packed |") for line in lines)
+    assert gpu_report.triton_causal.gap_markdown([_row("single", 8192, "livr_table", 1.0, 1.0)]) == []
+    assert "triton_causal" in gpu_report.METHODS
+    report = gpu_report.markdown({"device": "NVIDIA H100"}, {"summary": "skipped", "seconds": 0.0}, rows, [])
+    assert "Where the time over causal SDPA goes" in report and "| single | 8192 | 1.50x |" in report
+
+
+@pytest.mark.interpreter
+def test_triton_causal_method_is_causal_attention_with_gqa_in_every_gradient():
+    """The timed yardstick (K/V repeated for its backward, dK/dV summed back) against float64 SDPA."""
+    import torch
+
+    from livr_kernels import KernelConfig
+    from livr_kernels._interpreter import patch_interpreter
+
+    patch_interpreter()
+    config = KernelConfig(fwd_block_m=16, fwd_block_n=16, dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16)
+    torch.manual_seed(0)
+    q, do = torch.randn(1, 4, 64, 24), torch.randn(1, 4, 64, 24)
+    k, v = torch.randn(1, 2, 64, 24), torch.randn(1, 2, 64, 24)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = gpu_report.triton_causal.causal_yardstick(*leaves, config=config)
+    out.backward(do)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, is_causal=True, enable_gqa=True)
+    want.backward(do.double())
+    for got, ref in zip([out] + [t.grad for t in leaves], [want] + [t.grad for t in ref_leaves]):
+        assert got.shape == ref.shape
+        assert (got.double() - ref).abs().max().item() < 1e-5
