@@ -8,7 +8,10 @@ Timed on a GPU beside ``livr_table`` (the same static tiles) it splits livr's di
 * ``livr_table / triton_causal``: what the segment mask and the tile lists cost on the GPU (the
   compile check bounds the full-tile loop's instructions at 1.05x / 1.10x; this is the time);
 * ``triton_causal / sdpa_causal``: what Triton's code generation costs against the hand-written
-  kernel behind SDPA, which no change to livr's mask handling can win back.
+  kernel behind SDPA, which no change to livr's mask handling can win back. In the backward this
+  share also holds an algorithmic difference: livr and the yardstick compute dQ in a kernel of its
+  own that recomputes the scores and probabilities (7 matrix products per tile, deterministic),
+  where flash SDPA adds dQ with atomics inside the dK/dV pass (5 products).
 """
 from __future__ import annotations
 
