@@ -15,8 +15,10 @@ Uses the torch and triton already installed (it never installs anything). Steps:
    tiles (``triton_causal.py``: splits the distance to the floor into mask cost and Triton cost), FlexAttention (Triton backend) with the block
    mask prebuilt and built per call, FlexAttention's FLASH backend and flash-attn where they import.
    Forward, backward (forward+backward minus forward) and TFLOP/s of the required work.
-3. FlexAttention recompiles: first-call time of each new sequence length.
-4. The model step packed vs padded (``benchmarks/test_model_step.py -k packing``): real tokens per
+3. GPU time per kernel (forward, preprocess, dK/dV, dQ, other) of one step at the longest length,
+   for the static table, the autotuned config and the causal Triton kernel (``kernel_breakdown.py``).
+4. FlexAttention recompiles: first-call time of each new sequence length.
+5. The model step packed vs padded (``benchmarks/test_model_step.py -k packing``): real tokens per
    second of one training step on the same examples laid out each way.
 
 The markdown lands in ``--results`` (appended) and on stdout; ``--json`` keeps every number.
@@ -24,7 +26,6 @@ The markdown lands in ``--results`` (appended) and on stdout; ``--json`` keeps e
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -42,9 +43,10 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import test_attention as bench  # noqa: E402
+import kernel_breakdown  # noqa: E402
 import triton_causal  # noqa: E402
-from livr_kernels import autotune, segment_attention  # noqa: E402
-from livr_kernels.config import default_config  # noqa: E402
+from report_runners import TABLE_VARIANTS, register_runners  # noqa: E402
+from livr_kernels import autotune  # noqa: E402
 
 WARMUP_MS = 50
 REPEAT_MS = 300
@@ -66,6 +68,9 @@ TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
     "fwd >= 450, bwd >= 300 TFLOP/s of required work"
 )
+# Profiled kernel by kernel at the longest length: the static table, the autotuned config and the
+# yardstick with the static tiles.
+BREAKDOWN_METHODS = ("livr_table", "livr", "triton_causal")
 METHODS = ("livr", "livr_table", "livr_table_row_order", "livr_table_dkv64", "livr_table_tma", "livr_table_dkv_in_place", "livr+layout", "sdpa_dense_mask", "sdpa_causal", "triton_causal", "flex", "flex+block_mask", "flex_flash", "flash_attn")
 
 
@@ -149,74 +154,9 @@ def packing_markdown(rows: list) -> list:
     return lines
 
 
-def flex_flash_runner():
-    """FlexAttention's FLASH backend (torch >= 2.9 with flash-attn's CuTe kernels), or None."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return None
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def run(case, q, k, v):
-        block_mask = case.cached("block_mask", lambda: bench.build_block_mask(case))
-        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options={"BACKEND": "FLASH"})
-
-    return run
-
-
-def livr_table_runner(case, q, k, v):
-    """livr with the static tile table (``LIVR_AUTOTUNE=0``), beside ``livr`` which autotunes."""
-    previous = os.environ.get(autotune.ENV_VAR)
-    os.environ[autotune.ENV_VAR] = "0"
-    try:
-        return bench.run_livr(case, q, k, v)
-    finally:
-        if previous is None:
-            del os.environ[autotune.ENV_VAR]
-        else:
-            os.environ[autotune.ENV_VAR] = previous
-
-
-def table_variant_runner(**change):
-    """``livr_table`` with ``change`` applied to the static config: an A/B of one setting."""
-    def run(case, q, k, v):
-        config = default_config(q.shape[-1], torch.cuda.get_device_capability(q.device), q.dtype)
-        return segment_attention(q, k, v, case.seg_layout, rule=bench.RULE, backend="triton",
-                                 config=dataclasses.replace(config, **change))
-
-    return run
-
-
-# One setting of the static table changed, each timed against it: row blocks launched in row order,
-# not longest first (benchmarks/dispatch_model.py models the difference); dK/dV on 64-query tiles,
-# which the autotuner picked on the H100 but which spills a little (the static table keeps 32); the
-# forward's K and V through the copy engine (TMA); dK/dV loading each tile index in the iteration
-# that uses it (one Q/dO buffer fewer, as before 2026-11-25's third session).
-TABLE_VARIANTS = {
-    "livr_table_row_order": {"longest_first": False},
-    "livr_table_dkv64": {"dkv_block_m": 64},
-    "livr_table_tma": {"fwd_tma": True},
-    "livr_table_dkv_in_place": {"dkv_index_ahead": False},
-}
-
-
 def tuned_configs() -> list:
     """The configs the autotuner chose in this process, one line per tuning key."""
     return [f"D={key[3]}, N bucket {key[6]}, docs {key[7]}: {config}" for key, config in autotune._memory.items()]
-
-
-def flash_attn_runner():
-    """flash-attn's causal kernel (no LIVR mask; a second floor), or None where it is absent."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-
-    def run(case, q, k, v):
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)
-
-    return run
 
 
 def time_method(case, method: str, repeat_ms: int) -> dict:
@@ -266,12 +206,7 @@ def fmt_ms(ms) -> str:
 
 
 def benchmark(lengths, layouts, repeat_ms, budget: "Budget" = Budget(0)) -> list:
-    extra = {"livr_table": livr_table_runner, **{name: table_variant_runner(**change) for name, change in TABLE_VARIANTS.items()},
-             "triton_causal": triton_causal.run_triton_causal, "flex_flash": flex_flash_runner(),
-             "flash_attn": flash_attn_runner()}
-    for name, runner in extra.items():
-        if runner is not None:
-            bench.RUNNERS[name] = runner
+    register_runners()
     rows = []
     # Length outside, layout inside: a budget that runs out still leaves both layouts at the lengths timed.
     for n in lengths:
@@ -306,6 +241,27 @@ def benchmark(lengths, layouts, repeat_ms, budget: "Budget" = Budget(0)) -> list
     return rows
 
 
+def kernel_breakdowns(n: int, layouts, budget: "Budget" = Budget(0)) -> list:
+    """Per-kernel GPU time of one forward + backward step of each ``BREAKDOWN_METHODS`` at length ``n``."""
+    register_runners()
+    rows = []
+    for layout_name in layouts:
+        for method in BREAKDOWN_METHODS:
+            row = {"layout": layout_name, "n": n, "method": method}
+            if budget.spent():
+                rows.append({**row, "error": NOT_TIMED})
+                continue
+            try:
+                step = bench.make_step(bench.make_case(layout_name, n), method, "fwd_bwd")
+                kernels = kernel_breakdown.profile_kernels(step)
+                rows.append({**row, **kernel_breakdown.breakdown(kernels, kernel_breakdown.PROFILED_STEPS)})
+            except Exception as exc:  # a profiler that fails must not cost the report
+                rows.append({**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"})
+        bench.make_case.cache_clear()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def variants_markdown(rows: list) -> list:
     """Lines comparing each one-setting variant of the static table (``TABLE_VARIANTS``) with it."""
     timed = {(r["layout"], r["n"], r["method"]): r for r in rows}
@@ -327,7 +283,7 @@ def variants_markdown(rows: list) -> list:
             "| variant | layout | N | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|---|"] + lines
 
 
-def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: list = ()) -> str:
+def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: list = (), kernels: list = ()) -> str:
     lines = [
         f"## {datetime.date.today().isoformat()}, {info.get('device', 'no GPU')} ({info.get('capability', '-')}): make gpu-report",
         "",
@@ -360,6 +316,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
                   "(`--budget-s`, or fewer `--lengths`, to time them)."]
     lines += variants_markdown(rows)
     lines += triton_causal.gap_markdown(rows)
+    lines += kernel_breakdown.breakdown_markdown(list(kernels))
     if recompiles:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",
                   "| N | first call s | steady ms |", "|---|---|---|"]
@@ -396,9 +353,10 @@ def main(argv=None) -> int:
         tests = run_cuda_tests(budget)
     lengths = args.lengths or ((4096, 8192) if args.quick else bench.SHAPE.seq_lens)
     rows = benchmark(lengths, bench.LAYOUT_NAMES, QUICK_REPEAT_MS if args.quick else REPEAT_MS, budget)
+    kernels = kernel_breakdowns(max(lengths), bench.LAYOUT_NAMES, budget)
     recompiles = flex_recompile_times("single", (3000, 5000, 7000), budget)
     packing = run_packing_step(budget)
-    report = markdown(info, tests, rows, recompiles, packing)
+    report = markdown(info, tests, rows, recompiles, packing, kernels)
     report += "\nConfigs the autotuner chose for `livr` (`livr_table` is the static table):\n\n" + "".join(
         f"- {line}\n" for line in tuned_configs())
     print(report, flush=True)
@@ -406,7 +364,7 @@ def main(argv=None) -> int:
         fh.write("\n" + report)
     if args.json:
         args.json.write_text(json.dumps({"versions": info, "tests": tests, "rows": rows, "recompiles": recompiles,
-                                               "packing": packing}, indent=1))
+                                               "packing": packing, "kernels": kernels}, indent=1))
     return 0 if tests["returncode"] in (0, None) else 1
 
 

@@ -137,3 +137,64 @@ def test_triton_causal_method_is_causal_attention_with_gqa_in_every_gradient():
     for got, ref in zip([out] + [t.grad for t in leaves], [want] + [t.grad for t in ref_leaves]):
         assert got.shape == ref.shape
         assert (got.double() - ref).abs().max().item() < 1e-5
+
+
+def test_kernel_breakdown_sums_each_part_per_step():
+    kb = gpu_report.kernel_breakdown
+    events = [("segment_attention_fwd_kernel", 2000.0), ("segment_attention_fwd_kernel", 2000.0),
+              ("segment_attention_bwd_kernel_preprocess", 400.0), ("segment_attention_bwd_kernel_dkv", 6000.0),
+              ("segment_attention_bwd_kernel_dq", 3000.0), ("causal_bwd_dkv_kernel", 1000.0),
+              ("void at::native::vectorized_elementwise_kernel<...>", 600.0)]
+    parts = kb.breakdown(events, steps=2)
+    assert parts == {"forward": 2.0, "preprocess": 0.2, "dK/dV": 3.5, "dQ": 1.5, "other": 0.3}
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        kb.breakdown(events, steps=0)
+    lines = kb.breakdown_markdown([{"layout": "single", "n": 8192, "method": "livr_table", **parts},
+                                   {"layout": "packed", "n": 8192, "method": "livr", "error": "RuntimeError: x"}])
+    assert "| single | 8192 | livr_table | 2.000 | 0.200 | 3.500 | 1.500 | 0.300 | 7.500 |" in lines
+    assert "| packed | 8192 | livr | RuntimeError: x | - | - | - | - | - |" in lines
+    assert kb.breakdown_markdown([]) == []
+
+
+def test_profile_kernels_reads_the_profiler_events_of_each_step():
+    """The profiler path itself, on CPU events (a GPU run reads the CUDA ones the same way)."""
+    import torch
+    from torch.autograd import DeviceType
+
+    calls = []
+    a = torch.randn(64, 64)
+
+    def step():
+        calls.append(1)
+        return a @ a
+
+    events = gpu_report.kernel_breakdown.profile_kernels(step, steps=3, device_type=DeviceType.CPU)
+    assert len(calls) == 4  # one untimed step first
+    matmuls = [us for name, us in events if name == "aten::mm"]
+    assert len(matmuls) == 3 and all(us > 0 for us in matmuls)
+
+
+def test_kernel_breakdowns_in_the_report_budget_and_errors(monkeypatch):
+    now = [0.0]
+    budget = gpu_report.Budget(10, clock=lambda: now[0])
+    events = {"livr_table": [("segment_attention_bwd_kernel_dq", 5000.0)]}
+
+    def fake_profile(step):
+        now[0] += 6.0
+        method = step()
+        if method not in events:
+            raise RuntimeError("profiler failed\nsecond line")
+        return events[method]
+
+    monkeypatch.setattr(gpu_report.kernel_breakdown, "profile_kernels", fake_profile)
+    monkeypatch.setattr(gpu_report.bench, "make_case", type("Cached", (), {
+        "__call__": staticmethod(lambda layout, n: None), "cache_clear": staticmethod(lambda: None)})())
+    monkeypatch.setattr(gpu_report.bench, "make_step", lambda case, method, mode: lambda: method)
+    monkeypatch.setattr(gpu_report.torch.cuda, "empty_cache", lambda: None)
+    rows = gpu_report.kernel_breakdowns(16384, ["single"], budget)
+    assert [r["method"] for r in rows] == list(gpu_report.BREAKDOWN_METHODS)
+    assert rows[0]["dQ"] == 5000.0 / 1000 / gpu_report.kernel_breakdown.PROFILED_STEPS
+    assert rows[1]["error"] == "RuntimeError: profiler failed"
+    assert rows[2]["error"] == gpu_report.NOT_TIMED  # 12 s spent of 10
+    report = gpu_report.markdown({"device": "NVIDIA H100"}, {"summary": "skipped", "seconds": 0.0}, [], [], (), rows)
+    assert "GPU time of one forward + backward step by kernel" in report and "| single | 16384 | livr_table | 0.000 | 0.000 | 0.000 | 1.000 | 0.000 | 1.000 |" in report
