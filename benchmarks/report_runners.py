@@ -59,12 +59,14 @@ def table_variant_runner(**change):
 # not longest first (benchmarks/dispatch_model.py models the difference); dK/dV on 64-query tiles,
 # which the autotuner picked on the H100 but which spills a little (the static table keeps 32); the
 # forward's K and V through the copy engine (TMA); dK/dV loading each tile index in the iteration
-# that uses it (one Q/dO buffer fewer, as before 2026-11-25's third session).
+# that uses it (one Q/dO buffer fewer, as before 2026-11-25's third session); dQ added by dK/dV
+# with atomics instead of a dQ kernel that recomputes scores (5 matrix products per tile, not 7).
 TABLE_VARIANTS = {
     "livr_table_row_order": {"longest_first": False},
     "livr_table_dkv64": {"dkv_block_m": 64},
     "livr_table_tma": {"fwd_tma": True},
     "livr_table_dkv_in_place": {"dkv_index_ahead": False},
+    "livr_table_dq_atomic": {"dq_atomic": True},
 }
 
 

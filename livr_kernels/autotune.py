@@ -34,8 +34,9 @@ ENV_VAR = "LIVR_AUTOTUNE"
 # Sequence lengths share a tuned config within a power-of-two bucket, at least this long.
 MIN_BUCKET = 1024
 CACHE_FILE = "livr_tuned_config.json"
-# Bump when the kernels or the space change so old timings mislead (2: launch order; 3: TMA loads).
-CACHE_VERSION = 3
+# Bump when the kernels or the space change so old timings mislead (2: launch order; 3: TMA loads;
+# 4: atomic dQ).
+CACHE_VERSION = 4
 WARMUP_MS = 5
 REPEAT_MS = 25
 
@@ -105,10 +106,11 @@ def length_bucket(n: int) -> int:
 
 def tuning_key(
     device_name: str, capability: Tuple[int, int], dtype: torch.dtype, head_dim: int,
-    q_heads: int, kv_heads: int, n: int, has_docs: bool,
+    q_heads: int, kv_heads: int, n: int, has_docs: bool, deterministic: bool = False,
 ) -> Tuple:
+    # Deterministic runs tune without the atomic dQ candidate, so they keep a choice of their own.
     return (device_name, tuple(capability), str(dtype), head_dim, q_heads, kv_heads, length_bucket(n), has_docs,
-            triton_version(), CACHE_VERSION)
+            deterministic, triton_version(), CACHE_VERSION)
 
 
 def _cache_manager(key: Tuple):
@@ -195,9 +197,10 @@ def select_config(
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
     if not autotune_enabled(q.device) or q.dtype == torch.float32:
         return default_config(head_dim, capability, q.dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     key = tuning_key(
         torch.cuda.get_device_name(q.device), capability, q.dtype, head_dim, q.shape[1], k.shape[1], k.shape[2],
-        layout.has_docs,
+        layout.has_docs, deterministic,
     )
-    candidates = tuning_space(head_dim, capability, q.dtype)
+    candidates = tuning_space(head_dim, capability, q.dtype, deterministic)
     return tune(key, candidates, benchmark or _time_forward_backward(q, k, v, layout, rule, scale))

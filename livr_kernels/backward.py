@@ -32,7 +32,7 @@ PREPROCESS_WARPS = 4
 
 @triton.jit
 def segment_attention_bwd_kernel_preprocess(
-    o, do, delta,
+    o, do, delta, dq_acc,
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
     n_q,
@@ -40,6 +40,7 @@ def segment_attention_bwd_kernel_preprocess(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     # Batch x heads on the first grid axis: the second holds at most 65535 programs.
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
@@ -53,6 +54,11 @@ def segment_attention_bwd_kernel_preprocess(
     b_o = tl.load(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
     b_do = tl.load(row_block(p_do, i_m * BLOCK_M, stride_don, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
     tl.store(delta + i_bh.to(tl.int64) * n_q + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
+    if DQ_ATOMIC:
+        # Zero the fp32 dQ accumulator (B, HQ, n_q, D) here: one launch fewer than a torch.zeros.
+        p_dq_acc = dq_acc + i_bh.to(tl.int64) * n_q * D
+        tl.store(row_block(p_dq_acc, i_m * BLOCK_M, D, tl.arange(0, BLOCK_M), o_d), tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                 mask=m_md)
 
 
 def int32_query_offsets(args) -> bool:
@@ -63,11 +69,13 @@ def int32_query_offsets(args) -> bool:
 @triton.jit
 def _dkv_tile(
     b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n,
-    p_q, p_do, p_lse, p_delta, p_seg, p_doc, o_bm, o_d, m_d, i_m, n_q, offset,
-    stride_qn, stride_don, scale_log2,
+    p_q, p_do, p_lse, p_delta, p_seg, p_doc, p_dq_acc, o_bm, o_d, m_d, i_m, n_q, offset,
+    stride_qn, stride_don, scale, scale_log2,
+    D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     RULE_BITS: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
     MASKED: tl.constexpr,
@@ -111,13 +119,22 @@ def _dkv_tile(
         b_delta = tl.load(p_delta + o_m)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    if DQ_ATOMIC:
+        # dQ of this tile from the dS already on chip (no dQ kernel recomputing S and P), added
+        # to the fp32 accumulator: [BM, BN] x [BN, BD]
+        b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PRECISION) * scale
+        p_dq = row_block(p_dq_acc, i_m0, D, o_bm, o_d)
+        if MASKED:
+            tl.atomic_add(p_dq, b_dq, mask=m_m[:, None] & m_d[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(p_dq, b_dq, mask=m_d[None, :], sem="relaxed")
     return b_dk, b_dv
 
 
 @triton.heuristics({"DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_query_offsets})
 @triton.jit
 def segment_attention_bwd_kernel_dkv(
-    q, k, v, do, lse, delta, dk, dv, seg, doc,
+    q, k, v, do, lse, delta, dk, dv, seg, doc, dq_acc,
     full_count, full_index, partial_count, partial_index, row_order,
     scale, scale_log2,
     stride_qb, stride_qh, stride_qn,
@@ -139,6 +156,7 @@ def segment_attention_bwd_kernel_dkv(
     HAS_DOCS: tl.constexpr,
     LONGEST_FIRST: tl.constexpr,
     INDEX_AHEAD: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
 ):
@@ -179,6 +197,7 @@ def segment_attention_bwd_kernel_dkv(
         p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse = lse + i_bhq * n_q
         p_delta = delta + i_bhq * n_q
+        p_dq_acc = dq_acc + i_bhq * n_q * D
         # INDEX_AHEAD reads the next full tile's index one iteration ahead, as the forward and dQ
         # do: the pipeliner then keeps every stage for Q and dO (3 buffers at num_stages=3 on
         # sm_90, not 2). Where that spills (``KernelConfig.dkv_index_ahead``) the index is loaded
@@ -192,17 +211,17 @@ def segment_attention_bwd_kernel_dkv(
             else:
                 i_m = tl.load(p_full + i_t)
             b_dk, b_dv = _dkv_tile(
-                b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                o_bm, o_d, m_d, i_m, n_q, offset, stride_qn, stride_don, scale_log2,
-                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, False,
+                b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc, p_dq_acc,
+                o_bm, o_d, m_d, i_m, n_q, offset, stride_qn, stride_don, scale, scale_log2,
+                D, BLOCK_M, RULE_BITS, HAS_DOCS, DQ_ATOMIC, DOT_PRECISION, INT32_OFFSETS, False,
             )
             if INDEX_AHEAD:
                 i_m = i_next
         for i_t in range(0, n_partial):
             b_dk, b_dv = _dkv_tile(
-                b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc,
-                o_bm, o_d, m_d, tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, scale_log2,
-                BLOCK_M, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, True,
+                b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc, p_dq_acc,
+                o_bm, o_d, m_d, tl.load(p_partial + i_t), n_q, offset, stride_qn, stride_don, scale, scale_log2,
+                D, BLOCK_M, RULE_BITS, HAS_DOCS, DQ_ATOMIC, DOT_PRECISION, INT32_OFFSETS, True,
             )
 
     i_b, i_n, i_hs = program_row(row_order, num_k_blocks, HKV * SPLIT, LONGEST_FIRST, AGAIN=True)
@@ -241,13 +260,18 @@ def segment_attention_bwd(
     block_d = head_dim_block(head_dim)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
 
+    # dQ added by the dK/dV kernel with atomics (one kernel fewer, no recomputed scores), unless the
+    # user asked torch for deterministic algorithms: then the dQ kernel, whose sums have a fixed order.
+    dq_atomic = config.dq_atomic and not torch.are_deterministic_algorithms_enabled()
     delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
+    # An fp32 accumulator, zeroed by the preprocess; otherwise any tensor stands in for it.
+    dq_acc = _alloc((batch, hq, n_q, head_dim), dtype=torch.float32, device=q.device) if dq_atomic else delta
     preprocess_m = PREPROCESS_ELEMENTS // block_d
     segment_attention_bwd_kernel_preprocess[(batch * hq, triton.cdiv(n_q, preprocess_m))](
-        o, do, delta,
+        o, do, delta, dq_acc,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_m,
+        n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_m, DQ_ATOMIC=dq_atomic,
         **config.launch_options(PREPROCESS_WARPS),
     )
 
@@ -271,7 +295,7 @@ def segment_attention_bwd(
     else:
         dk_parts, dv_parts = dk, dv
     segment_attention_bwd_kernel_dkv[(batch * num_k_blocks * hkv * split,)](
-        q, k, v, do, lse, delta, dk_parts, dv_parts, layout.segment_ids, doc,
+        q, k, v, do, lse, delta, dk_parts, dv_parts, layout.segment_ids, doc, dq_acc,
         schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -281,11 +305,16 @@ def segment_attention_bwd(
         dk_parts.stride(0), dk_parts.stride(1), dk_parts.stride(2),
         dv_parts.stride(0), dv_parts.stride(1), dv_parts.stride(2),
         n_q, n_k, num_q_blocks, num_k_blocks,
-        HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, INDEX_AHEAD=config.dkv_index_ahead, **common,
+        HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, INDEX_AHEAD=config.dkv_index_ahead, DQ_ATOMIC=dq_atomic,
+        **common,
     )
     if split > 1:
         dk.copy_(dk_parts.view(batch, hkv, split, n_k, head_dim).sum(2))
         dv.copy_(dv_parts.view(batch, hkv, split, n_k, head_dim).sum(2))
+
+    if dq_atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
 
     bm, bn = config.dq_block_m, config.dq_block_n
     schedule = layout.schedule(rule, bm, bn, n_q)

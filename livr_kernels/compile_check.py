@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .compiled_stats import (  # noqa: F401  (re-exported: the tests and tools read them from here)
     ASYNC_COPY,
+    ATOMIC_ADD,
     TMA_COPY,
     MMA_KINDS,
     SASS_MMA,
@@ -87,6 +88,9 @@ CORE_HEAD_DIMS = (64, 128)
 EXTRA_HEAD_DIMS = (80, 256)
 FULL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DEFAULT_RULES = ("bottleneck",)
+# Settings off in the static table that the autotuner may switch on: each is compiled too (the
+# kernels it changes, shown as "<kernel>+<name>") and held to the same limits.
+OPTION_VARIANTS = {"dq_atomic": {"dq_atomic": True}}
 _FP_FUSION_WARNING = ".*TRITON_DEFAULT_FP_FUSION.*"
 
 
@@ -115,6 +119,7 @@ class KernelReport:
     mma: str = "none"
     async_copies: bool = False
     tma_copies: bool = False
+    atomic_adds: bool = False
     # SASS instructions of each innermost tensor-core loop (full-tile loop first), and the
     # software pipeliner's buffer count per multi-buffered tile (TTGIR).
     loop_instructions: List[int] = field(default_factory=list)
@@ -179,6 +184,7 @@ def compile_launch(launch: KernelLaunch, variant: Variant) -> KernelReport:
     # Triton's software pipelining issues the loop's loads as asynchronous copies.
     report.async_copies = ASYNC_COPY in compiled.asm["ptx"]
     report.tma_copies = TMA_COPY in compiled.asm["ptx"]
+    report.atomic_adds = ATOMIC_ADD.search(compiled.asm["ptx"]) is not None
     report.loop_instructions = [loop.instructions for loop in sass_tile_loops(read_sass(compiled.asm["cubin"]))]
     report.buffers = pipeline_buffers(compiled.asm["ttgir"])
     return report
@@ -213,13 +219,15 @@ def plan(archs: Sequence[int], pairs: Sequence[Tuple[str, int]], rules: Sequence
         for dtype, head_dim in pairs:
             for has_docs in (False, True):
                 for rule in rules:
-                    for launch in capture_launches(arch, dtype, head_dim, has_docs, rule):
-                        uses_mask = "RULE_BITS" in launch.constexprs
-                        variant = Variant(
-                            launch.kernel, arch, dtype, head_dim,
-                            has_docs if uses_mask else None, rule if uses_mask else None,
-                        )
-                        jobs.setdefault(f"{arch}|{launch.key()}", (launch, variant))
+                    for option, changes in (("", None), *OPTION_VARIANTS.items()):
+                        for launch in capture_launches(arch, dtype, head_dim, has_docs, rule, changes=changes):
+                            uses_mask = "RULE_BITS" in launch.constexprs
+                            variant = Variant(
+                                launch.kernel + (f"+{option}" if option else ""), arch, dtype, head_dim,
+                                has_docs if uses_mask else None, rule if uses_mask else None,
+                            )
+                            # A launch the option leaves as it is keeps its plain name.
+                            jobs.setdefault(f"{arch}|{launch.key()}", (launch, variant))
     return list(jobs.values())
 
 
@@ -307,7 +315,8 @@ def format_markdown(reports: Sequence[KernelReport]) -> str:
 
 def _sort_key(r: KernelReport):
     v = r.variant
-    return (v.arch, list(ALL_KERNELS).index(v.kernel), v.dtype, v.head_dim, bool(v.has_docs), v.rule or "")
+    kernel, _, option = v.kernel.partition("+")
+    return (v.arch, list(ALL_KERNELS).index(kernel), option, v.dtype, v.head_dim, bool(v.has_docs), v.rule or "")
 
 
 def wgmma_summary(reports: Sequence[KernelReport]) -> List[str]:

@@ -21,6 +21,8 @@ MMA_KINDS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.syn
 ASYNC_COPY = "cp.async"
 # The tensor memory accelerator's bulk tile copy (``KernelConfig.fwd_tma``).
 TMA_COPY = "cp.async.bulk.tensor"
+# fp32 adds to global memory (``tl.atomic_add`` with relaxed order): the atomic dQ path.
+ATOMIC_ADD = re.compile(r"\b(?:red|atom)\.global\.\S*add\S*\.f32")
 # Most SASS instructions per key (per query for dK/dV) livr's FULL-tile loop may cost, as a
 # multiple of the yardstick's unmasked loop with the same tiles.
 YARDSTICK_LIMIT = {"fwd": 1.05, "bwd_dkv": 1.10, "bwd_dq": 1.10}

@@ -51,6 +51,11 @@ class KernelConfig:
     # the GPU has one (sm_90 and newer) and the tensors are 16-byte aligned; else pointer loads.
     # Off in the tables until a GPU has timed it; the autotuner tries it on Hopper.
     fwd_tma: bool = False
+    # dK/dV also adds each tile's dQ to an fp32 buffer with atomics, and the dQ kernel (which
+    # recomputes scores and probabilities: 7 matrix products per tile instead of 5) is skipped.
+    # Not deterministic (the order of the atomic sums varies), so never under
+    # torch.use_deterministic_algorithms(True); off in the tables until a GPU has timed it.
+    dq_atomic: bool = False
 
     def launch_options(self, num_warps: int) -> dict:
         """Keyword arguments of a kernel launch with ``num_warps`` warps."""
@@ -191,12 +196,14 @@ def default_config(
 
 
 def tuning_space(
-    head_dim: int, capability: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None
+    head_dim: int, capability: Optional[Tuple[int, int]] = None, dtype: Optional[torch.dtype] = None,
+    deterministic: bool = False,
 ) -> List[KernelConfig]:
     """The configs the autotuner times for one (GPU generation, dtype, head dim): the static entry
     first, then one step away from it on each axis (key tile of the forward, warps, pipeline
-    depth, dQ key tile, dK/dV query tile, launch order, and on Hopper the forward's TMA loads). fp32 and D=256 are not tuned (their tiles are at the
-    register limit already)."""
+    depth, dQ key tile, dK/dV query tile, launch order, dQ added with atomics unless
+    ``deterministic``, and on Hopper the forward's TMA loads). fp32 and D=256 are not tuned (their
+    tiles are at the register limit already)."""
     base = default_config(head_dim, capability, dtype)
     if dtype == torch.float32 or head_dim_block(head_dim) > TUNED_MAX_HEAD_DIM:
         return [base]
@@ -209,6 +216,8 @@ def tuning_space(
         replace(base, dkv_block_m=2 * base.dkv_block_m),
         replace(base, longest_first=not base.longest_first),
     ]
+    if not deterministic:
+        steps.append(replace(base, dq_atomic=True))
     if generation(capability or HOPPER) == "hopper":
         # Compiled, TMA saves registers on sm_90 (160 vs 191 at D=128) but costs Blackwell 4-29%
         # more loop instructions, so only Hopper tries it.

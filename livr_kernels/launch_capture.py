@@ -7,6 +7,7 @@ specialise it. The plain causal yardstick kernels are recorded the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
@@ -128,11 +129,12 @@ def _capture_inputs(dtype: str, head_dim: int, n: int, kv_heads: int):
 
 
 def capture_launches(
-    arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str, config=None
+    arch: int, dtype: str, head_dim: int, has_docs: bool, rule: str, config=None, changes=None
 ) -> List[KernelLaunch]:
     """Run the forward and backward host wrappers on CPU tensors, recording each kernel launch.
 
-    ``config`` (a ``KernelConfig``) replaces ``default_config`` to try other tile sizes.
+    ``config`` (a ``KernelConfig``) replaces ``default_config`` to try other tile sizes;
+    ``changes`` (field -> value) are then applied to it, e.g. ``{"dq_atomic": True}``.
     """
     if interpreter_on():
         raise RuntimeError("capture_launches needs real JIT functions: unset TRITON_INTERPRET before importing livr_kernels")
@@ -153,7 +155,7 @@ def capture_launches(
     doc = torch.arange(n, dtype=torch.int32)[None] * CAPTURE_DOCS // n if has_docs else None
     layout = SegmentLayout(seg, doc)
     torch_dtype, q, k, v, do = _capture_inputs(dtype, head_dim, n, TARGET_KV_HEADS)
-    config = config or default_config(head_dim, _capability(arch), torch_dtype)
+    config = dataclasses.replace(config or default_config(head_dim, _capability(arch), torch_dtype), **(changes or {}))
     resolved = resolve_rule(rule)
     scale = head_dim ** -0.5
     launches: List[KernelLaunch] = []

@@ -30,6 +30,7 @@ def test_keys_separate_what_changes_the_best_tiles():
     assert base != autotune.tuning_key("NVIDIA H100", (9, 0), torch.float16, 128, 16, 2, 4096, False)
     assert base != autotune.tuning_key("NVIDIA H100", (9, 0), torch.bfloat16, 128, 16, 2, 4096, True)
     assert base != autotune.tuning_key("NVIDIA A100", (8, 0), torch.bfloat16, 128, 16, 2, 4096, False)
+    assert base != autotune.tuning_key("NVIDIA H100", (9, 0), torch.bfloat16, 128, 16, 2, 4096, False, True)
 
 
 def test_switch(monkeypatch):
@@ -59,6 +60,10 @@ def test_space_starts_with_the_table_and_varies_one_axis_at_a_time(capability):
     assert [c.longest_first for c in space].count(False) == 1
     # TMA loads only on Hopper, where compiling them saves registers (Blackwell's loops grow).
     assert [c.fwd_tma for c in space].count(True) == (1 if capability == (9, 0) else 0)
+    # Atomic dQ everywhere, but never when torch is asked for deterministic algorithms.
+    assert [c.dq_atomic for c in space].count(True) == 1
+    deterministic = tuning_space(128, capability, torch.bfloat16, deterministic=True)
+    assert not any(c.dq_atomic for c in deterministic) and deterministic == [c for c in space if not c.dq_atomic]
     deeper = [c.num_stages for c in space if c.num_stages != base.num_stages]
     # Deeper pipelines only where shared memory is large (sm_90, sm_100); shallower elsewhere.
     assert deeper == ([base.num_stages + 1] if capability in ((9, 0), (10, 0)) else [base.num_stages - 1])

@@ -113,6 +113,11 @@ with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout
 tma_config = dataclasses.replace(default_config(64, (9, 0), torch.float16), fwd_tma=True)
 tma_fwd = next(l for l in cc.capture_launches(90, "fp16", 64, True, "bottleneck", config=tma_config) if l.kernel == "fwd")
 tma = cc.compile_launch(tma_fwd, cc.Variant("fwd", 90, "fp16", 64, True, "bottleneck"))
+atomic_dkv = next(l for l in cc.capture_launches(90, "fp16", 64, True, "bottleneck", changes={"dq_atomic": True})
+                  if l.kernel == "bwd_dkv")
+atomic = cc.compile_launch(atomic_dkv, cc.Variant("bwd_dkv+dq_atomic", 90, "fp16", 64, True, "bottleneck"))
+plain_dkv = cc.compile_launch(next(l for l in launches if l.kernel == "bwd_dkv"), cc.Variant("bwd_dkv", 90, "fp16", 64, False, "bottleneck"))
+planned = [v.kernel for _, v in cc.plan([90], [("fp16", 64)], ["bottleneck"])]
 yard = next(l for l in cc.capture_yardstick_launches(90, "fp16", 64) if l.kernel == "yardstick_fwd")
 yardstick = cc.compile_launch(yard, cc.Variant(yard.kernel, 90, "fp16", 64, None, None))
 out = {
@@ -127,6 +132,9 @@ out = {
     "spilled": dataclasses.asdict(spilled) | {"problems": spilled.problems()},
     "tma": dataclasses.asdict(tma) | {"problems": tma.problems(), "signature": tma_fwd.signature},
     "ptxas_log": log.getvalue(),
+    "atomic": dataclasses.asdict(atomic) | {"problems": atomic.problems()},
+    "plain_dkv": dataclasses.asdict(plain_dkv),
+    "planned": planned,
 }
 print("RESULT" + json.dumps(out, default=str))
 """
@@ -193,6 +201,23 @@ def test_tma_forward_compiles_clean_with_tensor_copies(compiled):
     assert tma["tma_copies"] and not plain["tma_copies"]
     assert tma["signature"]["k"].startswith("tensordesc") and tma["signature"]["q"].startswith("*")
     assert tma["mma"] == "wgmma" and len(tma["loop_instructions"]) == 2
+
+
+def test_atomic_dq_compiles_clean_with_global_atomic_adds(compiled):
+    """``dq_atomic``: the sm_90 dK/dV adds dQ with fp32 atomics, without spills; the default does not."""
+    atomic, plain = compiled["atomic"], compiled["plain_dkv"]
+    assert atomic["error"] is None and atomic["problems"] == [], atomic
+    assert atomic["atomic_adds"] and not plain["atomic_adds"]
+    assert atomic["mma"] == "wgmma" and len(atomic["loop_instructions"]) == 2
+
+
+def test_plan_compiles_each_option_where_it_changes_a_kernel(compiled):
+    """The option variants (``OPTION_VARIANTS``) add only the kernels they change, under their own name."""
+    planned = compiled["planned"]
+    assert planned.count("bwd_dkv+dq_atomic") == 2  # with and without doc ids
+    assert planned.count("bwd_preprocess+dq_atomic") == 1  # it zeroes the accumulator
+    assert not any(name in planned for name in ("fwd+dq_atomic", "bwd_dq+dq_atomic"))
+    assert planned.count("fwd") == 2 and planned.count("bwd_dq") == 2
 
 
 def test_spill_is_detected_and_matches_ptxas(compiled):

@@ -198,3 +198,12 @@ def test_kernel_breakdowns_in_the_report_budget_and_errors(monkeypatch):
     assert rows[2]["error"] == gpu_report.NOT_TIMED  # 12 s spent of 10
     report = gpu_report.markdown({"device": "NVIDIA H100"}, {"summary": "skipped", "seconds": 0.0}, [], [], (), rows)
     assert "GPU time of one forward + backward step by kernel" in report and "| single | 16384 | livr_table | 0.000 | 0.000 | 0.000 | 1.000 | 0.000 | 1.000 |" in report
+
+
+def test_lengths_are_timed_longest_first_and_targets_before_variants():
+    lengths = gpu_report.default_lengths(quick=False)  # 2k-16k on CUDA, one short length on CPU
+    assert lengths == sorted(gpu_report.bench.SHAPE.seq_lens, reverse=True) and lengths[0] == max(lengths)
+    assert gpu_report.default_lengths(quick=True) == [8192, 4096]
+    order = list(gpu_report.METHODS)
+    compared = ("livr", "sdpa_causal", "flex", "flex+block_mask", "sdpa_dense_mask")
+    assert max(order.index(m) for m in compared) < min(order.index(m) for m in gpu_report.TABLE_VARIANTS)

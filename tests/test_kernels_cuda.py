@@ -190,3 +190,32 @@ def test_tma_forward_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_
         err = (g.double() - w).abs().max().item()
         bound = LOW_PRECISION_FACTOR * (lo.double() - w).abs().max().item() + LOW_PRECISION_FLOOR
         assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("batch,hq,hkv,n_q,n_k,head_dim,pad,num_docs", [
+    pytest.param(2, 16, 2, 2049, 2049, 128, 100, 0, id="n2049-gqa8-pad"),
+    pytest.param(1, 8, 1, 1000, 1000, 128, 0, 3, id="n1000-gqa8-docs"),
+    pytest.param(1, 4, 4, 777, 777, 80, 0, 0, id="n777-d80"),
+    pytest.param(2, 4, 2, 129, 129, 64, 7, 0, id="n129-pad"),
+    pytest.param(1, 4, 2, 7, 900, 128, 0, 0, id="nq7-nk900"),
+])
+def test_atomic_dq_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_k, head_dim, pad, num_docs):
+    """``dq_atomic``: dQ added by the dK/dV kernel with fp32 atomics, bf16, every buffer NaN-poisoned."""
+    def nan_alloc(*args, **kwargs):
+        return torch.full(*args, float("nan"), **kwargs)
+
+    monkeypatch.setattr(forward_mod, "_alloc", nan_alloc)
+    monkeypatch.setattr(backward_mod, "_alloc", nan_alloc)
+    seg = livr_layout(batch, n_k, pad=pad).to(DEVICE)
+    doc = packed_docs(batch, n_k, num_docs).to(DEVICE) if num_docs else None
+    q, k, v, do = _inputs(batch, hq, hkv, n_q, n_k, head_dim, torch.bfloat16)
+    config = dataclasses.replace(default_config(head_dim, torch.cuda.get_device_capability(), torch.bfloat16), dq_atomic=True)
+    got = _with_grads(lambda a, b, c: segment_attention(a, b, c, seg, "bottleneck", doc, backend="triton", config=config),
+                      q, k, v, do)
+    want = _reference(q, k, v, do, seg, "bottleneck", doc)
+    low = _reference(q, k, v, do, seg, "bottleneck", doc, dtype=torch.bfloat16)
+    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
+        assert torch.isfinite(g).all(), f"{name} has non-finite (or unwritten) values"
+        err = (g.double() - w).abs().max().item()
+        bound = LOW_PRECISION_FACTOR * (lo.double() - w).abs().max().item() + LOW_PRECISION_FLOOR
+        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g}"
