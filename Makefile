@@ -16,14 +16,18 @@ STAMP = $(VENV)/.livr-installed
 COMPAT_STAMP = $(COMPAT_VENV)/.livr-installed
 PYTEST_ARGS = -n 2 --timeout 900
 # The old stack runs what triton or transformers can break: every kernel test under the
-# interpreter (the CUDA-only file aside) and the compile check's own tests, the tile schedules,
-# the model patch, the tiny models, latents, training and evaluation, and the version checks.
+# interpreter (the CUDA-only file aside; TMA loads and the autotuner's tile agreement included) and
+# the compile check's own tests, the tile schedules, the model patch, the tiny models, latents,
+# training and evaluation, the version checks, and the CPU side of what `make gpu-report` runs on
+# the GPU machine's triton 3.6 (the host path, the report script).
 # Named files must exist (a missing one fails the run); the globs pick up new kernel and patch tests.
 COMPAT_TESTS = tests/test_versions.py \
 	$(filter-out tests/test_kernels_cuda.py,$(wildcard tests/test_*kernel*.py)) \
+	tests/test_tma.py tests/test_autotune.py \
 	tests/test_compile_check.py tests/test_blocks.py tests/test_reference.py \
 	tests/test_model_segments.py $(wildcard tests/test_patch*.py) \
-	tests/test_tiny.py tests/test_latents.py tests/test_train.py tests/test_evaluate.py
+	tests/test_tiny.py tests/test_latents.py tests/test_train.py tests/test_evaluate.py \
+	tests/test_host_path.py tests/test_gpu_report.py
 
 .PHONY: install install-compat test test-newest test-compat pytest-newest pytest-compat compile-check \
 	compile-check-compat demo bench gpu-report clean

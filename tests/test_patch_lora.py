@@ -28,6 +28,11 @@ def _train(model, batches):
     return losses
 
 
+def _losses(model, batches):
+    with torch.no_grad():
+        return [model(**batch).loss.item() for batch in batches]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_steps_with_patch_match_explicit_mask(arch):
     base = build_tiny_model(arch)
@@ -54,6 +59,12 @@ def test_lora_steps_with_patch_match_explicit_mask(arch):
         )
         reference_batches.append(explicit_mask_inputs(reference.get_base_model(), batch, segments, "bottleneck"))
     expected = _train(reference, reference_batches)
+    # Each batch against itself: its loss after all the steps is below the loss its own step saw. (The
+    # last step's loss against the first's compares two batches whose losses differ by more than the
+    # steps move them: llava_onevision's failed so under torch 2.11, whose SigLIP patch embedding
+    # initializes differently from 2.13's.)
+    trained = _losses(reference, reference_batches)
+    assert all(after < before for after, before in zip(trained, expected)), f"the steps should train something: {expected} -> {trained}"
 
     # Gradient checkpointing on the patched side: the layer replay must see the same segment ids.
     enable_activation_checkpointing(patched.get_base_model(), {"use_reentrant": False})
@@ -61,7 +72,6 @@ def test_lora_steps_with_patch_match_explicit_mask(arch):
     patch_attention(patched, rule="bottleneck", latent_token_ids=TINY_TOKENS.latents)
     got = _train(patched, batches)
 
-    assert expected[-1] < expected[0], "the steps should train something"
     for step, (a, b) in enumerate(zip(got, expected)):
         assert abs(a - b) < LOSS_TOLERANCE, f"step {step}: patched loss {a} vs explicit-mask loss {b}"
     for (name, p), (_, q) in zip(patched.named_parameters(), reference.named_parameters()):
