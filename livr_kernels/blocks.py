@@ -107,7 +107,9 @@ class SegmentLayout:
             return torch.cat([self.doc_ids, last], 1), torch.cat([raw, raw[:, -1:].expand(batch, m)], 1)
         if not self.has_docs:
             raise ValueError("doc_ids for new tokens need a layout that has document ids")
-        raw = torch.cat([self.raw_doc_ids, doc_ids.to(self.raw_doc_ids.dtype)], 1)
+        # cat promotes to a dtype that holds both: a cast to the cached ids' dtype would wrap
+        # (an int64 id of 2**32 after int32 ids became document 0).
+        raw = torch.cat([self.raw_doc_ids, doc_ids], 1)
         return dense_doc_ids(raw), raw
 
     @property

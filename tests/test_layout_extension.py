@@ -46,3 +46,18 @@ def test_new_document_ids_that_sort_first_relabel_the_carried_summaries():
     assert tiles[0, 0, 1] != TILE_EMPTY
     assert torch.equal(tiles, whole.tile_mask(rule, BLOCK, BLOCK, num_queries=1).to_dense())
     assert torch.equal(layout.summary(BLOCK).doc_min, whole.summary(BLOCK).doc_min)
+
+
+def test_new_document_ids_wider_than_the_cached_ones_keep_their_value():
+    """New int64 document ids after int32 ones were cast to int32: 2**32 wrapped to 0 and the new
+    token joined document 0, attending to it. Found by
+    tests/test_tiles_properties.py::test_extension_equals_the_layout_built_whole (prompt ids given
+    as int32)."""
+    kinds = torch.zeros(1, 4, dtype=torch.long)
+    layout = SegmentLayout(kinds, torch.tensor([[0, 0, 1, 1]], dtype=torch.int32))
+    extended = layout.extend(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[2**32]]))
+    assert extended.raw_doc_ids[0, -1] == 2**32
+    allowed = segment_mask(extended.segment_ids, "standard", extended.doc_ids, num_queries=1)[0, 0]
+    assert allowed.tolist() == [False, False, False, False, True]
+    whole = SegmentLayout(torch.zeros(1, 5, dtype=torch.long), torch.tensor([[0, 0, 1, 1, 2**32]]))
+    assert torch.equal(extended.doc_ids, whole.doc_ids)
