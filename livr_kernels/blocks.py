@@ -25,6 +25,7 @@ from .tiles import (  # noqa: F401  (re-exported: the historical home of these n
     coarse_schedules,
     concat_summaries,
     fine_weights,
+    relabel_docs,
     summarize_blocks,
     summary_prefix,
 )
@@ -82,10 +83,18 @@ class SegmentLayout:
         new.segment_ids = torch.cat([self.segment_ids, segment_ids.to(torch.int32)], 1)
         new.doc_ids, new._raw_doc_ids = self._extended_docs(segment_ids.shape[1], doc_ids)
         new._summaries, new._schedules = {}, {}
-        new._prefix = dict(self._prefix)
+        carried = dict(self._prefix)
         for (block_size, offset, _), summary in self._summaries.items():
             if offset == 0:
-                new._prefix[block_size] = (summary, n_old // block_size)
+                carried[block_size] = (summary, n_old // block_size)
+        # New document ids relabel the whole row (an id that sorts before the cached ones shifts
+        # their labels), so the carried summaries' document ranges move to the new labels.
+        labels = None if doc_ids is None or n_old == 0 else _label_map(self.doc_ids, new.doc_ids[:, :n_old])
+        new._prefix = {}
+        for block_size, (summary, done) in carried.items():
+            if labels is not None and done > 0:
+                summary = relabel_docs(summary_prefix(summary, done), labels)
+            new._prefix[block_size] = (summary, done)
         return new
 
     def _extended_docs(self, m: int, doc_ids: Optional[torch.Tensor]):
@@ -98,7 +107,9 @@ class SegmentLayout:
             return torch.cat([self.doc_ids, last], 1), torch.cat([raw, raw[:, -1:].expand(batch, m)], 1)
         if not self.has_docs:
             raise ValueError("doc_ids for new tokens need a layout that has document ids")
-        raw = torch.cat([self.raw_doc_ids, doc_ids.to(self.raw_doc_ids.dtype)], 1)
+        # cat promotes to a dtype that holds both: a cast to the cached ids' dtype would wrap
+        # (an int64 id of 2**32 after int32 ids became document 0).
+        raw = torch.cat([self.raw_doc_ids, doc_ids], 1)
         return dense_doc_ids(raw), raw
 
     @property
@@ -168,6 +179,12 @@ def dense_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     values, order = torch.sort(doc_ids, dim=1)
     ranks = torch.nn.functional.pad((values[:, 1:] != values[:, :-1]).cumsum(1, dtype=torch.int32), (1, 0))
     return torch.empty_like(ranks).scatter_(1, order, ranks)
+
+
+def _label_map(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """(B, N) int32 table: per row, the new dense label of each old dense label, from the labels
+    the same tokens have before (``old``) and after (``new``) a relabelling."""
+    return torch.zeros_like(old).scatter_(1, old.to(torch.int64), new)
 
 
 def _check_segment_ids(segment_ids, *, check_range: bool, batch: Optional[int] = None) -> None:

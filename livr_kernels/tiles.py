@@ -272,6 +272,20 @@ def summary_prefix(summary: BlockSummary, blocks: int) -> BlockSummary:
     return BlockSummary(summary.block_size, summary.kinds[:, :blocks], *cut)
 
 
+def relabel_docs(summary: BlockSummary, labels: torch.Tensor) -> BlockSummary:
+    """The summary with its document ranges moved to new dense labels: ``labels`` (B, L) maps
+    each old label to its new one. Dense labels are ranks, so the map is increasing and takes a
+    block's smallest and largest label to the new smallest and largest; blocks without documents
+    keep their empty range."""
+    live = summary.doc_min <= summary.doc_max
+    top = labels.shape[1] - 1
+
+    def move(doc: torch.Tensor) -> torch.Tensor:
+        return torch.where(live, labels.gather(1, doc.clamp(0, top).to(torch.int64)), doc)
+
+    return BlockSummary(summary.block_size, summary.kinds, move(summary.doc_min), move(summary.doc_max))
+
+
 def coarse_schedules(
     weights: torch.Tensor, g: int, tiles: Mapping[Hashable, TileShape], num_queries: int, num_keys: int
 ) -> Dict[Hashable, TileSchedule]:
