@@ -117,17 +117,17 @@ def _dkv_tile(
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     else:
         b_delta = tl.load(p_delta + o_m)
-    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     if DQ_ATOMIC:
         # dQ of this tile from the dS already on chip (no dQ kernel recomputing S and P), added
         # to the fp32 accumulator: [BM, BN] x [BN, BD]
-        b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=DOT_PRECISION) * scale
+        b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PRECISION) * scale
         p_dq = row_block(p_dq_acc, i_m0, D, o_bm, o_d)
         if MASKED:
             tl.atomic_add(p_dq, b_dq, mask=m_m[:, None] & m_d[None, :], sem="relaxed")
         else:
             tl.atomic_add(p_dq, b_dq, mask=m_d[None, :], sem="relaxed")
-    b_dk += tl.dot(b_dst, b_q, input_precision=DOT_PRECISION)
     return b_dk, b_dv
 
 
