@@ -16,8 +16,8 @@ from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
 from .backward_dq import segment_attention_bwd_kernel_dq
 from .forward import (
-    INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, program_row, row_block, row_tiles,
-    segment_allowed, tile_pointers,
+    INT32_LIMIT, LOG2E, PAD_KIND, aligned_row_stats, alloc_row_stats, dot_precision, head_dim_mask,
+    program_row, row_block, row_tiles, segment_allowed, tile_pointers,
 )
 from .segments import AttentionRule
 
@@ -35,6 +35,7 @@ def segment_attention_bwd_kernel_preprocess(
     o, do, delta,
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
+    stride_delta,
     n_q,
     HQ: tl.constexpr,
     D: tl.constexpr,
@@ -52,7 +53,7 @@ def segment_attention_bwd_kernel_preprocess(
     # [BM, BD]
     b_o = tl.load(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
     b_do = tl.load(row_block(p_do, i_m * BLOCK_M, stride_don, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
-    tl.store(delta + i_bh.to(tl.int64) * n_q + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
+    tl.store(delta + i_bh.to(tl.int64) * stride_delta + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
 
 
 def int32_query_offsets(args) -> bool:
@@ -126,6 +127,7 @@ def segment_attention_bwd_kernel_dkv(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_lse,
     n_q, n_k, num_q_blocks, num_k_blocks,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -177,8 +179,9 @@ def segment_attention_bwd_kernel_dkv(
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
         p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse = lse + i_bhq * n_q
-        p_delta = delta + i_bhq * n_q
+        # lse and delta share one row layout (``alloc_row_stats``); aligned rows vectorise their copies.
+        p_lse = lse + i_bhq * stride_lse
+        p_delta = delta + i_bhq * stride_lse
         # INDEX_AHEAD reads the next full tile's index one iteration ahead, as the forward and dQ
         # do: the pipeliner then keeps every stage for Q and dO (3 buffers at num_stages=3 on
         # sm_90, not 2). Where that spills (``KernelConfig.dkv_index_ahead``) the index is loaded
@@ -241,12 +244,14 @@ def segment_attention_bwd(
     block_d = head_dim_block(head_dim)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
 
-    delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
+    lse = aligned_row_stats(lse)
+    delta = alloc_row_stats(_alloc, batch, hq, n_q, q.device)
     preprocess_m = PREPROCESS_ELEMENTS // block_d
     segment_attention_bwd_kernel_preprocess[(batch * hq, triton.cdiv(n_q, preprocess_m))](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(1),
         n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_m,
         **config.launch_options(PREPROCESS_WARPS),
     )
@@ -280,6 +285,7 @@ def segment_attention_bwd(
         do.stride(0), do.stride(1), do.stride(2),
         dk_parts.stride(0), dk_parts.stride(1), dk_parts.stride(2),
         dv_parts.stride(0), dv_parts.stride(1), dv_parts.stride(2),
+        lse.stride(1),
         n_q, n_k, num_q_blocks, num_k_blocks,
         HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, INDEX_AHEAD=config.dkv_index_ahead, **common,
     )
@@ -299,6 +305,7 @@ def segment_attention_bwd(
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
+        lse.stride(1),
         n_q, n_k, num_q_blocks, num_k_blocks,
         BLOCK_M=bm, BLOCK_N=bn, **common,
     )
