@@ -99,9 +99,16 @@ _BLACKWELL_CONFIGS = {
 }
 
 # Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: the Hopper
-# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles.
+# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles. dK/dV's
+# masked loop with doc ids spills 8-24 B on the mma.sync GPUs at D=32 (sm_120 at D=64 too) unless
+# the tile index is read in the iteration that uses it; sm_120's ptxas stops at 128 registers at
+# D=16 (8 B spilled) without a register cap.
+_NO_INDEX_AHEAD = {block_d: replace(_SMALL_SHARED_CONFIGS[block_d], dkv_index_ahead=False) for block_d in (32, 64)}
 _OLD_TRITON_OVERRIDES = {
     "hopper": {block_d: replace(_HOPPER_CONFIGS[block_d], fwd_block_n=64) for block_d in (16, 32, 64)},
+    "ampere": {32: _NO_INDEX_AHEAD[32]},
+    "ampere_small_shared": {32: _NO_INDEX_AHEAD[32]},
+    "blackwell_small_shared": {16: replace(_SMALL_SHARED_CONFIGS[16], maxnreg=MAX_REGISTERS), **_NO_INDEX_AHEAD},
 }
 
 GENERATIONS = {

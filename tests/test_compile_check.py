@@ -228,6 +228,14 @@ def test_config_follows_the_triton_release():
     assert default_config(256, (9, 0), torch.float16, version=(3, 6)) == default_config(256, (9, 0), torch.float16, version=(3, 9))
     assert default_config(128, (8, 0), torch.bfloat16, version=(3, 6)) == default_config(128, (8, 0), torch.bfloat16, version=(3, 9))
     assert default_config(64, (9, 0), torch.bfloat16) == default_config(64, (9, 0), torch.bfloat16, version=triton_version())
+    # dK/dV's masked loop with doc ids spills under 3.6 with the index read ahead on the mma.sync GPUs
+    # (D=32; sm_120 at D=64 too), and sm_120's ptxas stops at 128 registers at D=16 without a cap.
+    for capability, block_d in (((8, 0), 32), ((8, 6), 32), ((8, 9), 32), ((12, 0), 32), ((12, 0), 64)):
+        assert not default_config(block_d, capability, torch.bfloat16, version=(3, 6)).dkv_index_ahead
+        assert default_config(block_d, capability, torch.bfloat16, version=(3, 9)).dkv_index_ahead
+    assert default_config(64, (8, 0), torch.bfloat16, version=(3, 6)).dkv_index_ahead
+    assert default_config(16, (12, 0), torch.bfloat16, version=(3, 6)).maxnreg == 255
+    assert default_config(16, (8, 6), torch.bfloat16, version=(3, 6)).maxnreg == 0
 
 
 # Shaped like `cuobjdump -sass`: an outer loop (0x0040-0x0100) around two tile loops, one loop
