@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -322,3 +323,16 @@ def test_blackwell_launches_carry_a_register_cap():
     assert blackwell == {"num_warps": 8, "num_stages": 3, "maxnreg": 255}
     assert "maxnreg" not in default_config(128, (9, 0), torch.bfloat16).launch_options(8)
     assert "maxnreg" not in default_config(128, (12, 0), torch.bfloat16).launch_options(8)
+
+
+def test_both_stacks_are_held_to_the_yardstick():
+    """`make compile-check-compat` (Triton 3.6, the GPU machine's) compares the SASS with the
+    yardstick as `make compile-check` does (3.9): neither recipe skips it."""
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    recipes = {}
+    for target in ("compile-check", "compile-check-compat"):
+        match = re.search(rf"^{target}:[^\n]*\n((?:\t[^\n]*\n)+)", makefile, re.MULTILINE)
+        assert match, f"no {target} recipe in the Makefile"
+        recipes[target] = match.group(1)
+    for target, recipe in recipes.items():
+        assert "livr_kernels.compile_check" in recipe and "--no-yardstick" not in recipe, (target, recipe)
