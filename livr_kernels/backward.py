@@ -16,8 +16,8 @@ from .blocks import SegmentLayout
 from .config import KernelConfig, dkv_split, head_dim_block
 from .backward_dq import segment_attention_bwd_kernel_dq
 from .forward import (
-    INT32_LIMIT, LOG2E, PAD_KIND, dot_precision, head_dim_mask, program_row, row_block, row_tiles,
-    segment_allowed, tile_pointers,
+    INT32_LIMIT, LOG2E, PAD_KIND, aligned_row_stats, alloc_row_stats, dot_precision, head_dim_mask,
+    program_row, row_block, row_tiles, segment_allowed, tile_pointers,
 )
 from .segments import AttentionRule
 
@@ -35,6 +35,7 @@ def segment_attention_bwd_kernel_preprocess(
     o, do, delta, dq_acc,
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
+    stride_delta,
     n_q,
     HQ: tl.constexpr,
     D: tl.constexpr,
@@ -53,7 +54,7 @@ def segment_attention_bwd_kernel_preprocess(
     # [BM, BD]
     b_o = tl.load(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
     b_do = tl.load(row_block(p_do, i_m * BLOCK_M, stride_don, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0).to(tl.float32)
-    tl.store(delta + i_bh.to(tl.int64) * n_q + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
+    tl.store(delta + i_bh.to(tl.int64) * stride_delta + o_m, tl.sum(b_o * b_do, 1), mask=o_m < n_q)
     if DQ_ATOMIC:
         # Zero the fp32 dQ accumulator (B, HQ, n_q, D) here: one launch fewer than a torch.zeros.
         p_dq_acc = dq_acc + i_bh.to(tl.int64) * n_q * D
@@ -143,6 +144,7 @@ def segment_attention_bwd_kernel_dkv(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_lse,
     n_q, n_k, num_q_blocks, num_k_blocks,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -195,8 +197,9 @@ def segment_attention_bwd_kernel_dkv(
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
         p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do = do + i_b64 * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse = lse + i_bhq * n_q
-        p_delta = delta + i_bhq * n_q
+        # lse and delta share one row layout (``alloc_row_stats``); aligned rows vectorise their copies.
+        p_lse = lse + i_bhq * stride_lse
+        p_delta = delta + i_bhq * stride_lse
         p_dq_acc = dq_acc + i_bhq * n_q * D
         # INDEX_AHEAD reads the next full tile's index one iteration ahead, as the forward and dQ
         # do: the pipeliner then keeps every stage for Q and dO (3 buffers at num_stages=3 on
@@ -263,7 +266,8 @@ def segment_attention_bwd(
     # dQ added by the dK/dV kernel with atomics (one kernel fewer, no recomputed scores), unless the
     # user asked torch for deterministic algorithms: then the dQ kernel, whose sums have a fixed order.
     dq_atomic = config.dq_atomic and not torch.are_deterministic_algorithms_enabled()
-    delta = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
+    lse = aligned_row_stats(lse)
+    delta = alloc_row_stats(_alloc, batch, hq, n_q, q.device)
     # An fp32 accumulator, zeroed by the preprocess; otherwise any tensor stands in for it.
     dq_acc = _alloc((batch, hq, n_q, head_dim), dtype=torch.float32, device=q.device) if dq_atomic else delta
     preprocess_m = PREPROCESS_ELEMENTS // block_d
@@ -271,6 +275,7 @@ def segment_attention_bwd(
         o, do, delta, dq_acc,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(1),
         n_q, HQ=hq, D=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_m, DQ_ATOMIC=dq_atomic,
         **config.launch_options(PREPROCESS_WARPS),
     )
@@ -304,6 +309,7 @@ def segment_attention_bwd(
         do.stride(0), do.stride(1), do.stride(2),
         dk_parts.stride(0), dk_parts.stride(1), dk_parts.stride(2),
         dv_parts.stride(0), dv_parts.stride(1), dv_parts.stride(2),
+        lse.stride(1),
         n_q, n_k, num_q_blocks, num_k_blocks,
         HKV=hkv, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, INDEX_AHEAD=config.dkv_index_ahead, DQ_ATOMIC=dq_atomic,
         **common,
@@ -328,6 +334,7 @@ def segment_attention_bwd(
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
+        lse.stride(1),
         n_q, n_k, num_q_blocks, num_k_blocks,
         BLOCK_M=bm, BLOCK_N=bn, **common,
     )

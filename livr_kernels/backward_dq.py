@@ -60,6 +60,7 @@ def segment_attention_bwd_kernel_dq(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
+    stride_lse,
     n_q, n_k, num_q_blocks, num_k_blocks,
     HQ: tl.constexpr,
     GROUP: tl.constexpr,
@@ -99,8 +100,8 @@ def segment_attention_bwd_kernel_dq(
     # [BM, BD]
     b_q = tl.load(row_block(p_q, i_m * BLOCK_M, stride_qn, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0)
     b_do = tl.load(row_block(p_do, i_m * BLOCK_M, stride_don, tl.arange(0, BLOCK_M), o_d), mask=m_md, other=0.0)
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * n_q + o_m, mask=m_m, other=float("inf"))
-    b_delta = tl.load(delta + i_bh.to(tl.int64) * n_q + o_m, mask=m_m, other=0.0)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * stride_lse + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * stride_lse + o_m, mask=m_m, other=0.0)
     b_seg_q = tl.load(p_seg + b_pos_q, mask=m_m, other=PAD_KIND)
     b_doc_q = b_seg_q
     if HAS_DOCS:

@@ -91,6 +91,13 @@ _AMPERE_CONFIGS = {
 }
 # sm_86 / sm_89 (and sm_120): 99 KiB of shared memory per block, Ampere-style mma.sync.
 _SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
+# sm_120 takes the same tiles with the 255-register cap at D<=64: without it its ptxas stops at
+# 128 registers at D=16 (the forward spills 8 B with doc ids) and dK/dV's loop is 1-3% longer
+# (1.106x / 1.102x the yardstick at D=32 / 64 under Triton 3.9; 1.090x / 1.085x with the cap).
+_CONSUMER_BLACKWELL_CONFIGS = {
+    **_SMALL_SHARED_CONFIGS,
+    **{block_d: replace(_SMALL_SHARED_CONFIGS[block_d], maxnreg=MAX_REGISTERS) for block_d in (16, 32, 64)},
+}
 # sm_100: tcgen05 MMA, 227 KiB of shared memory. The Hopper tiles spill here: the forward at
 # D<=64 (104 B at 128x64 with 4 warps) and D=128 (24 B at 128x64), dK/dV at D=80/128 (160 B at
 # 32x128, whose accumulators stay in registers because of the GQA loop around the tile loops).
@@ -104,9 +111,18 @@ _BLACKWELL_CONFIGS = {
 }
 
 # Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: the Hopper
-# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles.
+# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles. dK/dV's
+# masked loop with doc ids spills 8-24 B on the mma.sync GPUs at D=32 (sm_120 at D=64 too) unless
+# the tile index is read in the iteration that uses it; at D=64 sm_120 also drops the register cap,
+# with which 3.6's ptxas spills dK/dV 24-40 B.
 _OLD_TRITON_OVERRIDES = {
     "hopper": {block_d: replace(_HOPPER_CONFIGS[block_d], fwd_block_n=64) for block_d in (16, 32, 64)},
+    "ampere": {32: replace(_AMPERE_CONFIGS[32], dkv_index_ahead=False)},
+    "ampere_small_shared": {32: replace(_SMALL_SHARED_CONFIGS[32], dkv_index_ahead=False)},
+    "blackwell_small_shared": {
+        32: replace(_CONSUMER_BLACKWELL_CONFIGS[32], dkv_index_ahead=False),
+        64: replace(_SMALL_SHARED_CONFIGS[64], dkv_index_ahead=False),
+    },
 }
 
 GENERATIONS = {
@@ -114,7 +130,7 @@ GENERATIONS = {
     "ampere_small_shared": _SMALL_SHARED_CONFIGS,
     "hopper": _HOPPER_CONFIGS,
     "blackwell": _BLACKWELL_CONFIGS,
-    "blackwell_small_shared": _SMALL_SHARED_CONFIGS,
+    "blackwell_small_shared": _CONSUMER_BLACKWELL_CONFIGS,
 }
 
 

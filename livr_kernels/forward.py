@@ -27,6 +27,35 @@ NUM_KINDS = tl.constexpr(NUM_SEGMENTS)
 # Allocation hook: tests swap in a NaN-filled allocator to prove every output element is written.
 _alloc = torch.empty
 
+# lse and delta keep one row per (batch, query head), padded to a multiple of this many elements.
+# Triton specialises an integer argument divisible by 16, so the padded row stride tells it that
+# every row starts 64-byte aligned and dK/dV's pipelined copies of lse and delta are vectorised;
+# rows packed n_q apart are copied one element at a time under Triton 3.6 (13-16% more SASS in
+# dK/dV's D=64 tile loop, benchmarks/RESULTS.md).
+ROW_STATS_ALIGN = 16
+
+
+def row_stats_stride(n_q: int) -> int:
+    """Elements between consecutive (batch, head) rows of lse and delta."""
+    return triton.cdiv(n_q, ROW_STATS_ALIGN) * ROW_STATS_ALIGN
+
+
+def alloc_row_stats(alloc, batch: int, heads: int, n_q: int, device) -> torch.Tensor:
+    """A (batch, heads, n_q) fp32 view of rows ``row_stats_stride(n_q)`` elements apart."""
+    return alloc((batch, heads, row_stats_stride(n_q)), dtype=torch.float32, device=device)[..., :n_q]
+
+
+def aligned_row_stats(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when laid out as ``alloc_row_stats`` lays rows out, else such a copy (the
+    kernels address row ``b * heads + h`` at ``row_stats_stride(n_q)`` elements per row)."""
+    batch, heads, n_q = t.shape
+    stride = row_stats_stride(n_q)
+    if t.dtype == torch.float32 and t.stride() == (heads * stride, stride, 1):
+        return t
+    aligned = alloc_row_stats(torch.empty, batch, heads, n_q, t.device)
+    aligned.copy_(t)
+    return aligned
+
 
 def dot_precision(args) -> Optional[str]:
     """fp32 inputs get exact IEEE dots (TF32 would miss the fp32 tolerance); half types the default."""
@@ -182,6 +211,7 @@ def segment_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_lse,
     n_q, n_k, num_q_blocks, num_k_blocks,
     HQ: tl.constexpr,
     GROUP: tl.constexpr,
@@ -265,7 +295,7 @@ def segment_attention_fwd_kernel(
     p_o = o + i_b64 * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(row_block(p_o, i_m * BLOCK_M, stride_on, tl.arange(0, BLOCK_M), o_d), b_o.to(o.dtype.element_ty),
              mask=m_m[:, None] & m_d[None, :])
-    tl.store(lse + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=m_m)
+    tl.store(lse + i_bh.to(tl.int64) * stride_lse + o_m, b_lse, mask=m_m)
 
 
 # The copy engine reads tiles at 16-byte aligned addresses with 16-byte aligned row strides.
@@ -303,7 +333,8 @@ def segment_attention_fwd(
     scale: float,
     config: KernelConfig,
 ):
-    """Launch the forward. Returns (o, lse) with lse (B, Hq, Nq) fp32 in base 2."""
+    """Launch the forward. Returns (o, lse) with lse (B, Hq, Nq) fp32 in base 2, its rows laid out by
+    ``alloc_row_stats``."""
     if not scale >= 0:
         # The kernel takes the row max before scaling: only a non-negative scale commutes with it.
         raise ValueError(f"scale must be a non-negative number; got {scale}")
@@ -315,7 +346,7 @@ def segment_attention_fwd(
     schedule = layout.schedule(rule, bm, bn, n_q)
     num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
     o = _alloc(q.shape, dtype=q.dtype, device=q.device)
-    lse = _alloc((batch, hq, n_q), dtype=torch.float32, device=q.device)
+    lse = alloc_row_stats(_alloc, batch, hq, n_q, q.device)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
     block_d = head_dim_block(head_dim)
     descriptors = tma_descriptors(k, v, bn, block_d) if config.fwd_tma else None
@@ -328,6 +359,7 @@ def segment_attention_fwd(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(1),
         n_q, n_k, num_q_blocks, num_k_blocks,
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
         BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,

@@ -16,6 +16,7 @@ from livr_kernels import AttentionRule, KernelConfig, RULES, Segment, SegmentLay
 from livr_kernels.blocks import TILE_EMPTY
 from livr_kernels.attention import kernel_tiles
 from livr_kernels.config import group_split
+from livr_kernels.forward import alloc_row_stats
 
 # Small, unequal tiles so a short sequence spans many tiles of every class, and the forward,
 # dK/dV and dQ kernels each see different block boundaries.
@@ -147,6 +148,36 @@ def test_every_output_element_written(monkeypatch):
     got = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2))
     for name, t in zip(("out", "dq", "dk", "dv"), got):
         assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+
+
+def test_lse_and_delta_rows_start_aligned(monkeypatch):
+    """lse and delta rows lie ROW_STATS_ALIGN elements apart (padded past n_q), so a row stride
+    divisible by 16 tells Triton every row is aligned; an lse packed n_q apart is laid out that
+    way by the backward and gives the same gradients."""
+    rows = []
+
+    def recording_alloc(*args):
+        rows.append(alloc_row_stats(*args))
+        return rows[-1]
+
+    monkeypatch.setattr(backward_mod, "alloc_row_stats", recording_alloc)
+    batch, heads, n = 2, 4, 50
+    padded = forward_mod.row_stats_stride(n)
+    assert padded % forward_mod.ROW_STATS_ALIGN == 0 and n < padded < n + forward_mod.ROW_STATS_ALIGN
+    seg = livr_layout(batch, n, pad=5)
+    q, k, v, do = random_qkv(batch, heads, 2, n, n, 16, requires_grad=False)
+    layout, rule, scale = SegmentLayout(seg, packed_docs(batch, n, 2)), RULES["bottleneck"], 16 ** -0.5
+    o, lse = forward_mod.segment_attention_fwd(q, k, v, layout, rule, scale, SMALL_TILES)
+    assert lse.shape == (batch, heads, n) and lse.stride() == (heads * padded, padded, 1)
+    assert forward_mod.aligned_row_stats(lse) is lse
+    grads = backward_mod.segment_attention_bwd(do, q, k, v, o, lse, layout, rule, scale, SMALL_TILES)
+    (delta,) = rows
+    assert delta.shape == lse.shape and delta.stride() == lse.stride()
+    packed = lse.contiguous()
+    assert packed.stride(1) == n
+    assert torch.equal(forward_mod.aligned_row_stats(packed), lse) and forward_mod.aligned_row_stats(packed).stride() == lse.stride()
+    again = backward_mod.segment_attention_bwd(do, q, k, v, o, packed, layout, rule, scale, SMALL_TILES)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
 
 
 @pytest.mark.parametrize("split", [2, 4])
