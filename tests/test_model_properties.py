@@ -114,6 +114,8 @@ def latent_positions(kinds):
 
 @given(example=examples(), mode=st.sampled_from(MODES), k=st.integers(1, MAX_K))
 @example(example=Example(images=[Image.new("RGB", (28, 28))], question="a", choices=[], answer="3"), mode="mask-only", k=3)
+@example(example=Example(images=[Image.new("RGB", (28, 14))], question="Which?", choices=["x", "y"], answer="B"),
+         mode="image-twice", k=1)
 @FAST
 def test_encoded_example_layout(tiny, example, mode, k):
     spec = get_mode(mode)
