@@ -57,9 +57,12 @@ def remember_keys(cache, layout: SegmentLayout) -> None:
     setattr(cache, CACHE_ATTR, layout)
 
 
-def layout_for_forward(kwargs: dict, user_segment_ids, user_doc_ids, derive_ids: Callable[[], torch.Tensor]) -> SegmentLayout:
+def layout_for_forward(kwargs: dict, user_segment_ids, user_doc_ids, derive_ids: Callable[[], torch.Tensor], *,
+                       offered_prompt: bool = False) -> SegmentLayout:
     """The SegmentLayout of one forward's keys: user ids, or ids derived from the inputs (``derive_ids``),
-    extended from the KV cache's layout at decode steps. Raises ValueError naming what is wrong."""
+    extended from the KV cache's layout at decode steps. Raises ValueError naming what is wrong.
+    ``offered_prompt``: ``user_segment_ids`` are the prompt's kinds, offered at every step of a generation
+    (``use_segment_ids``); at a decode step they never describe the new tokens, even when as many."""
     input_ids = kwargs.get("input_ids")
     inputs_embeds = kwargs.get("inputs_embeds")
     attention_mask = kwargs.get("attention_mask")
@@ -110,7 +113,8 @@ def layout_for_forward(kwargs: dict, user_segment_ids, user_doc_ids, derive_ids:
                 segment_ids = segment_ids.masked_fill(_padding(attention_mask, batch, past, total), int(Segment.PAD))
             docs = _full_doc_ids(user_doc_ids, getattr(cache, CACHE_ATTR, None) if past else None, batch, new_len, past)
             return SegmentLayout(segment_ids, docs)
-        if length == new_len:
+        # A 1-token prompt and a 1-token decode step have the same length: only the caller can tell them apart.
+        if length == new_len and not (offered_prompt and past and length <= past):
             new_ids, validate = user_segment_ids, True
         elif not (past and length <= past):
             raise ValueError(f"segment_ids must cover the new tokens ({new_len}) or all keys ({total}); got {length}")

@@ -263,12 +263,13 @@ class LivrAttentionHandle:
             kwargs.update(zip(self._positional_names, args))
             args = ()
         user_segment_ids = kwargs.pop("segment_ids", None)
+        offered_prompt = user_segment_ids is None and self._segment_override is not None
         if user_segment_ids is None:
             user_segment_ids = self._segment_override
         user_doc_ids = kwargs.pop("doc_ids", None)
         if user_doc_ids is None and self._doc_ids_fn is not None:
             user_doc_ids = self._doc_ids_fn(kwargs)
-        layout = self._layout_for(kwargs, user_segment_ids, user_doc_ids)
+        layout = self._layout_for(kwargs, user_segment_ids, user_doc_ids, offered_prompt=offered_prompt)
         capture = self._capture
         if capture is not None:
             capture.weights = []
@@ -295,9 +296,10 @@ class LivrAttentionHandle:
             remember_keys(cache, state.layout)
         return output
 
-    def _layout_for(self, kwargs: dict, user_segment_ids, user_doc_ids) -> SegmentLayout:
+    def _layout_for(self, kwargs: dict, user_segment_ids, user_doc_ids, offered_prompt: bool = False) -> SegmentLayout:
         return layout_for_forward(
-            kwargs, user_segment_ids, user_doc_ids, lambda: self._derived_ids(kwargs, kwargs.get("input_ids"))
+            kwargs, user_segment_ids, user_doc_ids, lambda: self._derived_ids(kwargs, kwargs.get("input_ids")),
+            offered_prompt=offered_prompt,
         )
 
     def _derived_ids(self, kwargs: dict, input_ids: Optional[torch.Tensor]) -> torch.Tensor:

@@ -35,6 +35,8 @@ TEXT_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
 # Keys of an encoded example that are bookkeeping, not model inputs.
 PRIVATE_PREFIX = "_"
 SLOT_END = "_slot_end"
+# Stands in for the latents when measuring the chat template's tail after them; no template renders it itself.
+LATENT_SLOT_MARKER = "[[livr:latent-slot]]"
 
 
 def _check_latent_tokens(tokenizer, latent_tokens: str) -> List[int]:
@@ -305,11 +307,14 @@ class PromptEncoder:
         return self._suffix_cache[key]
 
     def _suffix_tokens(self, prompt_turns: Sequence[dict]) -> int:
-        text = last_text(prompt_turns[-1])
-        if not text:
+        if not last_text(prompt_turns[-1]):
             raise ValueError(f"mode {self.mode} places its latents after the last user turn's text; that turn must end with text")
-        prompt = self.processor.apply_chat_template(list(prompt_turns), add_generation_prompt=True, tokenize=False)
-        end = prompt.rfind(text) + len(text)
+        # A marker where new latents would go, not a search for the user's text: a short text (a question
+        # "a") also occurs in the template's own tail ("assistant"), and the last match would be there.
+        turns = list(prompt_turns)
+        turns[-1] = with_latents(turns[-1], LATENT_SLOT_MARKER)
+        prompt = self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        end = prompt.rindex(LATENT_SLOT_MARKER) + len(LATENT_SLOT_MARKER)
         return len(tokenizer_of(self.processor)(prompt[end:], add_special_tokens=False)["input_ids"])
 
     def encode_row(self, row: dict, *, with_answer: bool = True, image_root=None, what: str = "row") -> dict:

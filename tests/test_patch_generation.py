@@ -122,6 +122,19 @@ def test_generation_with_user_segment_ids(arch):
     assert not torch.equal(_generate(model, prompt), expected), "outside the block the kinds are derived again"
 
 
+def test_offered_prompt_kinds_never_label_generated_tokens():
+    # Regression: with use_segment_ids, a decode step as long as the prompt (1 token each) took the
+    # prompt's kinds for the new token instead of ANSWER.
+    model = build_tiny_model("qwen2_5_vl", num_layers=1)
+    handle = patch_attention(model, rule="bottleneck_answer_only", latent_token_ids=TINY_TOKENS.latents)
+    input_ids = torch.full((1, 1), TINY_TOKENS.first_special - 1)
+    prompt = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": torch.zeros_like(input_ids)}
+    with handle.use_segment_ids(torch.full((1, 1), int(Segment.TEXT))), handle.capture_attention() as capture:
+        _generate(model, prompt)
+    keys = capture.segment_ids.shape[1]
+    assert keys > 1 and capture.segment_ids.tolist() == [[int(Segment.TEXT)] + [int(Segment.ANSWER)] * (keys - 1)]
+
+
 def test_manual_decode_with_the_returned_cache_and_documents():
     # A cache the model creates itself (no cache passed in) and document ids that continue into decode.
     arch = "llava_onevision"
