@@ -45,15 +45,20 @@ def breakdown(kernels: Iterable[Tuple[str, float]], steps: int) -> Dict[str, flo
 
 def profile_kernels(step: Callable[[], object], steps: int = PROFILED_STEPS,
                     device_type: DeviceType = DeviceType.CUDA) -> List[Tuple[str, float]]:
-    """(name, microseconds) of every event on ``device_type`` over ``steps`` calls of ``step``."""
+    """(name, microseconds) of every event on ``device_type`` over ``steps`` calls of ``step``; an
+    error if the profiler recorded none (a table of zeros would read as free kernels)."""
     step()
-    activity = ProfilerActivity.CUDA if device_type == DeviceType.CUDA else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    # CPU activity also on a GPU: kernels recorded without it have gone missing (meta-pytorch/tritonbench#401).
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == DeviceType.CUDA else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         if device_type == DeviceType.CUDA:
             torch.cuda.synchronize()
-    return [(event.name, event.time_range.elapsed_us()) for event in prof.events() if event.device_type == device_type]
+    events = [(event.name, event.time_range.elapsed_us()) for event in prof.events() if event.device_type == device_type]
+    if not events:
+        raise RuntimeError(f"the profiler recorded no {device_type} events (is CUPTI available?)")
+    return events
 
 
 def breakdown_markdown(rows: List[dict]) -> List[str]:

@@ -10,7 +10,7 @@ import torch
 
 from .autotune import select_config
 from .blocks import SegmentLayout, TileShape
-from .config import MAX_HEAD_DIM, KernelConfig
+from .config import MAX_HEAD_DIM, KernelConfig, dq_atomic_on
 from .reference import reference_attention
 from .segments import AttentionRule, RuleLike, resolve_rule
 
@@ -24,11 +24,13 @@ def interpreter_enabled() -> bool:
 
 
 def kernel_tiles(config: KernelConfig, backward: bool = True) -> Dict[str, TileShape]:
-    """The tile shapes the kernels walk: forward, and dK/dV (by key block) and dQ for the backward."""
+    """The tile shapes the kernels walk: forward, and dK/dV (by key block) and dQ for the backward
+    (no dQ list where dK/dV adds dQ with atomics: the dQ kernel does not run)."""
     tiles = {"forward": (config.fwd_block_m, config.fwd_block_n, False)}
     if backward:
         tiles["dkv"] = (config.dkv_block_m, config.dkv_block_n, True)
-        tiles["dq"] = (config.dq_block_m, config.dq_block_n, False)
+        if not dq_atomic_on(config):
+            tiles["dq"] = (config.dq_block_m, config.dq_block_n, False)
     return tiles
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .blocks import SegmentLayout
-from .config import KernelConfig, dkv_split, head_dim_block
+from .config import KernelConfig, dkv_split, dq_atomic_on, head_dim_block
 from .backward_dq import segment_attention_bwd_kernel_dq
 from .forward import (
     INT32_LIMIT, LOG2E, PAD_KIND, aligned_row_stats, alloc_row_stats, dot_precision, head_dim_mask,
@@ -263,9 +263,8 @@ def segment_attention_bwd(
     block_d = head_dim_block(head_dim)
     doc = layout.doc_ids if layout.has_docs else layout.segment_ids
 
-    # dQ added by the dK/dV kernel with atomics (one kernel fewer, no recomputed scores), unless the
-    # user asked torch for deterministic algorithms: then the dQ kernel, whose sums have a fixed order.
-    dq_atomic = config.dq_atomic and not torch.are_deterministic_algorithms_enabled()
+    # dQ added by the dK/dV kernel with atomics (one kernel fewer, no recomputed scores).
+    dq_atomic = dq_atomic_on(config)
     lse = aligned_row_stats(lse)
     delta = alloc_row_stats(_alloc, batch, hq, n_q, q.device)
     # An fp32 accumulator, zeroed by the preprocess; otherwise any tensor stands in for it.

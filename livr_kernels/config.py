@@ -188,6 +188,12 @@ def group_split(num_programs: int, group: int, sm_count: int) -> int:
     return split
 
 
+def dq_atomic_on(config: KernelConfig) -> bool:
+    """Does dK/dV add dQ with atomics (and the dQ kernel not run)? Not under
+    torch.use_deterministic_algorithms(True): then the dQ kernel, whose sums have a fixed order."""
+    return config.dq_atomic and not torch.are_deterministic_algorithms_enabled()
+
+
 def head_dim_block(head_dim: int) -> int:
     return max(MIN_HEAD_DIM_BLOCK, triton.next_power_of_2(head_dim))
 

@@ -11,7 +11,8 @@ import torch
 import livr_kernels.backward as backward_mod
 import livr_kernels.forward as forward_mod
 from kernel_cases import livr_layout, packed_docs, random_qkv
-from livr_kernels import KernelConfig
+from livr_kernels import RULES, KernelConfig, SegmentLayout
+from livr_kernels.attention import kernel_tiles
 from test_kernels import SMALL_TILES, assert_close_fp32, kernel, reference64
 
 ATOMIC_TILES = dataclasses.replace(SMALL_TILES, dq_atomic=True)
@@ -94,3 +95,22 @@ def test_deterministic_algorithms_take_the_dq_kernel(dq_kernel_launches):
 
 def test_atomic_dq_is_off_unless_asked():
     assert KernelConfig().dq_atomic is False
+
+
+def test_atomic_dq_builds_no_dq_schedule():
+    """With dQ added by dK/dV, a training step builds only the forward's and dK/dV's tile lists: the
+    dQ kernel's list (its own tile shape, a sort and count per step) would never be read."""
+    seg = livr_layout(1, 40, pad=3)
+    q, k, v, do = random_qkv(1, 4, 2, 40, 40, 16)
+    layout = SegmentLayout(seg)
+    kernel(q, k, v, do, layout, "bottleneck", None, config=ATOMIC_TILES)
+    bits, c = RULES["bottleneck"].bits, ATOMIC_TILES
+    forward, dkv = (bits, c.fwd_block_m, c.fwd_block_n, 40, False), (bits, c.dkv_block_m, c.dkv_block_n, 40, True)
+    assert (c.dq_block_m, c.dq_block_n) != (c.fwd_block_m, c.fwd_block_n)  # the dQ list would be a third
+    assert set(layout._schedules) == {forward, dkv}
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "dq" in kernel_tiles(ATOMIC_TILES)
+    finally:
+        torch.use_deterministic_algorithms(previous)

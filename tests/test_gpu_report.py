@@ -174,6 +174,39 @@ def test_profile_kernels_reads_the_profiler_events_of_each_step():
     assert len(matmuls) == 3 and all(us > 0 for us in matmuls)
 
 
+def test_profile_kernels_refuses_a_profile_without_device_events(monkeypatch):
+    """A profiler that records no kernel (CUPTI missing, say) must fail the row, not report zeros;
+    the CPU activity stays on beside CUDA, without which kernel events have gone missing."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    kb = gpu_report.kernel_breakdown
+    seen = []
+
+    class FakeProfile:
+        def __init__(self, activities):
+            seen.append(list(activities))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [SimpleNamespace(name="cudaLaunchKernel", device_type=DeviceType.CPU,
+                                    time_range=SimpleNamespace(elapsed_us=lambda: 5.0))]
+
+    monkeypatch.setattr(kb, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    with pytest.raises(RuntimeError, match="recorded no"):
+        kb.profile_kernels(lambda: None, steps=2, device_type=DeviceType.CUDA)
+    assert seen == [[ProfilerActivity.CPU, ProfilerActivity.CUDA]]
+
+
 def test_kernel_breakdowns_in_the_report_budget_and_errors(monkeypatch):
     now = [0.0]
     budget = gpu_report.Budget(10, clock=lambda: now[0])
