@@ -54,6 +54,19 @@ def _check_latent_tokens(tokenizer, latent_tokens: str) -> List[int]:
     return ids
 
 
+def _refuse_latent_text(turns: Sequence[dict], latent_strings: Sequence[str], what: str) -> None:
+    """A latent token written in the text would tokenize as one more latent, inside the question or answer,
+    which the attention rule then lets see the images: refused, so that only livr places latents."""
+    for turn in turns:
+        parts = [turn["content"]] if isinstance(turn["content"], str) else [
+            part.get("text", "") for part in turn["content"] if isinstance(part, dict) and part.get("type") == "text"]
+        for text in parts:
+            found = next((token for token in latent_strings if token in text), None)
+            if found is not None:
+                raise ValueError(f"{what}: the {turn['role']} text contains the latent token {found!r}; latent tokens are "
+                                 f"placed by livr and must not appear in the data")
+
+
 def _token_id(processor, name: str) -> Optional[int]:
     value = getattr(processor, name, None)
     return value if isinstance(value, int) else None
@@ -101,7 +114,8 @@ def encode_messages(processor, messages: Sequence[dict], images: Sequence, *, la
     if with_answer and reply is None:
         raise ValueError(f"{what} has no assistant turn after its last user turn to train on")
     tokenizer = tokenizer_of(processor)
-    _check_latent_tokens(tokenizer, latent_tokens)
+    latent_ids = _check_latent_tokens(tokenizer, latent_tokens)
+    _refuse_latent_text(prompt_turns + ([reply] if reply is not None else []), tokenizer.convert_ids_to_tokens(latent_ids), what)
     check_image_sizes(processor, images, what)
 
     if latent_tokens:

@@ -1,4 +1,6 @@
 """Latent tokens: adding them, where they land in a prompt, training only their rows, checkpointing them."""
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -108,6 +110,25 @@ def test_latents_sit_between_question_and_end_of_user_turn(tiny):
     assert input_ids[:start] + input_ids[start + K:] == plain["input_ids"].tolist()
     assert torch.equal(encoded["pixel_values"], plain["pixel_values"])
     assert (encoded["mm_token_type_ids"][start:start + K] == 0).all()
+
+
+@pytest.mark.parametrize("where", ["question", "choices"])
+def test_latent_token_text_in_the_data_is_refused(tiny, where):
+    """A latent written in the question would tokenize as one more latent, which the bottleneck
+    lets see the images, in the middle of the question: the encoder refuses it, naming it."""
+    import dataclasses
+
+    model, processor = tiny
+    add_latent_tokens(model, processor, k=K, seed=0)
+    example = make_synthetic_dataset("visual_correspondence", 1)[0]
+    strings = latent_token_strings(K)
+    if where == "question":
+        bad = dataclasses.replace(example, question=example.question + " " + strings[2])
+    else:
+        bad = dataclasses.replace(example, choices=[example.choices[0] + strings[2], *example.choices[1:]])
+    with pytest.raises(ValueError, match=rf"contains the latent token '{re.escape(strings[2])}'"):
+        encode_example(processor, bad, latent_tokens="".join(strings))
+    assert encode_example(processor, example, latent_tokens="".join(strings))["input_ids"].numel() > K
 
 
 def train_steps(model, processor, ids, parameters):
