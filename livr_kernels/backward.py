@@ -4,7 +4,9 @@ three (dQ's kernel is in backward_dq.py).
 Both main kernels walk tile lists from a ``TileSchedule`` like the forward: full tiles without mask
 arithmetic, then partial ones; empty tiles are never visited. The dK/dV program
 owns one key block of one K/V head and loops over every query head of its GQA group, so the group
-reduction happens in registers: no atomics, deterministic results.
+reduction of dK and dV happens in registers (no atomics). dQ comes from the dQ kernel (fixed order,
+deterministic) or, with ``KernelConfig.dq_atomic``, from the dK/dV kernel itself through fp32
+atomic adds (5 matrix products per tile instead of 7; the order of the adds varies).
 """
 from __future__ import annotations
 

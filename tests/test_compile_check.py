@@ -219,7 +219,8 @@ def test_atomic_dq_compiles_clean_with_global_atomic_adds(compiled):
     """``dq_atomic``: the sm_90 dK/dV adds dQ with fp32 atomics, without spills; the default does not."""
     atomic, plain = compiled["atomic"], compiled["plain_dkv"]
     assert atomic["error"] is None and atomic["problems"] == [], atomic
-    # On sm_90, the lent GPU's, it fits in registers under both Triton releases CI compiles with.
+    # On sm_90, the lent GPU's, at D=64 with doc ids it fits in registers under both Triton releases
+    # CI compiles with (D=80 does not under 3.9: compile_check lists it as spill*).
     assert atomic["stack"] == 0 and atomic["local"] == 0, atomic
     assert atomic["atomic_adds"] and not plain["atomic_adds"]
     assert atomic["mma"] == "wgmma" and len(atomic["loop_instructions"]) == 2
