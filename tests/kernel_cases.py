@@ -43,6 +43,19 @@ def packed_docs(batch: int, n: int, num_docs: int) -> torch.Tensor:
     return doc
 
 
+def poison_outputs(patch) -> None:
+    """Every buffer the kernels' host code allocates (``_alloc`` of the forward and the backward)
+    starts as NaN, so an element that no kernel writes shows up. ``patch``: a pytest MonkeyPatch."""
+    import livr_kernels.backward as backward_mod
+    import livr_kernels.forward as forward_mod
+
+    def nan_alloc(*args, **kwargs):
+        return torch.full(*args, float("nan"), **kwargs)
+
+    patch.setattr(forward_mod, "_alloc", nan_alloc)
+    patch.setattr(backward_mod, "_alloc", nan_alloc)
+
+
 def random_qkv(batch, hq, hkv, n_q, n_k, head_dim, dtype=torch.float32, requires_grad=True):
     q = torch.randn(batch, hq, n_q, head_dim, dtype=dtype)
     k = torch.randn(batch, hkv, n_k, head_dim, dtype=dtype)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import livr_kernels.backward as backward_mod
-import livr_kernels.forward as forward_mod
-from kernel_cases import livr_layout, packed_docs, random_qkv
+from kernel_cases import livr_layout, packed_docs, poison_outputs, random_qkv
 from livr_kernels import RULES, KernelConfig, SegmentLayout
 from livr_kernels.attention import kernel_tiles
 from test_kernels import SMALL_TILES, assert_close_fp32, kernel, reference64
@@ -65,11 +64,7 @@ def test_atomic_dq_matches_the_reference_and_the_dq_kernel(
 
 def test_every_dq_element_is_written(monkeypatch):
     """Every buffer starts as NaN, the fp32 accumulator included: the preprocess must zero all of it."""
-    def nan_alloc(*args, **kwargs):
-        return torch.full(*args, float("nan"), **kwargs)
-
-    monkeypatch.setattr(forward_mod, "_alloc", nan_alloc)
-    monkeypatch.setattr(backward_mod, "_alloc", nan_alloc)
+    poison_outputs(monkeypatch)
     seg = livr_layout(2, 50, pad=20)
     q, k, v, do = random_qkv(2, 4, 2, 50, 50, 48)
     got = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2), config=ATOMIC_TILES)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import livr_kernels.backward as backward_mod
 import livr_kernels.forward as forward_mod
-from kernel_cases import livr_layout, packed_docs, random_qkv
+from kernel_cases import livr_layout, packed_docs, poison_outputs, random_qkv
 from livr_kernels import AttentionRule, KernelConfig, RULES, Segment, SegmentLayout, reference_attention, segment_attention
 from livr_kernels.blocks import TILE_EMPTY
 from livr_kernels.attention import kernel_tiles
@@ -138,11 +138,7 @@ def test_rows_without_keys_are_zero_with_zero_gradient():
 
 def test_every_output_element_written(monkeypatch):
     """Outputs start as NaN: any element the kernels forget to write shows up."""
-    def nan_alloc(*args, **kwargs):
-        return torch.full(*args, float("nan"), **kwargs)
-
-    monkeypatch.setattr(forward_mod, "_alloc", nan_alloc)
-    monkeypatch.setattr(backward_mod, "_alloc", nan_alloc)
+    poison_outputs(monkeypatch)
     seg = livr_layout(2, 50, pad=20)
     q, k, v, do = random_qkv(2, 4, 2, 50, 50, 48)
     got = kernel(q, k, v, do, seg, "bottleneck", packed_docs(2, 50, 2))
@@ -221,8 +217,7 @@ def test_dkv_index_read_ahead_changes_nothing_but_the_pipelining():
 def test_kernels_follow_the_launch_order(monkeypatch):
     """A launch order that lists one row twice and drops another leaves that row unwritten: the
     kernels take their rows from ``TileSchedule.order``."""
-    monkeypatch.setattr(forward_mod, "_alloc", lambda *args, **kwargs: torch.full(*args, float("nan"), **kwargs))
-    monkeypatch.setattr(backward_mod, "_alloc", lambda *args, **kwargs: torch.full(*args, float("nan"), **kwargs))
+    poison_outputs(monkeypatch)
     seg = livr_layout(1, 64, pad=4)
     q, k, v, do = random_qkv(1, 2, 1, 64, 64, 16)
     layout = SegmentLayout(seg)

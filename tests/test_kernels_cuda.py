@@ -11,9 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-import livr_kernels.backward as backward_mod
 import livr_kernels.forward as forward_mod
-from kernel_cases import livr_layout, packed_docs
+from kernel_cases import livr_layout, packed_docs, poison_outputs
 from livr_kernels import RULES, SegmentLayout, reference_attention, segment_attention
 from livr_kernels.config import default_config
 
@@ -55,6 +54,17 @@ def _kernel(q, k, v, do, seg, rule, doc):
     return _with_grads(lambda a, b, c: segment_attention(a, b, c, seg, rule, doc, backend="triton"), q, k, v, do)
 
 
+def _assert_within_twice_reference(got, low, want, dtype):
+    """flash-attention's rule for each of (out, dq, dk, dv): finite, in ``dtype``, and within twice the
+    error of the same reference run in ``dtype`` (``low``) against float64 (``want``), plus a floor."""
+    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
+        assert g.dtype == dtype and torch.isfinite(g).all(), f"{name}: dtype {g.dtype} or non-finite (unwritten) values"
+        err = (g.double() - w).abs().max().item()
+        ref_err = (lo.double() - w).abs().max().item()
+        bound = LOW_PRECISION_FACTOR * ref_err + LOW_PRECISION_FLOOR
+        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+
+
 # (batch, hq, hkv, n_q, n_k, head_dim, pad, num_docs)
 SHAPES = [
     pytest.param(1, 2, 2, 1, 1, 64, 0, 0, id="n1"),
@@ -93,20 +103,11 @@ def test_low_precision_within_twice_reference(dtype, rule, batch, hq, hkv, n_q, 
     got = _kernel(q, k, v, do, seg, rule, doc)
     want = _reference(q, k, v, do, seg, rule, doc)
     low = _reference(q, k, v, do, seg, rule, doc, dtype=dtype)
-    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
-        assert g.dtype == dtype and torch.isfinite(g).all(), f"{name}: dtype {g.dtype} or non-finite values"
-        err = (g.double() - w).abs().max().item()
-        ref_err = (lo.double() - w).abs().max().item()
-        bound = LOW_PRECISION_FACTOR * ref_err + LOW_PRECISION_FLOOR
-        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+    _assert_within_twice_reference(got, low, want, dtype)
 
 
 def test_every_output_element_written(monkeypatch):
-    def nan_alloc(*args, **kwargs):
-        return torch.full(*args, float("nan"), **kwargs)
-
-    monkeypatch.setattr(forward_mod, "_alloc", nan_alloc)
-    monkeypatch.setattr(backward_mod, "_alloc", nan_alloc)
+    poison_outputs(monkeypatch)
     n = 1500
     seg = livr_layout(2, n, pad=300).to(DEVICE)
     q, k, v, do = _inputs(2, 8, 2, n, n, 128, torch.bfloat16)
@@ -185,11 +186,7 @@ def test_tma_forward_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_
     assert took, "the forward did not ask for descriptors"
     want = _reference(q, k, v, do, seg, "bottleneck", doc)
     low = _reference(q, k, v, do, seg, "bottleneck", doc, dtype=torch.bfloat16)
-    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        err = (g.double() - w).abs().max().item()
-        bound = LOW_PRECISION_FACTOR * (lo.double() - w).abs().max().item() + LOW_PRECISION_FLOOR
-        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g}"
+    _assert_within_twice_reference(got, low, want, torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch,hq,hkv,n_q,n_k,head_dim,pad,num_docs", [
@@ -201,11 +198,7 @@ def test_tma_forward_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_
 ])
 def test_atomic_dq_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_k, head_dim, pad, num_docs):
     """``dq_atomic``: dQ added by the dK/dV kernel with fp32 atomics, bf16, every buffer NaN-poisoned."""
-    def nan_alloc(*args, **kwargs):
-        return torch.full(*args, float("nan"), **kwargs)
-
-    monkeypatch.setattr(forward_mod, "_alloc", nan_alloc)
-    monkeypatch.setattr(backward_mod, "_alloc", nan_alloc)
+    poison_outputs(monkeypatch)
     seg = livr_layout(batch, n_k, pad=pad).to(DEVICE)
     doc = packed_docs(batch, n_k, num_docs).to(DEVICE) if num_docs else None
     q, k, v, do = _inputs(batch, hq, hkv, n_q, n_k, head_dim, torch.bfloat16)
@@ -214,8 +207,4 @@ def test_atomic_dq_within_twice_reference(monkeypatch, batch, hq, hkv, n_q, n_k,
                       q, k, v, do)
     want = _reference(q, k, v, do, seg, "bottleneck", doc)
     low = _reference(q, k, v, do, seg, "bottleneck", doc, dtype=torch.bfloat16)
-    for name, g, lo, w in zip(("out", "dq", "dk", "dv"), got, low, want):
-        assert torch.isfinite(g).all(), f"{name} has non-finite (or unwritten) values"
-        err = (g.double() - w).abs().max().item()
-        bound = LOW_PRECISION_FACTOR * (lo.double() - w).abs().max().item() + LOW_PRECISION_FLOOR
-        assert err <= bound, f"{name}: kernel error {err:.3g} > {bound:.3g}"
+    _assert_within_twice_reference(got, low, want, torch.bfloat16)

@@ -10,9 +10,8 @@ import pytest
 import torch
 import triton
 from hypothesis import example, given, settings, strategies as st
+from kernel_cases import poison_outputs
 
-import livr_kernels.backward as backward_mod
-import livr_kernels.forward as forward_mod
 from livr_kernels import RULES, KernelConfig, Segment, SegmentLayout, reference_attention, segment_attention, segment_mask
 from livr_kernels.attention import kernel_tiles
 from livr_kernels.config import _FP32_CONFIGS, _OLD_TRITON_OVERRIDES, GENERATIONS
@@ -293,10 +292,6 @@ def test_extension_equals_the_layout_built_whole(run, rule):
                 assert (x is None and y is None) or torch.equal(x, y), (block_size, field)
 
 
-def _nan_alloc(*args, **kwargs):
-    return torch.full(*args, float("nan"), **kwargs)
-
-
 def _grads(fn, q, k, v, do):
     out = fn(q, k, v)
     return (out,) + torch.autograd.grad(out, (q, k, v), do)
@@ -346,8 +341,7 @@ def test_kernels_match_the_float64_reference(case, rule):
     k, v = (torch.randn(batch, hkv, n, head_dim, generator=gen).requires_grad_() for _ in range(2))
     do = torch.randn(batch, hq, n_q, head_dim, generator=gen)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(forward_mod, "_alloc", _nan_alloc)
-        patch.setattr(backward_mod, "_alloc", _nan_alloc)
+        poison_outputs(patch)
         got = _grads(
             lambda a, b, c: segment_attention(a, b, c, seg, rule, doc, backend="triton", config=config), q, k, v, do
         )
