@@ -240,3 +240,14 @@ def test_lengths_are_timed_longest_first_and_targets_before_variants():
     order = list(gpu_report.METHODS)
     compared = ("livr", "sdpa_causal", "flex", "flex+block_mask", "sdpa_dense_mask")
     assert max(order.index(m) for m in compared) < min(order.index(m) for m in gpu_report.TABLE_VARIANTS)
+
+
+def test_the_first_length_is_profiled_before_the_other_lengths_are_timed(monkeypatch):
+    """A budget spent on the shorter lengths must not cost the per-kernel profile."""
+    calls = []
+    monkeypatch.setattr(gpu_report, "benchmark", lambda lengths, layouts, repeat_ms, budget: calls.append(
+        ("time", list(lengths))) or [{"n": n} for n in lengths])
+    monkeypatch.setattr(gpu_report, "kernel_breakdowns", lambda n, layouts, budget: calls.append(("profile", n)) or [{"n": n}])
+    rows, kernels = gpu_report.timings([16384, 8192, 4096], ["single"], 1)
+    assert calls == [("time", [16384]), ("profile", 16384), ("time", [8192, 4096])]
+    assert [r["n"] for r in rows] == [16384, 8192, 4096] and kernels == [{"n": 16384}]
