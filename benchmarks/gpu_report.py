@@ -45,8 +45,8 @@ from triton.testing import do_bench  # noqa: E402
 
 import test_attention as bench  # noqa: E402
 import kernel_breakdown  # noqa: E402
-import triton_causal  # noqa: E402
-from report_runners import TABLE_VARIANTS, register_runners  # noqa: E402
+from report_runners import TABLE_VARIANTS, register_runners  # noqa: E402,F401  (TABLE_VARIANTS: read by the tests here)
+from report_tables import gap_markdown, packing_markdown, ratio_cell, variants_markdown  # noqa: E402
 from livr_kernels import autotune  # noqa: E402
 
 WARMUP_MS = 50
@@ -64,6 +64,9 @@ CUDA_TEST_FILES = ("test_kernels_cuda.py", "test_host_path.py")
 # measured (--budget-s 0: no limit, e.g. on your own GPU).
 DEFAULT_BUDGET_S = 480
 NOT_TIMED = "not timed: time budget spent"
+# Characters of an error message kept in a timing row's note and in a per-kernel row.
+ERROR_CHARS = 160
+BREAKDOWN_ERROR_CHARS = 120
 BWD_FLOP_FACTOR = 2.5
 TARGETS = (
     "targets (issue 11, fwd+bwd): >= 1.3x flex, >= 4x dense SDPA, within 10% of causal SDPA; "
@@ -147,18 +150,6 @@ def run_packing_step(budget: "Budget" = Budget(0)) -> list:
     return rows
 
 
-def packing_markdown(rows: list) -> list:
-    lines = ["", "Model step, packed vs padded (benchmarks/test_model_step.py -k packing):", "",
-             "| layout | batch shape | real tokens | median step s | real tokens/s |", "|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| failed: {r['error']} | - | - | - | - |")
-        else:
-            lines.append(f"| {r['layout']} | {r['shape']} | {r['real_tokens']} | {r.get('median_step_s', 0):.4f} | "
-                         f"{r.get('real_tokens_per_s', '-')} |")
-    return lines
-
-
 def tuned_configs() -> list:
     """The configs the autotuner chose in this process, one line per tuning key."""
     return [f"D={key[3]}, N bucket {key[6]}, docs {key[7]}: {config}" for key, config in autotune._memory.items()]
@@ -180,7 +171,7 @@ def time_method(case, method: str, repeat_ms: int) -> dict:
             result[mode] = do_bench(step, warmup=WARMUP_MS, rep=repeat_ms, return_mode="median")
         except Exception as exc:  # one failing method must not hide the others' numbers
             result[mode] = None
-            result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            result["error"] = error_text(exc, ERROR_CHARS)
             break
     return result
 
@@ -204,6 +195,11 @@ def flex_recompile_times(layout_name: str, lengths, budget: "Budget" = Budget(0)
 
 def required_tflops(flops: float, ms) -> str:
     return "-" if ms is None or ms <= 0 else f"{flops / (ms * 1e-3) / TFLOP:.0f}"
+
+
+def error_text(exc: Exception, limit: int) -> str:
+    """One line for a table cell: the exception's type and the start of its message's first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:limit] if str(exc) else ''}"
 
 
 def fmt_ms(ms) -> str:
@@ -261,31 +257,10 @@ def kernel_breakdowns(n: int, layouts, budget: "Budget" = Budget(0)) -> list:
                 kernels = kernel_breakdown.profile_kernels(step)
                 rows.append({**row, **kernel_breakdown.breakdown(kernels, kernel_breakdown.PROFILED_STEPS)})
             except Exception as exc:  # a profiler that fails must not cost the report
-                rows.append({**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"})
+                rows.append({**row, "error": error_text(exc, BREAKDOWN_ERROR_CHARS)})
         bench.make_case.cache_clear()
         torch.cuda.empty_cache()
     return rows
-
-
-def variants_markdown(rows: list) -> list:
-    """Lines comparing each one-setting variant of the static table (``TABLE_VARIANTS``) with it."""
-    timed = {(r["layout"], r["n"], r["method"]): r for r in rows}
-    lines = []
-    for (layout, n, method), variant in timed.items():
-        table = timed.get((layout, n, "livr_table"))
-        if method not in TABLE_VARIANTS or table is None:
-            continue
-        ratios = [
-            "-" if not table.get(col) or not variant.get(col) else f"{variant[col] / table[col]:.2f}x"
-            for col in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")
-        ]
-        setting = ", ".join(f"{k}={v}" for k, v in TABLE_VARIANTS[method].items())
-        lines.append(f"| {method} ({setting}) | {layout} | {n} | " + " | ".join(ratios) + " |")
-    if not lines:
-        return []
-    return ["", "Static-table variants, measured: the variant's time over the static table's (above 1.00x "
-            "the static table is faster; benchmarks/dispatch_model.py models the launch order):", "",
-            "| variant | layout | N | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|---|"] + lines
 
 
 def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: list = (), kernels: list = ()) -> str:
@@ -306,7 +281,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
     livr = {(r["layout"], r["n"]): r.get("fwd_bwd_ms") for r in rows if r["method"] == "livr"}
     for r in rows:
         base = livr.get((r["layout"], r["n"]))
-        ratio = "-" if not base or not r.get("fwd_bwd_ms") else f"{r['fwd_bwd_ms'] / base:.2f}x"
+        ratio = ratio_cell(r.get("fwd_bwd_ms"), base)
         note = r.get("error", "")
         if "max_abs_diff" in r:
             note = (note + f" max diff {r['max_abs_diff']:.2g}").strip()
@@ -320,7 +295,7 @@ def markdown(info: dict, tests: dict, rows: list, recompiles: list, packing: lis
         lines += ["", f"Time budget spent: {skipped} of {len(rows)} timings above were not run "
                   "(`--budget-s`, or fewer `--lengths`, to time them)."]
     lines += variants_markdown(rows)
-    lines += triton_causal.gap_markdown(rows)
+    lines += gap_markdown(rows)
     lines += kernel_breakdown.breakdown_markdown(list(kernels))
     if recompiles:
         lines += ["", "FlexAttention (compiled, dynamic=False) first call per new length, fwd+bwd:", "",

@@ -20,9 +20,6 @@ import torch
 from livr_kernels.config import KernelConfig, default_config
 from livr_kernels.yardstick import causal_bwd, causal_fwd
 
-# Rows of (fwd, bwd, fwd+bwd) columns compared by ``gap_markdown``.
-TIME_COLUMNS = ("fwd_ms", "bwd_ms", "fwd_bwd_ms")
-
 
 class CausalYardstick(torch.autograd.Function):
     """Causal attention through the yardstick kernels; K/V may have fewer heads than Q (GQA)."""
@@ -60,26 +57,3 @@ def run_triton_causal(case, q, k, v):
     """A benchmark runner (``benchmarks/test_attention.py``'s signature): no LIVR mask."""
     return causal_yardstick(q, k, v)
 
-
-def _ratio(numerator, denominator) -> str:
-    return "-" if not numerator or not denominator else f"{numerator / denominator:.2f}x"
-
-
-def gap_markdown(rows: list) -> list:
-    """Lines splitting ``livr_table``'s time over SDPA ``is_causal`` into mask cost and Triton cost."""
-    timed = {(r["layout"], r["n"], r["method"]): r for r in rows}
-    lines = []
-    for (layout, n, method), yardstick in timed.items():
-        table, causal = timed.get((layout, n, "livr_table")), timed.get((layout, n, "sdpa_causal"))
-        if method != "triton_causal" or table is None or causal is None:
-            continue
-        cells = [_ratio(table.get(c), yardstick.get(c)) for c in TIME_COLUMNS]
-        cells += [_ratio(yardstick.get(c), causal.get(c)) for c in TIME_COLUMNS]
-        lines.append(f"| {layout} | {n} | " + " | ".join(cells) + " |")
-    if not lines:
-        return []
-    return ["", "Where the time over causal SDPA goes: livr_table over the plain causal Triton kernel with the "
-            "same tiles (the mask and tile lists; below 1.00x where the mask skips work), and that kernel over "
-            "SDPA is_causal (Triton's code generation against a hand-written kernel):", "",
-            "| layout | N | mask fwd | mask bwd | mask fwd+bwd | Triton fwd | Triton bwd | Triton fwd+bwd |",
-            "|---|---|---|---|---|---|---|---|"] + lines

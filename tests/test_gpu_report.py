@@ -7,6 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_report  # noqa: E402
+import triton_causal  # noqa: E402
 
 
 def _row(layout, n, method, fwd, bwd):
@@ -105,11 +106,11 @@ def test_gap_table_splits_the_distance_to_causal_sdpa_into_mask_and_triton():
         _row("single", 2048, "livr_table", 1.0, 1.0),
         _row("single", 2048, "sdpa_causal", 1.0, 1.0),
     ]
-    lines = gpu_report.triton_causal.gap_markdown(rows)
+    lines = gpu_report.gap_markdown(rows)
     assert "| single | 8192 | 1.50x | 1.20x | 1.29x | 2.00x | 1.25x | 1.40x |" in lines
     assert "| single | 2048 | - | - | - | - | - | - |" in lines
     assert not any(line.startswith("| packed |") for line in lines)
-    assert gpu_report.triton_causal.gap_markdown([_row("single", 8192, "livr_table", 1.0, 1.0)]) == []
+    assert gpu_report.gap_markdown([_row("single", 8192, "livr_table", 1.0, 1.0)]) == []
     assert "triton_causal" in gpu_report.METHODS
     report = gpu_report.markdown({"device": "NVIDIA H100"}, {"summary": "skipped", "seconds": 0.0}, rows, [])
     assert "Where the time over causal SDPA goes" in report and "| single | 8192 | 1.50x |" in report
@@ -129,7 +130,7 @@ def test_triton_causal_method_is_causal_attention_with_gqa_in_every_gradient():
     q, do = torch.randn(1, 4, 64, 24), torch.randn(1, 4, 64, 24)
     k, v = torch.randn(1, 2, 64, 24), torch.randn(1, 2, 64, 24)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = gpu_report.triton_causal.causal_yardstick(*leaves, config=config)
+    out = triton_causal.causal_yardstick(*leaves, config=config)
     out.backward(do)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     want = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, is_causal=True, enable_gqa=True)
