@@ -97,7 +97,8 @@ _FP_FUSION_WARNING = ".*TRITON_DEFAULT_FP_FUSION.*"
 
 @dataclass(frozen=True)
 class Variant:
-    """What the table row describes; ``has_docs`` / ``rule`` are None for kernels that ignore them."""
+    """What the table row describes; ``has_docs`` / ``rule`` are None for kernels that ignore them,
+    ``option`` names the ``OPTION_VARIANTS`` entry compiled ("" for the static table)."""
 
     kernel: str
     arch: int
@@ -105,6 +106,12 @@ class Variant:
     head_dim: int
     has_docs: Optional[bool]
     rule: Optional[str]
+    option: str = ""
+
+    @property
+    def name(self) -> str:
+        """The kernel as the table shows it: ``<kernel>+<option>`` for an option variant."""
+        return f"{self.kernel}+{self.option}" if self.option else self.kernel
 
 
 @dataclass
@@ -135,11 +142,11 @@ class KernelReport:
     @property
     def option(self) -> bool:
         """A setting off in the static table (``OPTION_VARIANTS``), compiled as the autotuner would try it."""
-        return "+" in self.variant.kernel
+        return bool(self.variant.option)
 
     def _where(self) -> str:
         v = self.variant
-        return f"{v.kernel} sm_{v.arch} {v.dtype} D={v.head_dim}" + ("" if v.has_docs is None else f" docs={v.has_docs}")
+        return f"{v.name} sm_{v.arch} {v.dtype} D={v.head_dim}" + ("" if v.has_docs is None else f" docs={v.has_docs}")
 
     def _spill(self) -> str:
         return (f"{self._where()}: spills to local memory ({self.stack} B stack + {self.local} B local per thread, "
@@ -239,8 +246,8 @@ def plan(archs: Sequence[int], pairs: Sequence[Tuple[str, int]], rules: Sequence
                         for launch in capture_launches(arch, dtype, head_dim, has_docs, rule, changes=changes):
                             uses_mask = "RULE_BITS" in launch.constexprs
                             variant = Variant(
-                                launch.kernel + (f"+{option}" if option else ""), arch, dtype, head_dim,
-                                has_docs if uses_mask else None, rule if uses_mask else None,
+                                launch.kernel, arch, dtype, head_dim,
+                                has_docs if uses_mask else None, rule if uses_mask else None, option,
                             )
                             # A launch the option leaves as it is keeps its plain name.
                             jobs.setdefault(f"{arch}|{launch.key()}", (launch, variant))
@@ -266,7 +273,7 @@ def yardstick_rows(reports: Sequence[KernelReport]) -> List[YardstickRow]:
     livr = {}
     for r in reports:
         v = r.variant
-        if v.kernel in YARDSTICK_KERNELS and v.has_docs is False and r.error is None:
+        if v.kernel in YARDSTICK_KERNELS and not v.option and v.has_docs is False and r.error is None:
             livr.setdefault((v.kernel, v.arch, v.dtype, v.head_dim), r)
     rows = []
     for r in reports:
@@ -308,7 +315,7 @@ def _cells(r: KernelReport) -> tuple:
     v = r.variant
     failed = "-" if r.error else None
     return (
-        v.kernel, f"sm_{v.arch}", v.dtype, v.head_dim, "-" if v.has_docs is None else ("yes" if v.has_docs else "no"),
+        v.name, f"sm_{v.arch}", v.dtype, v.head_dim, "-" if v.has_docs is None else ("yes" if v.has_docs else "no"),
         v.rule or "-", r.num_warps, r.num_stages, r.tile,
         failed or r.registers, failed or f"{r.shared / KIB:.1f}", failed or r.stack, failed or r.local, failed or r.mma,
         failed or ("yes" if r.async_copies else "no"),
@@ -331,8 +338,7 @@ def format_markdown(reports: Sequence[KernelReport]) -> str:
 
 def _sort_key(r: KernelReport):
     v = r.variant
-    kernel, _, option = v.kernel.partition("+")
-    return (v.arch, list(ALL_KERNELS).index(kernel), option, v.dtype, v.head_dim, bool(v.has_docs), v.rule or "")
+    return (v.arch, list(ALL_KERNELS).index(v.kernel), v.option, v.dtype, v.head_dim, bool(v.has_docs), v.rule or "")
 
 
 def wgmma_summary(reports: Sequence[KernelReport]) -> List[str]:

@@ -117,9 +117,9 @@ tma_fwd = next(l for l in cc.capture_launches(90, "fp16", 64, True, "bottleneck"
 tma = cc.compile_launch(tma_fwd, cc.Variant("fwd", 90, "fp16", 64, True, "bottleneck"))
 atomic_dkv = next(l for l in cc.capture_launches(90, "fp16", 64, True, "bottleneck", changes={"dq_atomic": True})
                   if l.kernel == "bwd_dkv")
-atomic = cc.compile_launch(atomic_dkv, cc.Variant("bwd_dkv+dq_atomic", 90, "fp16", 64, True, "bottleneck"))
+atomic = cc.compile_launch(atomic_dkv, cc.Variant("bwd_dkv", 90, "fp16", 64, True, "bottleneck", "dq_atomic"))
 plain_dkv = cc.compile_launch(next(l for l in launches if l.kernel == "bwd_dkv"), cc.Variant("bwd_dkv", 90, "fp16", 64, False, "bottleneck"))
-planned = [v.kernel for _, v in cc.plan([90], [("fp16", 64)], ["bottleneck"])]
+planned = [v.name for _, v in cc.plan([90], [("fp16", 64)], ["bottleneck"])]
 yard = next(l for l in cc.capture_yardstick_launches(90, "fp16", 64) if l.kernel == "yardstick_fwd")
 yardstick = cc.compile_launch(yard, cc.Variant(yard.kernel, 90, "fp16", 64, None, None))
 dkv = next(l for l in launches if l.kernel == "bwd_dkv")
@@ -373,7 +373,7 @@ def test_both_stacks_are_held_to_the_yardstick():
 
 def test_an_option_variant_that_spills_is_listed_not_failed():
     """Autotuner candidates (``<kernel>+<option>``) are timed before use: their spill is a note."""
-    option = cc.KernelReport(cc.Variant("bwd_dkv+dq_atomic", 80, "bf16", 64, True, "bottleneck"), 8, 3, "32x128",
+    option = cc.KernelReport(cc.Variant("bwd_dkv", 80, "bf16", 64, True, "bottleneck", "dq_atomic"), 8, 3, "32x128",
                              registers=255, stack=8, shared=1000)
     assert option.problems() == [] and "spills to local memory (8 B stack" in option.notes()[0]
     assert cc.format_table([option]).splitlines()[1].split()[-1] == "spill*"
