@@ -129,11 +129,19 @@ def segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, b_pos_k, b_doc_k, RULE_B
 
 
 @triton.jit
-def _fwd_tile_loads(p_k, p_v, o_bn, o_d, m_d, m_n, i_n0, stride_kn, stride_vn, INT32_OFFSETS: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_tile_loads(
+    p_k, p_v, o_bn, o_d, m_d, m_n, i_n0, stride_kn, stride_vn,
+    INT32_OFFSETS: tl.constexpr, SHARED_KV_STRIDE: tl.constexpr, MASKED: tl.constexpr,
+):
     """K^T [BD, BN] and V [BN, BD] of the tile at key ``i_n0``, through pointers."""
     # A scalar offset per tile plus in-tile offsets the compiler may rematerialise: kept live
     # across the loop they would cost 64 registers and spill the sm_80 forward at D=128. The
-    # offset is int32 when every key position fits (one multiply instead of a 64-bit one).
+    # offset is int32 when every key position fits (one multiply instead of a 64-bit one), and
+    # one offset serves K and V when their rows share a stride: one multiply and one widening
+    # per tile instead of two, 8-9 of the 18-20 instructions the sm_120 loop spent over the
+    # yardstick's at D=128 (benchmarks/RESULTS.md).
+    if SHARED_KV_STRIDE:
+        stride_vn = stride_kn
     p_k_tile, p_v_tile = tile_pointers(p_k, p_v, i_n0, stride_kn, stride_vn, INT32_OFFSETS)
     # [BD, BN], [BN, BD]
     o_k = o_bn[None, :] * stride_kn + o_d[:, None]
@@ -158,6 +166,7 @@ def _fwd_tile(
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
+    SHARED_KV_STRIDE: tl.constexpr,
     TMA: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -172,7 +181,8 @@ def _fwd_tile(
         # [BN, BD]
         b_v = p_v.load([i_b, i_kvh, i_n0, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
-        b_k, b_v = _fwd_tile_loads(p_k, p_v, o_bn, o_d, m_d, m_n, i_n0, stride_kn, stride_vn, INT32_OFFSETS, MASKED)
+        b_k, b_v = _fwd_tile_loads(
+            p_k, p_v, o_bn, o_d, m_d, m_n, i_n0, stride_kn, stride_vn, INT32_OFFSETS, SHARED_KV_STRIDE, MASKED)
     # [BM, BN] raw scores: the softmax scale goes into the exp2 argument below (one FMA per score).
     b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION)
     if MASKED:
@@ -201,7 +211,15 @@ def int32_key_offsets(args) -> bool:
     return args["n_k"] * max(args["stride_kn"], args["stride_vn"], 1) < INT32_LIMIT
 
 
-@triton.heuristics({"DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_key_offsets})
+def shared_kv_stride(args) -> bool:
+    """Are K's and V's rows the same number of elements apart (both contiguous (B, H, N, D), the
+    usual case)? Then one tile offset addresses both."""
+    return args["stride_kn"] == args["stride_vn"]
+
+
+@triton.heuristics({
+    "DOT_PRECISION": dot_precision, "INT32_OFFSETS": int32_key_offsets, "SHARED_KV_STRIDE": shared_kv_stride,
+})
 @triton.jit
 def segment_attention_fwd_kernel(
     q, k, v, o, lse, seg, doc,
@@ -225,6 +243,7 @@ def segment_attention_fwd_kernel(
     TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INT32_OFFSETS: tl.constexpr,
+    SHARED_KV_STRIDE: tl.constexpr,
 ):
     i_b, i_m, i_h = program_row(row_order, num_q_blocks, HQ, LONGEST_FIRST)
     i_bh = i_b * HQ + i_h
@@ -270,7 +289,7 @@ def segment_attention_fwd_kernel(
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
             i_n, n_k, stride_kn, stride_vn, scale_log2, i_b, i_kvh,
-            BLOCK_N, BLOCK_D, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, TMA, False,
+            BLOCK_N, BLOCK_D, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, SHARED_KV_STRIDE, TMA, False,
         )
         i_n = i_next
     i_n = tl.load(p_partial)
@@ -279,7 +298,7 @@ def segment_attention_fwd_kernel(
         b_acc, b_m, b_l = _fwd_tile(
             b_acc, b_m, b_l, b_q, b_seg_q, b_pos_q, b_doc_q, p_k, p_v, p_seg, p_doc, o_bn, o_d, m_d,
             i_n, n_k, stride_kn, stride_vn, scale_log2, i_b, i_kvh,
-            BLOCK_N, BLOCK_D, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, TMA, True,
+            BLOCK_N, BLOCK_D, RULE_BITS, HAS_DOCS, DOT_PRECISION, INT32_OFFSETS, SHARED_KV_STRIDE, TMA, True,
         )
         i_n = i_next
 

@@ -263,6 +263,23 @@ def test_int64_tile_offsets(monkeypatch):
     assert_close_fp32(kernel(q, k, v, do, seg, "bottleneck", None), reference64(q, k, v, do, seg, "bottleneck", None))
 
 
+def test_values_with_their_own_row_stride(monkeypatch):
+    """V rows further apart than K's (a slice of a wider tensor) are read with V's own stride: one
+    tile offset for both is only taken when the strides match, and forcing it here reads the wrong
+    V rows (so the case does tell the two branches apart)."""
+    assert forward_mod.shared_kv_stride({"stride_kn": 64, "stride_vn": 64})
+    assert not forward_mod.shared_kv_stride({"stride_kn": 64, "stride_vn": 128})
+    seg = livr_layout(1, 50, pad=3)
+    q, k, _, _ = random_qkv(1, 2, 1, 50, 50, 16, requires_grad=False)
+    v = torch.randn(1, 1, 50, 32)[..., :16]
+    want = reference_attention(q.double(), k.double(), v.double(), seg, "bottleneck")
+    out = segment_attention(q, k, v, seg, "bottleneck", backend="triton", config=SMALL_TILES)
+    assert_close_fp32((out,), (want,), names=("out",))
+    monkeypatch.setitem(forward_mod.segment_attention_fwd_kernel.values, "SHARED_KV_STRIDE", lambda args: True)
+    forced = segment_attention(q, k, v, seg, "bottleneck", backend="triton", config=SMALL_TILES)
+    assert (forced.double() - want).abs().max().item() > 0.1
+
+
 def test_negative_scale_is_rejected():
     seg = livr_layout(1, 20)
     q, k, v, _ = random_qkv(1, 2, 1, 20, 20, 16, requires_grad=False)
