@@ -53,6 +53,7 @@ class SegmentLayout:
         self._raw_doc_ids = doc_ids
         self._summaries: Dict[Tuple[int, int, int], BlockSummary] = {}
         self._schedules: Dict[tuple, TileSchedule] = {}
+        self._padded: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         # Key summaries of a layout this one extends: (summary, blocks of it that are complete) per block size.
         self._prefix: Dict[int, Tuple[BlockSummary, int]] = {}
 
@@ -82,7 +83,7 @@ class SegmentLayout:
         new._segment_ids64 = torch.cat([self._segment_ids64, segment_ids.to(torch.int64)], 1)
         new.segment_ids = torch.cat([self.segment_ids, segment_ids.to(torch.int32)], 1)
         new.doc_ids, new._raw_doc_ids = self._extended_docs(segment_ids.shape[1], doc_ids)
-        new._summaries, new._schedules = {}, {}
+        new._summaries, new._schedules, new._padded = {}, {}, {}
         carried = dict(self._prefix)
         for (block_size, offset, _), summary in self._summaries.items():
             if offset == 0:
@@ -116,6 +117,17 @@ class SegmentLayout:
     def raw_doc_ids(self) -> Optional[torch.Tensor]:
         """The document ids as given (before relabelling), for extending the layout."""
         return self._raw_doc_ids
+
+    def padded_ids(self, multiple: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(segment ids, document ids or None), each (B, N') int32 with rows padded to a multiple
+        of ``multiple`` tokens: kind PAD and document -1 past the end. The forward reads a whole key
+        tile's ids without a bounds mask (a PAD key is never allowed), from rows that start aligned."""
+        if multiple not in self._padded:
+            pad = triton.cdiv(self.shape[1], multiple) * multiple - self.shape[1]
+            segment_ids = torch.nn.functional.pad(self.segment_ids, (0, pad), value=int(Segment.PAD))
+            doc_ids = None if self.doc_ids is None else torch.nn.functional.pad(self.doc_ids, (0, pad), value=-1)
+            self._padded[multiple] = (segment_ids, doc_ids)
+        return self._padded[multiple]
 
     def summary(self, block_size: int, num_queries: Optional[int] = None, num_blocks: Optional[int] = None) -> BlockSummary:
         """Summaries of key blocks, or of query blocks when ``num_queries`` (the last Nq positions) is given."""

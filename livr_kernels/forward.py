@@ -186,10 +186,14 @@ def _fwd_tile(
     # [BM, BN] raw scores: the softmax scale goes into the exp2 argument below (one FMA per score).
     b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION)
     if MASKED:
-        b_seg_k = tl.load(p_seg + o_n, mask=m_n, other=PAD_KIND)
+        # The id rows are padded to whole key tiles (``SegmentLayout.padded_ids``): no bounds mask,
+        # so the pipeliner copies two adjacent keys at a time. Under Triton 3.6 a masked load was
+        # one predicated 4-byte copy per element of the replicated MMA slice layout (16 per thread
+        # and id row at 64 keys): 255 registers and an 8 B spill on sm_120 at D=64 with doc ids.
+        b_seg_k = tl.load(p_seg + o_n)
         b_doc_k = b_seg_k
         if HAS_DOCS:
-            b_doc_k = tl.load(p_doc + o_n, mask=m_n, other=-1)
+            b_doc_k = tl.load(p_doc + o_n)
         b_allow = segment_allowed(b_seg_q, b_pos_q, b_doc_q, b_seg_k, o_n, b_doc_k, RULE_BITS, HAS_DOCS)
         b_s = tl.where(b_allow, b_s, float("-inf"))
     # The scale is positive, so the row max commutes with it.
@@ -229,7 +233,7 @@ def segment_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_lse,
+    stride_lse, stride_ids,
     n_q, n_k, num_q_blocks, num_k_blocks,
     HQ: tl.constexpr,
     GROUP: tl.constexpr,
@@ -264,8 +268,8 @@ def segment_attention_fwd_kernel(
     else:
         p_k = k + i_b64 * stride_kb + i_kvh.to(tl.int64) * stride_kh
         p_v = v + i_b64 * stride_vb + i_kvh.to(tl.int64) * stride_vh
-    p_seg = seg + i_b64 * n_k
-    p_doc = doc + i_b64 * n_k
+    p_seg = seg + i_b64 * stride_ids
+    p_doc = doc + i_b64 * stride_ids
 
     # [BM, BD]
     b_q = tl.load(row_block(p_q, i_m * BLOCK_M, stride_qn, tl.arange(0, BLOCK_M), o_d), mask=m_m[:, None] & m_d[None, :], other=0.0)
@@ -366,19 +370,20 @@ def segment_attention_fwd(
     num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
     o = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse = alloc_row_stats(_alloc, batch, hq, n_q, q.device)
-    doc = layout.doc_ids if layout.has_docs else layout.segment_ids
+    segment_ids, doc_ids = layout.padded_ids(bn)
+    doc = doc_ids if layout.has_docs else segment_ids
     block_d = head_dim_block(head_dim)
     descriptors = tma_descriptors(k, v, bn, block_d) if config.fwd_tma else None
     k_arg, v_arg = descriptors or (k, v)
     segment_attention_fwd_kernel[(batch * num_q_blocks * hq,)](
-        q, k_arg, v_arg, o, lse, layout.segment_ids, doc,
+        q, k_arg, v_arg, o, lse, segment_ids, doc,
         schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        lse.stride(1),
+        lse.stride(1), segment_ids.stride(0),
         n_q, n_k, num_q_blocks, num_k_blocks,
         HQ=hq, GROUP=hq // hkv, D=head_dim, BLOCK_D=block_d,
         BLOCK_M=bm, BLOCK_N=bn, RULE_BITS=rule.bits, HAS_DOCS=layout.has_docs,

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from kernel_cases import livr_layout, packed_docs
-from livr_kernels import RULES, SegmentLayout, segment_mask
+from livr_kernels import RULES, Segment, SegmentLayout, segment_mask
 from livr_kernels.blocks import PAST_END, TILE_EMPTY, TILE_FULL, TILE_PARTIAL, summarize_blocks
 
 
@@ -108,3 +108,20 @@ def test_schedule_order_launches_the_longest_rows_first(by_key):
     # Rows with as many tiles keep their row order.
     assert all(a < b for a, b in zip(order, order[1:]) if tiles[a] == tiles[b])
     assert order != sorted(order), "the layout should not be in longest-first order already"
+
+
+def test_padded_ids_fill_whole_key_tiles_with_pad():
+    """The forward reads whole key tiles of ids without a bounds mask: rows padded to the tile
+    size with kind PAD (never allowed) and document -1, cached per size, not carried by extend."""
+    seg = livr_layout(2, 50, pad=3)
+    doc = packed_docs(2, 50, 3)
+    layout = SegmentLayout(seg, doc)
+    segment_ids, doc_ids = layout.padded_ids(16)
+    assert segment_ids.shape == doc_ids.shape == (2, 64) and segment_ids.is_contiguous()
+    assert torch.equal(segment_ids[:, :50], layout.segment_ids) and torch.equal(doc_ids[:, :50], layout.doc_ids)
+    assert (segment_ids[:, 50:] == int(Segment.PAD)).all() and (doc_ids[:, 50:] == -1).all()
+    assert layout.padded_ids(16)[0] is segment_ids
+    assert layout.padded_ids(64)[0].shape == (2, 64) and layout.padded_ids(32)[0].shape == (2, 64)
+    assert SegmentLayout(seg).padded_ids(16)[1] is None
+    longer = layout.extend(seg[:, :3])
+    assert longer.padded_ids(16)[0].shape == (2, 64) and torch.equal(longer.padded_ids(16)[0][:, 50:53], seg[:, :3])

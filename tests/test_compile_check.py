@@ -142,8 +142,9 @@ out = {
 }
 print("RESULT" + json.dumps(out, default=str))
 """
-# Far below the forward's ~230 registers at D=64, but enough for ptxas to compile at all.
-SPILL_MAXNREG = 128
+# Far below the forward's 150-210 registers at D=64 (at 128, 3.6 fits it without a spill), but
+# enough for ptxas to compile at all.
+SPILL_MAXNREG = 96
 
 
 @pytest.fixture(scope="module")
