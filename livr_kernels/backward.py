@@ -192,9 +192,12 @@ def segment_attention_bwd_kernel_dkv(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    p_full, n_full, p_partial, n_partial = row_tiles(
-        full_count, full_index, partial_count, partial_index, i_b * num_k_blocks + i_n, num_q_blocks)
     for i_g in range(GROUP // SPLIT):
+        # The row's tile lists are re-read for each query head (two loads) rather than kept live
+        # across the group loop: kept, they spilled sm_100 at D=80/96 under Triton 3.6 and
+        # D=80/128 under 3.9 with the index read ahead.
+        p_full, n_full, p_partial, n_partial = row_tiles(
+            full_count, full_index, partial_count, partial_index, i_b * num_k_blocks + i_n, num_q_blocks)
         i_h = i_kvh * GROUP + i_s * (GROUP // SPLIT) + i_g
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
         p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh

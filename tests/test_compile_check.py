@@ -131,6 +131,12 @@ in_place_yard = next(l for l in cc.capture_yardstick_launches(100, "bf16", 128, 
                      if l.kernel == "yardstick_bwd_dkv")
 in_place_reports = [cc.compile_launch(in_place_dkv, cc.Variant("bwd_dkv", 100, "bf16", 128, False, "bottleneck")),
                     cc.compile_launch(in_place_yard, cc.Variant(in_place_yard.kernel, 100, "bf16", 128, None, None))]
+sm100_reports = [
+    cc.compile_launch(launch, cc.Variant("bwd_dkv", 100, "bf16", 80, docs, "bottleneck"))
+    for docs in (False, True)
+    for launch in cc.capture_launches(100, "bf16", 80, docs, "bottleneck") if launch.kernel == "bwd_dkv"
+] + [cc.compile_launch(launch, cc.Variant(launch.kernel, 100, "bf16", 80, None, None))
+     for launch in cc.capture_yardstick_launches(100, "bf16", 80) if launch.kernel == "yardstick_bwd_dkv"]
 out = {
     "yardstick": dataclasses.asdict(yardstick),
     "yardstick_constexprs": {k: v for k, v in yard.constexprs.items() if k.startswith("BLOCK")},
@@ -148,6 +154,8 @@ out = {
     "plain_dkv": dataclasses.asdict(plain_dkv),
     "planned": planned,
     "in_place_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(in_place_reports)],
+    "sm100_dkv": [dataclasses.asdict(r) | {"problems": r.problems()} for r in sm100_reports[:2]],
+    "sm100_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(sm100_reports)],
     "triton_version": list(triton_version()),
 }
 print("RESULT" + json.dumps(out, default=str))
@@ -196,6 +204,19 @@ def test_dkv_in_place_index_read_keeps_sm100_loop_short(compiled):
     (row,) = [cc.YardstickRow(**r) for r in compiled["in_place_dkv_rows"]]
     assert row.kernel == "bwd_dkv" and row.tile == "32x64"
     assert row.ratio <= (1.05 if tuple(compiled["triton_version"]) >= (3, 7) else 1.12), row.ratio
+
+
+def test_sm100_dkv_table_entry_reads_ahead_without_spilling(compiled):
+    """sm_100's table reads dK/dV's next tile index ahead at D=80-128: with the row's tile lists
+    re-read per query head it no longer spills (it did by 8 B at D=80 under Triton 3.6 and 16-32 B
+    under 3.9 with the lists kept live), and the loop is within the yardstick under both releases
+    (in place under 3.6 it was 1.136x, over the 1.10x limit)."""
+    assert default_config(80, (10, 0)).dkv_index_ahead
+    reports = compiled["sm100_dkv"]
+    assert [r["variant"]["has_docs"] for r in reports] == [False, True]
+    assert all(r["problems"] == [] and r["stack"] == 0 for r in reports), [r["problems"] for r in reports]
+    (row,) = [cc.YardstickRow(**r) for r in compiled["sm100_dkv_rows"]]
+    assert row.tile == "32x64" and row.ratio <= cc.YARDSTICK_LIMIT["bwd_dkv"], row.ratio
 
 
 def test_capture_uses_default_config(compiled):
