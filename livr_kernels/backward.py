@@ -192,9 +192,12 @@ def segment_attention_bwd_kernel_dkv(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    p_full, n_full, p_partial, n_partial = row_tiles(
-        full_count, full_index, partial_count, partial_index, i_b * num_k_blocks + i_n, num_q_blocks)
     for i_g in range(GROUP // SPLIT):
+        # The row's tile lists are re-read for each query head (two loads) rather than kept live
+        # across the group loop: kept, they spilled sm_100 at D=80/96 under Triton 3.6 and
+        # D=80/128 under 3.9 with the index read ahead.
+        p_full, n_full, p_partial, n_partial = row_tiles(
+            full_count, full_index, partial_count, partial_index, i_b * num_k_blocks + i_n, num_q_blocks)
         i_h = i_kvh * GROUP + i_s * (GROUP // SPLIT) + i_g
         i_bhq = (i_b * HQ + i_h).to(tl.int64)
         p_q = q + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -210,11 +213,15 @@ def segment_attention_bwd_kernel_dkv(
         # kernel spills under Triton 3.6).
         if INDEX_AHEAD:
             i_m = tl.load(p_full)
+        # A pointer stepped per tile rather than p_full + i_t: no 64-bit sign extension of the
+        # counter (sm_100's loop 6-7 SASS instructions shorter under Triton 3.6 and 3.9).
+        p_index = p_full
         for i_t in range(0, n_full):
             if INDEX_AHEAD:
                 i_next = tl.load(p_full + tl.minimum(i_t + 1, num_q_blocks - 1))
             else:
-                i_m = tl.load(p_full + i_t)
+                i_m = tl.load(p_index)
+                p_index += 1
             b_dk, b_dv = _dkv_tile(
                 b_dk, b_dv, b_k, b_v, b_seg_k, b_doc_k, o_n, p_q, p_do, p_lse, p_delta, p_seg, p_doc, p_dq_acc,
                 o_bm, o_d, m_d, i_m, n_q, offset, stride_qn, stride_don, scale, scale_log2,

@@ -105,8 +105,7 @@ _CONSUMER_BLACKWELL_CONFIGS = {
 # spilled) and at 80 in the backward preprocess (8 B); with maxnreg=255: 160 and 81, no spill.
 _BLACKWELL_CONFIGS = {
     **{block_d: KernelConfig(fwd_warps=8, maxnreg=MAX_REGISTERS) for block_d in (16, 32, 64)},
-    # dK/dV's index read ahead spills 16-32 B here at D=80/128 under Triton 3.9.
-    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, maxnreg=MAX_REGISTERS, dkv_index_ahead=False),
+    128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, maxnreg=MAX_REGISTERS),
     256: replace(_D256_NARROW, maxnreg=MAX_REGISTERS),
 }
 
