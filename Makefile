@@ -30,7 +30,7 @@ COMPAT_TESTS = tests/test_versions.py \
 	tests/test_host_path.py tests/test_gpu_report.py
 
 .PHONY: install install-compat test test-newest test-compat pytest-newest pytest-compat compile-check \
-	compile-check-compat demo bench gpu-report clean
+	compile-check-compat compile-check-all demo bench gpu-report clean
 
 # $(1): virtual environment folder, $(2): constraints file
 define make_venv
@@ -76,6 +76,13 @@ demo: $(STAMP)
 
 compile-check: $(STAMP)
 	$(BIN)/python -m livr_kernels.compile_check
+
+# Every generation a fine-tuner may own (sm_80, 86, 89, 90, 100, 120) under both Triton releases:
+# too slow for CI from a cold Triton cache (CI checks sm_80 and sm_90), run it after kernel changes.
+ALL_ARCHS = 80 86 89 90 100 120
+compile-check-all: $(STAMP) $(COMPAT_STAMP)
+	$(BIN)/python -m livr_kernels.compile_check --arch $(ALL_ARCHS) --jobs 2
+	$(COMPAT_BIN)/python -m livr_kernels.compile_check --arch $(ALL_ARCHS) --jobs 2
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only
