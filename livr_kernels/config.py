@@ -72,7 +72,9 @@ _HOPPER_CONFIGS = {
     # 128-key forward tiles with 8 warps (206 registers at D=64; 4 warps spill 392 B); dK/dV and
     # dQ twice as wide as at D=128.
     **{block_d: KernelConfig(fwd_block_n=128, fwd_warps=8, dkv_block_m=64, dq_block_n=64) for block_d in (16, 32, 64)},
-    # 128 keys spill the forward here (255 registers + 16 B); dQ takes 64-key tiles (254 registers).
+    # 128x64 forward tiles, the autotuner's pick on the H100 (2026-11-25). 128x128 now compiles
+    # without a spill (255 registers, 24% fewer SASS instructions per key) but needs all 227 KiB of
+    # shared memory with doc ids; the autotuner tries it. dQ takes 64-key tiles (254 registers).
     128: KernelConfig(fwd_warps=8, dq_block_n=64),
     # 64x64 forward tiles: 255 registers, no spill under 3.6 and 3.9, half the SASS per key of 64x32.
     # Two stages leave one Q/dO buffer, so dK/dV gains nothing from reading its index ahead.
@@ -85,12 +87,16 @@ _D256_NARROW = replace(_HOPPER_CONFIGS[256], fwd_block_n=32)
 # Ampere's mma.sync keeps accumulators in registers, not shared memory: 8 forward warps, 32-key
 # forward tiles and smaller backward tiles at D=80/128 (128x64 spills 16-24 B with three K/V buffers).
 _AMPERE_CONFIGS = {
-    **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 32, 64)},
+    **{block_d: KernelConfig(fwd_warps=8) for block_d in (16, 64)},
+    # Triton 3.9's ptxas stops the sm_80 forward at 128 registers here and spills 8 B (since the
+    # masked loop reads padded key ids); with the 255 cap it takes 147-150, no spill.
+    32: KernelConfig(fwd_warps=8, maxnreg=MAX_REGISTERS),
     128: KernelConfig(fwd_block_n=32, fwd_warps=8, dkv_block_n=64, dq_block_m=64),
     256: _D256_NARROW,
 }
-# sm_86 / sm_89 (and sm_120): 99 KiB of shared memory per block, Ampere-style mma.sync.
-_SMALL_SHARED_CONFIGS = dict(_AMPERE_CONFIGS)
+# sm_86 / sm_89 (and sm_120): 99 KiB of shared memory per block, Ampere-style mma.sync. Their
+# ptxas fits the D=32 forward without sm_80's register cap (and its loop is shorter without it).
+_SMALL_SHARED_CONFIGS = {**_AMPERE_CONFIGS, 32: KernelConfig(fwd_warps=8)}
 # sm_120 takes the same tiles with the 255-register cap at D<=64: without it its ptxas stops at
 # 128 registers at D=16 (the forward spills 8 B with doc ids) and dK/dV's loop is 1-3% longer
 # (1.106x / 1.102x the yardstick at D=32 / 64 under Triton 3.9; 1.090x / 1.085x with the cap).
@@ -109,13 +115,13 @@ _BLACKWELL_CONFIGS = {
     256: replace(_D256_NARROW, maxnreg=MAX_REGISTERS),
 }
 
-# Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: the Hopper
-# forward at D=64 with doc ids (255 registers + 48 B stack at 128x128) keeps 64-key tiles. dK/dV's
+# Triton 3.6 only, where its register allocation spills a tile that fits under 3.9: dK/dV's
 # masked loop with doc ids spills 8-24 B on the mma.sync GPUs at D=32 (sm_120 at D=64 too) unless
 # the tile index is read in the iteration that uses it; at D=64 sm_120 also drops the register cap,
-# with which 3.6's ptxas spills dK/dV 24-40 B.
+# with which 3.6's ptxas spills dK/dV 24-40 B. (The Hopper forward at D<=64 kept 64-key tiles here
+# until its masked loop read padded key ids: 128x128 then spilled 48 B with doc ids, now 207
+# registers and no spill.)
 _OLD_TRITON_OVERRIDES = {
-    "hopper": {block_d: replace(_HOPPER_CONFIGS[block_d], fwd_block_n=64) for block_d in (16, 32, 64)},
     "ampere": {32: replace(_AMPERE_CONFIGS[32], dkv_index_ahead=False)},
     "ampere_small_shared": {32: replace(_SMALL_SHARED_CONFIGS[32], dkv_index_ahead=False)},
     "blackwell_small_shared": {

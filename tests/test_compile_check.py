@@ -137,6 +137,13 @@ sm100_reports = [
     for launch in cc.capture_launches(100, "bf16", 80, docs, "bottleneck") if launch.kernel == "bwd_dkv"
 ] + [cc.compile_launch(launch, cc.Variant(launch.kernel, 100, "bf16", 80, None, None))
      for launch in cc.capture_yardstick_launches(100, "bf16", 80) if launch.kernel == "yardstick_bwd_dkv"]
+# Forwards whose table entries changed with the padded key ids: sm_80 D=32 (register cap) and the
+# Hopper D=64 128-key tile with doc ids (Triton 3.6 had its own 64-key entry).
+table_fwd = [
+    cc.compile_launch(launch, cc.Variant("fwd", arch, "bf16", head_dim, docs, "bottleneck"))
+    for arch, head_dim, docs in ((80, 32, False), (90, 64, True))
+    for launch in cc.capture_launches(arch, "bf16", head_dim, docs, "bottleneck") if launch.kernel == "fwd"
+]
 out = {
     "yardstick": dataclasses.asdict(yardstick),
     "yardstick_constexprs": {k: v for k, v in yard.constexprs.items() if k.startswith("BLOCK")},
@@ -156,6 +163,7 @@ out = {
     "in_place_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(in_place_reports)],
     "sm100_dkv": [dataclasses.asdict(r) | {"problems": r.problems()} for r in sm100_reports[:2]],
     "sm100_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(sm100_reports)],
+    "table_fwd": [dataclasses.asdict(r) | {"problems": r.problems()} for r in table_fwd],
     "triton_version": list(triton_version()),
 }
 print("RESULT" + json.dumps(out, default=str))
@@ -218,6 +226,17 @@ def test_sm100_dkv_table_entry_reads_ahead_without_spilling(compiled):
     assert all(r["problems"] == [] and r["stack"] == 0 for r in reports), [r["problems"] for r in reports]
     (row,) = [cc.YardstickRow(**r) for r in compiled["sm100_dkv_rows"]]
     assert row.tile == "32x64" and row.ratio <= cc.YARDSTICK_LIMIT["bwd_dkv"], row.ratio
+
+
+def test_forward_table_entries_compile_without_spills(compiled):
+    """sm_80's D=32 forward spilled 8 B under Triton 3.9 at ptxas's own 128-register choice (its
+    entry carries the 255 cap); the Hopper D=64 forward takes 128x128 tiles under Triton 3.6 too
+    (it spilled 48 B with doc ids before the masked loop read padded key ids)."""
+    sm80, sm90 = compiled["table_fwd"]
+    assert (sm80["variant"]["arch"], sm80["variant"]["head_dim"]) == (80, 32)
+    assert (sm90["variant"]["arch"], sm90["tile"]) == (90, "128x128")
+    for report in (sm80, sm90):
+        assert report["problems"] == [] and report["stack"] == 0, report["problems"]
 
 
 def test_capture_uses_default_config(compiled):
@@ -293,8 +312,12 @@ def test_config_follows_the_triton_release():
     import torch
     from livr_kernels.config import triton_version
 
-    assert default_config(64, (9, 0), torch.float16, version=(3, 6)).fwd_block_n == 64
-    assert default_config(64, (9, 0), torch.float16, version=(3, 9)).fwd_block_n == 128
+    # The Hopper forward at D<=64 takes 128-key tiles under both (3.6 spilled them with doc ids
+    # until the masked loop read padded key ids).
+    for block_d in (16, 32, 64):
+        assert default_config(block_d, (9, 0), torch.float16, version=(3, 6)).fwd_block_n == 128
+        assert default_config(block_d, (9, 0), torch.float16, version=(3, 6)) == default_config(
+            block_d, (9, 0), torch.float16, version=(3, 9))
     assert default_config(256, (9, 0), torch.float16, version=(3, 6)) == default_config(256, (9, 0), torch.float16, version=(3, 9))
     assert default_config(128, (8, 0), torch.bfloat16, version=(3, 6)) == default_config(128, (8, 0), torch.bfloat16, version=(3, 9))
     assert default_config(64, (9, 0), torch.bfloat16) == default_config(64, (9, 0), torch.bfloat16, version=triton_version())
