@@ -100,9 +100,14 @@ _SMALL_SHARED_CONFIGS = {**_AMPERE_CONFIGS, 32: KernelConfig(fwd_warps=8)}
 # sm_120 takes the same tiles with the 255-register cap at D<=64: without it its ptxas stops at
 # 128 registers at D=16 (the forward spills 8 B with doc ids) and dK/dV's loop is 1-3% longer
 # (1.106x / 1.102x the yardstick at D=32 / 64 under Triton 3.9; 1.090x / 1.085x with the cap).
+# At D=16 the per-tile index and address work weighs most: dK/dV reads its index in the iteration
+# that uses it (one Q/dO buffer here either way; read ahead it was 1.128x / 1.105x the yardstick
+# under Triton 3.6 / 3.9, in place 1.024x / 1.000x) and dQ takes 64-key tiles (1.124x / 1.104x at
+# 32 keys, 1.071x / 1.027x at 64).
 _CONSUMER_BLACKWELL_CONFIGS = {
     **_SMALL_SHARED_CONFIGS,
-    **{block_d: replace(_SMALL_SHARED_CONFIGS[block_d], maxnreg=MAX_REGISTERS) for block_d in (16, 32, 64)},
+    **{block_d: replace(_SMALL_SHARED_CONFIGS[block_d], maxnreg=MAX_REGISTERS) for block_d in (32, 64)},
+    16: replace(_SMALL_SHARED_CONFIGS[16], maxnreg=MAX_REGISTERS, dkv_index_ahead=False, dq_block_n=64),
 }
 # sm_100: tcgen05 MMA, 227 KiB of shared memory. The Hopper tiles spill here: the forward at
 # D<=64 (104 B at 128x64 with 4 warps) and D=128 (24 B at 128x64), dK/dV at D=80/128 (160 B at

@@ -137,6 +137,14 @@ sm100_reports = [
     for launch in cc.capture_launches(100, "bf16", 80, docs, "bottleneck") if launch.kernel == "bwd_dkv"
 ] + [cc.compile_launch(launch, cc.Variant(launch.kernel, 100, "bf16", 80, None, None))
      for launch in cc.capture_yardstick_launches(100, "bf16", 80) if launch.kernel == "yardstick_bwd_dkv"]
+# sm_120's D=16 backward (its own entry) against the yardstick.
+sm120_d16 = [
+    cc.compile_launch(launch, cc.Variant(launch.kernel, 120, "bf16", 16, False, "bottleneck"))
+    for launch in cc.capture_launches(120, "bf16", 16, False, "bottleneck") if launch.kernel in ("bwd_dkv", "bwd_dq")
+] + [
+    cc.compile_launch(launch, cc.Variant(launch.kernel, 120, "bf16", 16, None, None))
+    for launch in cc.capture_yardstick_launches(120, "bf16", 16) if launch.kernel in ("yardstick_bwd_dkv", "yardstick_bwd_dq")
+]
 # Forwards whose table entries changed with the padded key ids: sm_80 D=32 (register cap) and the
 # Hopper D=64 128-key tile with doc ids (Triton 3.6 had its own 64-key entry).
 table_fwd = [
@@ -164,6 +172,7 @@ out = {
     "sm100_dkv": [dataclasses.asdict(r) | {"problems": r.problems()} for r in sm100_reports[:2]],
     "sm100_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(sm100_reports)],
     "table_fwd": [dataclasses.asdict(r) | {"problems": r.problems()} for r in table_fwd],
+    "sm120_d16_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(sm120_d16)],
     "triton_version": list(triton_version()),
 }
 print("RESULT" + json.dumps(out, default=str))
@@ -237,6 +246,15 @@ def test_forward_table_entries_compile_without_spills(compiled):
     assert (sm90["variant"]["arch"], sm90["tile"]) == (90, "128x128")
     for report in (sm80, sm90):
         assert report["problems"] == [] and report["stack"] == 0, report["problems"]
+
+
+def test_sm120_d16_backward_within_the_yardstick(compiled):
+    """sm_120 at D=16 reads dK/dV's tile index in place and gives dQ 64-key tiles: read ahead and with
+    32-key dQ tiles both loops were 1.10-1.13x the yardstick under Triton 3.6 and 3.9."""
+    rows = [cc.YardstickRow(**r) for r in compiled["sm120_d16_rows"]]
+    assert sorted(row.kernel for row in rows) == ["bwd_dkv", "bwd_dq"]
+    for row in rows:
+        assert row.problems() == [], row.problems()
 
 
 def test_capture_uses_default_config(compiled):
