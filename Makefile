@@ -77,12 +77,13 @@ demo: $(STAMP)
 compile-check: $(STAMP)
 	$(BIN)/python -m livr_kernels.compile_check
 
-# Every generation a fine-tuner may own (sm_80, 86, 89, 90, 100, 120) under both Triton releases:
-# too slow for CI from a cold Triton cache (CI checks sm_80 and sm_90), run it after kernel changes.
+# Every generation a fine-tuner may own (sm_80, 86, 89, 90, 100, 120) and head dim (16-256) under
+# both Triton releases: too slow for CI from a cold Triton cache (CI checks sm_80 and sm_90), run it
+# after kernel changes.
 ALL_ARCHS = 80 86 89 90 100 120
 compile-check-all: $(STAMP) $(COMPAT_STAMP)
-	$(BIN)/python -m livr_kernels.compile_check --arch $(ALL_ARCHS) --jobs 2
-	$(COMPAT_BIN)/python -m livr_kernels.compile_check --arch $(ALL_ARCHS) --jobs 2
+	$(BIN)/python -m livr_kernels.compile_check --arch $(ALL_ARCHS) --full --jobs 2
+	$(COMPAT_BIN)/python -m livr_kernels.compile_check --arch $(ALL_ARCHS) --full --jobs 2
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only
