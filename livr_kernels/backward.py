@@ -333,8 +333,10 @@ def segment_attention_bwd(
     bm, bn = config.dq_block_m, config.dq_block_n
     schedule = layout.schedule(rule, bm, bn, n_q)
     num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
+    # dQ reads key ids as the forward does: rows padded to whole key tiles (``padded_ids``).
+    dq_segment_ids, dq_doc_ids = layout.padded_ids(bn)
     segment_attention_bwd_kernel_dq[(batch * num_q_blocks * hq,)](
-        q, k, v, do, lse, delta, dq, layout.segment_ids, doc,
+        q, k, v, do, lse, delta, dq, dq_segment_ids, dq_doc_ids if layout.has_docs else dq_segment_ids,
         schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -342,7 +344,7 @@ def segment_attention_bwd(
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        lse.stride(1),
+        lse.stride(1), dq_segment_ids.stride(0),
         n_q, n_k, num_q_blocks, num_k_blocks,
         BLOCK_M=bm, BLOCK_N=bn, **common,
     )
