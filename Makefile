@@ -24,7 +24,7 @@ PYTEST_ARGS = -n 2 --timeout 900
 COMPAT_TESTS = tests/test_versions.py \
 	$(filter-out tests/test_kernels_cuda.py,$(wildcard tests/test_*kernel*.py)) \
 	tests/test_tma.py tests/test_dq_atomic.py tests/test_autotune.py \
-	tests/test_compile_check.py tests/test_blocks.py tests/test_reference.py \
+	tests/test_compile_check.py tests/test_compile_tables.py tests/test_blocks.py tests/test_reference.py \
 	tests/test_model_segments.py $(wildcard tests/test_patch*.py) \
 	tests/test_tiny.py tests/test_latents.py tests/test_train.py tests/test_evaluate.py \
 	tests/test_host_path.py tests/test_gpu_report.py

@@ -93,8 +93,7 @@ def test_capture_refuses_the_interpreter():
 
 
 # Runs without the interpreter: captures the sm_90 launches for D=64 fp16, compiles the forward as
-# launched and once more with a register cap that forces spills, and records ptxas -v of that compile;
-# also sm_100's dK/dV at D=128 with the tile index read in place (three stages) against its yardstick.
+# launched and once more with a register cap that forces spills, and records ptxas -v of that compile.
 _SUBPROCESS = r"""
 import contextlib, dataclasses, io, json, re, warnings
 import torch
@@ -124,39 +123,6 @@ planned = [v.name for _, v in cc.plan([90], [("fp16", 64)], ["bottleneck"])]
 yard = next(l for l in cc.capture_yardstick_launches(90, "fp16", 64) if l.kernel == "yardstick_fwd")
 yardstick = cc.compile_launch(yard, cc.Variant(yard.kernel, 90, "fp16", 64, None, None))
 dkv = next(l for l in launches if l.kernel == "bwd_dkv")
-in_place = dataclasses.replace(default_config(128, (10, 0), torch.bfloat16), dkv_index_ahead=False, num_stages=3)
-in_place_dkv = next(l for l in cc.capture_launches(100, "bf16", 128, False, "bottleneck", config=in_place)
-                    if l.kernel == "bwd_dkv")
-in_place_yard = next(l for l in cc.capture_yardstick_launches(100, "bf16", 128, config=in_place)
-                     if l.kernel == "yardstick_bwd_dkv")
-in_place_reports = [cc.compile_launch(in_place_dkv, cc.Variant("bwd_dkv", 100, "bf16", 128, False, "bottleneck")),
-                    cc.compile_launch(in_place_yard, cc.Variant(in_place_yard.kernel, 100, "bf16", 128, None, None))]
-sm100_reports = [
-    cc.compile_launch(launch, cc.Variant("bwd_dkv", 100, "bf16", 80, docs, "bottleneck"))
-    for docs in (False, True)
-    for launch in cc.capture_launches(100, "bf16", 80, docs, "bottleneck") if launch.kernel == "bwd_dkv"
-] + [cc.compile_launch(launch, cc.Variant(launch.kernel, 100, "bf16", 80, None, None))
-     for launch in cc.capture_yardstick_launches(100, "bf16", 80) if launch.kernel == "yardstick_bwd_dkv"]
-# sm_120's D=16 backward (its own entry) against the yardstick.
-sm120_d16 = [
-    cc.compile_launch(launch, cc.Variant(launch.kernel, 120, "bf16", 16, False, "bottleneck"))
-    for launch in cc.capture_launches(120, "bf16", 16, False, "bottleneck") if launch.kernel in ("bwd_dkv", "bwd_dq")
-] + [
-    cc.compile_launch(launch, cc.Variant(launch.kernel, 120, "bf16", 16, None, None))
-    for launch in cc.capture_yardstick_launches(120, "bf16", 16) if launch.kernel in ("yardstick_bwd_dkv", "yardstick_bwd_dq")
-]
-# The masked loops that read key ids (forward, dQ) at the target shape, with doc ids.
-masked_key_ids = [
-    cc.compile_launch(launch, cc.Variant(launch.kernel, 90, "bf16", 128, True, "bottleneck"))
-    for launch in cc.capture_launches(90, "bf16", 128, True, "bottleneck") if launch.kernel in ("fwd", "bwd_dq")
-]
-# Forwards whose table entries changed with the padded key ids: sm_80 D=32 (register cap) and the
-# Hopper D=64 128-key tile with doc ids (Triton 3.6 had its own 64-key entry).
-table_fwd = [
-    cc.compile_launch(launch, cc.Variant("fwd", arch, "bf16", head_dim, docs, "bottleneck"))
-    for arch, head_dim, docs in ((80, 32, False), (90, 64, True))
-    for launch in cc.capture_launches(arch, "bf16", head_dim, docs, "bottleneck") if launch.kernel == "fwd"
-]
 out = {
     "yardstick": dataclasses.asdict(yardstick),
     "yardstick_constexprs": {k: v for k, v in yard.constexprs.items() if k.startswith("BLOCK")},
@@ -173,12 +139,6 @@ out = {
     "atomic": dataclasses.asdict(atomic) | {"problems": atomic.problems()},
     "plain_dkv": dataclasses.asdict(plain_dkv),
     "planned": planned,
-    "in_place_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(in_place_reports)],
-    "sm100_dkv": [dataclasses.asdict(r) | {"problems": r.problems()} for r in sm100_reports[:2]],
-    "sm100_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(sm100_reports)],
-    "table_fwd": [dataclasses.asdict(r) | {"problems": r.problems()} for r in table_fwd],
-    "sm120_d16_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(sm120_d16)],
-    "masked_key_ids": [dataclasses.asdict(r) for r in masked_key_ids],
     "triton_version": list(triton_version()),
 }
 print("RESULT" + json.dumps(out, default=str))
@@ -219,62 +179,6 @@ def test_a_bloated_loop_fails_the_yardstick(compiled):
     assert masked > row.livr_instructions
     (problem,) = bloated.problems()
     assert "fwd sm_90 fp16 D=64" in problem and "limit 1.05x" in problem
-
-
-def test_dkv_in_place_index_read_keeps_sm100_loop_short(compiled):
-    """dK/dV's full-tile loop with the index read in place steps a pointer through the tile list (not
-    p_full + i_t, whose 64-bit sign extension cost 6-7 SASS instructions per tile): on sm_100 at D=128
-    it was 1.069x the yardstick under Triton 3.9 and 1.134x under 3.6; now 1.042x and 1.115x."""
-    (row,) = [cc.YardstickRow(**r) for r in compiled["in_place_dkv_rows"]]
-    assert row.kernel == "bwd_dkv" and row.tile == "32x64"
-    assert row.ratio <= (1.05 if tuple(compiled["triton_version"]) >= (3, 7) else 1.12), row.ratio
-
-
-def test_sm100_dkv_table_entry_reads_ahead_without_spilling(compiled):
-    """sm_100's table reads dK/dV's next tile index ahead at D=80-128: with the row's tile lists
-    re-read per query head it no longer spills (it did by 8 B at D=80 under Triton 3.6 and 16-32 B
-    under 3.9 with the lists kept live), and the loop is within the yardstick under both releases
-    (in place under 3.6 it was 1.136x, over the 1.10x limit)."""
-    assert default_config(80, (10, 0)).dkv_index_ahead
-    reports = compiled["sm100_dkv"]
-    assert [r["variant"]["has_docs"] for r in reports] == [False, True]
-    assert all(r["problems"] == [] and r["stack"] == 0 for r in reports), [r["problems"] for r in reports]
-    (row,) = [cc.YardstickRow(**r) for r in compiled["sm100_dkv_rows"]]
-    assert row.tile == "32x64" and row.ratio <= cc.YARDSTICK_LIMIT["bwd_dkv"], row.ratio
-
-
-def test_forward_table_entries_compile_without_spills(compiled):
-    """sm_80's D=32 forward spilled 8 B under Triton 3.9 at ptxas's own 128-register choice (its
-    entry carries the 255 cap); the Hopper D=64 forward takes 128x128 tiles under Triton 3.6 too
-    (it spilled 48 B with doc ids before the masked loop read padded key ids)."""
-    sm80, sm90 = compiled["table_fwd"]
-    assert (sm80["variant"]["arch"], sm80["variant"]["head_dim"]) == (80, 32)
-    assert (sm90["variant"]["arch"], sm90["tile"]) == (90, "128x128")
-    for report in (sm80, sm90):
-        assert report["problems"] == [] and report["stack"] == 0, report["problems"]
-
-
-def test_sm120_d16_backward_within_the_yardstick(compiled):
-    """sm_120 at D=16 reads dK/dV's tile index in place and gives dQ 64-key tiles: read ahead and with
-    32-key dQ tiles both loops were 1.10-1.13x the yardstick under Triton 3.6 and 3.9."""
-    rows = [cc.YardstickRow(**r) for r in compiled["sm120_d16_rows"]]
-    assert sorted(row.kernel for row in rows) == ["bwd_dkv", "bwd_dq"]
-    for row in rows:
-        assert row.problems() == [], row.problems()
-
-
-# Masked over full tile loop, SASS per tile, sm_90 bf16 D=128 with doc ids: 3.3x (forward) and 3.6x
-# (dQ) under Triton 3.6 while the key ids were read with a bounds mask (one predicated 4-byte copy
-# per element), 2.3x with the padded ids; 1.9-2.1x under 3.9 either way.
-MASKED_LOOP_LIMIT = 2.5
-
-
-def test_masked_loops_read_key_ids_without_a_bounds_mask(compiled):
-    reports = compiled["masked_key_ids"]
-    assert sorted(r["variant"]["kernel"] for r in reports) == ["bwd_dq", "fwd"]
-    for report in reports:
-        full, masked = report["loop_instructions"][:2]
-        assert masked <= MASKED_LOOP_LIMIT * full, (report["variant"]["kernel"], full, masked)
 
 
 def test_capture_uses_default_config(compiled):
@@ -343,28 +247,6 @@ def test_spill_is_detected_and_matches_ptxas(compiled):
     assert spilled["stack"] == int(frame.group(1)) > 0
     assert int(frame.group(2)) > 0
     assert any("spills" in p for p in spilled["problems"])
-
-
-def test_config_follows_the_triton_release():
-    """Triton 3.6 spills 8 B in some forwards that fit under 3.9: those get their own tiles, the rest is shared."""
-    import torch
-    from livr_kernels.config import triton_version
-
-    # The Hopper forward at D<=64 takes 128-key tiles under both (3.6 spilled them with doc ids
-    # until the masked loop read padded key ids).
-    for block_d in (16, 32, 64):
-        assert default_config(block_d, (9, 0), torch.float16, version=(3, 6)).fwd_block_n == 128
-        assert default_config(block_d, (9, 0), torch.float16, version=(3, 6)) == default_config(
-            block_d, (9, 0), torch.float16, version=(3, 9))
-    assert default_config(256, (9, 0), torch.float16, version=(3, 6)) == default_config(256, (9, 0), torch.float16, version=(3, 9))
-    assert default_config(128, (8, 0), torch.bfloat16, version=(3, 6)) == default_config(128, (8, 0), torch.bfloat16, version=(3, 9))
-    assert default_config(64, (9, 0), torch.bfloat16) == default_config(64, (9, 0), torch.bfloat16, version=triton_version())
-    # dK/dV's masked loop with doc ids spills under 3.6 with the index read ahead on the mma.sync GPUs
-    # (D=32; sm_120 at D=64 too).
-    for capability, block_d in (((8, 0), 32), ((8, 6), 32), ((8, 9), 32), ((12, 0), 32), ((12, 0), 64)):
-        assert not default_config(block_d, capability, torch.bfloat16, version=(3, 6)).dkv_index_ahead
-        assert default_config(block_d, capability, torch.bfloat16, version=(3, 9)).dkv_index_ahead
-    assert default_config(64, (8, 0), torch.bfloat16, version=(3, 6)).dkv_index_ahead
 
 
 # Shaped like `cuobjdump -sass`: an outer loop (0x0040-0x0100) around two tile loops, one loop
