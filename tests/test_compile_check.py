@@ -99,7 +99,7 @@ import contextlib, dataclasses, io, json, re, warnings
 import torch
 from triton import knobs
 from livr_kernels import compile_check as cc
-from livr_kernels.config import default_config, triton_version
+from livr_kernels.config import default_config
 
 warnings.filterwarnings("ignore")
 launches = cc.capture_launches(90, "fp16", 64, False, "bottleneck")
@@ -139,7 +139,6 @@ out = {
     "atomic": dataclasses.asdict(atomic) | {"problems": atomic.problems()},
     "plain_dkv": dataclasses.asdict(plain_dkv),
     "planned": planned,
-    "triton_version": list(triton_version()),
 }
 print("RESULT" + json.dumps(out, default=str))
 """

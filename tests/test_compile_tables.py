@@ -22,39 +22,32 @@ from livr_kernels import compile_check as cc
 from livr_kernels.config import default_config, triton_version
 
 warnings.filterwarnings("ignore")
+
+
+# livr's launches of `kernels` (bf16, bottleneck rule), compiled for `arch`.
+def livr(arch, head_dim, docs, kernels, config=None):
+    return [cc.compile_launch(l, cc.Variant(l.kernel, arch, "bf16", head_dim, docs, "bottleneck"))
+            for l in cc.capture_launches(arch, "bf16", head_dim, docs, "bottleneck", config=config) if l.kernel in kernels]
+
+
+# The yardstick's twins of livr's `kernels`, compiled with the same tiles.
+def yardstick(arch, head_dim, kernels, config=None):
+    names = [cc.YARDSTICK_PREFIX + kernel for kernel in kernels]
+    return [cc.compile_launch(l, cc.Variant(l.kernel, arch, "bf16", head_dim, None, None))
+            for l in cc.capture_yardstick_launches(arch, "bf16", head_dim, config=config) if l.kernel in names]
+
+
+BACKWARD = ("bwd_dkv", "bwd_dq")
 in_place = dataclasses.replace(default_config(128, (10, 0), torch.bfloat16), dkv_index_ahead=False, num_stages=3)
-in_place_dkv = next(l for l in cc.capture_launches(100, "bf16", 128, False, "bottleneck", config=in_place)
-                    if l.kernel == "bwd_dkv")
-in_place_yard = next(l for l in cc.capture_yardstick_launches(100, "bf16", 128, config=in_place)
-                     if l.kernel == "yardstick_bwd_dkv")
-in_place_reports = [cc.compile_launch(in_place_dkv, cc.Variant("bwd_dkv", 100, "bf16", 128, False, "bottleneck")),
-                    cc.compile_launch(in_place_yard, cc.Variant(in_place_yard.kernel, 100, "bf16", 128, None, None))]
-sm100_reports = [
-    cc.compile_launch(launch, cc.Variant("bwd_dkv", 100, "bf16", 80, docs, "bottleneck"))
-    for docs in (False, True)
-    for launch in cc.capture_launches(100, "bf16", 80, docs, "bottleneck") if launch.kernel == "bwd_dkv"
-] + [cc.compile_launch(launch, cc.Variant(launch.kernel, 100, "bf16", 80, None, None))
-     for launch in cc.capture_yardstick_launches(100, "bf16", 80) if launch.kernel == "yardstick_bwd_dkv"]
+in_place_reports = livr(100, 128, False, ["bwd_dkv"], in_place) + yardstick(100, 128, ["bwd_dkv"], in_place)
+sm100_reports = livr(100, 80, False, ["bwd_dkv"]) + livr(100, 80, True, ["bwd_dkv"]) + yardstick(100, 80, ["bwd_dkv"])
 # sm_120's D=16 backward (its own entry) against the yardstick.
-sm120_d16 = [
-    cc.compile_launch(launch, cc.Variant(launch.kernel, 120, "bf16", 16, False, "bottleneck"))
-    for launch in cc.capture_launches(120, "bf16", 16, False, "bottleneck") if launch.kernel in ("bwd_dkv", "bwd_dq")
-] + [
-    cc.compile_launch(launch, cc.Variant(launch.kernel, 120, "bf16", 16, None, None))
-    for launch in cc.capture_yardstick_launches(120, "bf16", 16) if launch.kernel in ("yardstick_bwd_dkv", "yardstick_bwd_dq")
-]
+sm120_d16 = livr(120, 16, False, BACKWARD) + yardstick(120, 16, BACKWARD)
 # The masked loops that read key ids (forward, dQ) at the target shape, with doc ids.
-masked_key_ids = [
-    cc.compile_launch(launch, cc.Variant(launch.kernel, 90, "bf16", 128, True, "bottleneck"))
-    for launch in cc.capture_launches(90, "bf16", 128, True, "bottleneck") if launch.kernel in ("fwd", "bwd_dq")
-]
+masked_key_ids = livr(90, 128, True, ("fwd", "bwd_dq"))
 # Forwards whose table entries changed with the padded key ids: sm_80 D=32 (register cap) and the
 # Hopper D=64 128-key tile with doc ids (Triton 3.6 had its own 64-key entry).
-table_fwd = [
-    cc.compile_launch(launch, cc.Variant("fwd", arch, "bf16", head_dim, docs, "bottleneck"))
-    for arch, head_dim, docs in ((80, 32, False), (90, 64, True))
-    for launch in cc.capture_launches(arch, "bf16", head_dim, docs, "bottleneck") if launch.kernel == "fwd"
-]
+table_fwd = livr(80, 32, False, ["fwd"]) + livr(90, 64, True, ["fwd"])
 out = {
     "in_place_dkv_rows": [dataclasses.asdict(r) for r in cc.yardstick_rows(in_place_reports)],
     "sm100_dkv": [dataclasses.asdict(r) | {"problems": r.problems()} for r in sm100_reports[:2]],
