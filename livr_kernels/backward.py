@@ -19,7 +19,7 @@ from .config import KernelConfig, dkv_split, dq_atomic_on, head_dim_block
 from .backward_dq import segment_attention_bwd_kernel_dq
 from .forward import (
     INT32_LIMIT, LOG2E, PAD_KIND, aligned_row_stats, alloc_row_stats, dot_precision, head_dim_mask,
-    program_row, row_block, row_tiles, segment_allowed, tile_pointers,
+    key_id_rows, program_row, row_block, row_tiles, segment_allowed, tile_pointers,
 )
 from .segments import AttentionRule
 
@@ -333,10 +333,10 @@ def segment_attention_bwd(
     bm, bn = config.dq_block_m, config.dq_block_n
     schedule = layout.schedule(rule, bm, bn, n_q)
     num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
-    # dQ reads key ids as the forward does: rows padded to whole key tiles (``padded_ids``).
-    dq_segment_ids, dq_doc_ids = layout.padded_ids(bn)
+    # dQ reads key ids as the forward does: rows padded to whole key tiles.
+    dq_segment_ids, dq_doc_ids = key_id_rows(layout, bn)
     segment_attention_bwd_kernel_dq[(batch * num_q_blocks * hq,)](
-        q, k, v, do, lse, delta, dq, dq_segment_ids, dq_doc_ids if layout.has_docs else dq_segment_ids,
+        q, k, v, do, lse, delta, dq, dq_segment_ids, dq_doc_ids,
         schedule.full_count, schedule.full_index, schedule.partial_count, schedule.partial_index, schedule.order,
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),

@@ -57,6 +57,14 @@ def aligned_row_stats(t: torch.Tensor) -> torch.Tensor:
     return aligned
 
 
+def key_id_rows(layout: SegmentLayout, block_n: int):
+    """The (segment ids, document ids) arguments of a kernel that reads key ids a whole key tile at
+    a time (the forward, dQ): rows padded to ``block_n`` multiples (``SegmentLayout.padded_ids``).
+    Without document ids the segment ids stand in (HAS_DOCS is off, the kernel never reads them)."""
+    segment_ids, doc_ids = layout.padded_ids(block_n)
+    return segment_ids, segment_ids if doc_ids is None else doc_ids
+
+
 def dot_precision(args) -> Optional[str]:
     """fp32 inputs get exact IEEE dots (TF32 would miss the fp32 tolerance); half types the default."""
     return "ieee" if args["q"].dtype == torch.float32 else None
@@ -370,8 +378,7 @@ def segment_attention_fwd(
     num_q_blocks, num_k_blocks = schedule.full_index.shape[1:]
     o = _alloc(q.shape, dtype=q.dtype, device=q.device)
     lse = alloc_row_stats(_alloc, batch, hq, n_q, q.device)
-    segment_ids, doc_ids = layout.padded_ids(bn)
-    doc = doc_ids if layout.has_docs else segment_ids
+    segment_ids, doc = key_id_rows(layout, bn)
     block_d = head_dim_block(head_dim)
     descriptors = tma_descriptors(k, v, bn, block_d) if config.fwd_tma else None
     k_arg, v_arg = descriptors or (k, v)
