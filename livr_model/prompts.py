@@ -24,7 +24,9 @@ from .images import check_image_sizes, image_size_kwargs
 from .latents import latent_token_strings
 from .modes import get_mode, unchanged
 from .packing import pack_examples, plan_packing, row_starts
-from .rows import conversation_from_row, count_image_parts, is_livr_row, last_text, livr_row_fields, split_turns, with_latents
+from .rows import (
+    conversation_from_row, count_image_parts, is_livr_row, last_text, livr_row_fields, split_turns, text_parts, with_latents,
+)
 from .segment_ids import IGNORE_INDEX, build_segment_ids
 
 # Token type ids transformers 5.x Qwen models read (mm_token_type_ids).
@@ -58,9 +60,7 @@ def _refuse_latent_text(turns: Sequence[dict], latent_strings: Sequence[str], wh
     """A latent token written in the text would tokenize as one more latent, inside the question or answer,
     which the attention rule then lets see the images: refused, so that only livr places latents."""
     for turn in turns:
-        parts = [turn["content"]] if isinstance(turn["content"], str) else [
-            part.get("text", "") for part in turn["content"] if isinstance(part, dict) and part.get("type") == "text"]
-        for text in parts:
+        for text in text_parts(turn):
             found = next((token for token in latent_strings if token in text), None)
             if found is not None:
                 raise ValueError(f"{what}: the {turn['role']} text contains the latent token {found!r}; latent tokens are "

@@ -65,6 +65,14 @@ def last_text(turn: dict) -> Optional[str]:
     return None
 
 
+def text_parts(turn: dict) -> list:
+    """Every text the turn's content holds, in order (its string, or its text parts)."""
+    content = turn["content"]
+    if isinstance(content, str):
+        return [content]
+    return [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+
+
 def _image_parts(turns: Sequence[dict]) -> list:
     return [part for turn in turns if isinstance(turn["content"], list) for part in turn["content"]
             if isinstance(part, dict) and part.get("type") == "image"]
